@@ -1,0 +1,37 @@
+"""jsoftmax: softmax and its derivatives as a verified, fast JAX primitive."""
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from jsoftmax._jacobian import hessian as hessian
+from jsoftmax._jacobian import jacobian as jacobian
+from jsoftmax._jacobian import jacobian_diagonal as jacobian_diagonal
+from jsoftmax._jacobian import jacobian_from_probs as jacobian_from_probs
+from jsoftmax._jacobian import log_softmax_jacobian as log_softmax_jacobian
+from jsoftmax._jacobian import partial_derivative as partial_derivative
+from jsoftmax._jacobian import softmax_hvp as softmax_hvp
+from jsoftmax._jacobian import softmax_jvp as softmax_jvp
+from jsoftmax._jacobian import softmax_vjp as softmax_vjp
+from jsoftmax._softmax import log_softmax as log_softmax
+from jsoftmax._softmax import softmax as softmax
+from jsoftmax._verify import verify as verify
+
+try:
+    __version__ = _version("jsoftmax")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "hessian",
+    "jacobian",
+    "jacobian_diagonal",
+    "jacobian_from_probs",
+    "log_softmax",
+    "log_softmax_jacobian",
+    "partial_derivative",
+    "softmax",
+    "softmax_hvp",
+    "softmax_jvp",
+    "softmax_vjp",
+    "verify",
+]

@@ -1,0 +1,165 @@
+"""Argument checks shared by every public function.
+
+Each check runs on static information (shapes, dtypes, Python values) so that bad
+input is rejected before tracing, with a message that names the argument.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+RULES = ("vjp", "jvp")
+
+
+def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
+    """Converts ``x`` to a JAX array of rank >= 1 with a floating dtype.
+
+    Integer and boolean input is promoted to JAX's default float dtype (float32, or
+    float64 when ``jax_enable_x64`` is on). Complex input is rejected.
+    """
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}.")
+    try:
+        x = jnp.asarray(x)
+    except TypeError as e:
+        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}.") from e
+    if x.ndim == 0:
+        raise ValueError(
+            f"{name} must have at least one dimension (the softmax axis), got a scalar. "
+            f"Wrap it as {name}[None] if you mean a vector of length 1."
+        )
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must be real, got dtype {x.dtype}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """float32 for 16-bit floats (float16, bfloat16), else ``dtype`` itself."""
+    dtype = np.dtype(dtype)
+    if jnp.finfo(dtype).bits < 32:
+        return np.dtype(jnp.float32)
+    return dtype
+
+
+def canonical_axis(axis, ndim: int, name: str = "axis") -> int:
+    """Returns ``axis`` as a non-negative int, or raises a clear error."""
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got {axis!r}.")
+    try:
+        axis = operator.index(axis)
+    except TypeError as e:
+        raise TypeError(f"{name} must be an int, got {type(axis).__name__} {axis!r}.") from e
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an input of rank {ndim}.")
+    return axis % ndim
+
+
+def canonical_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """Like :func:`canonical_axis` but also accepts a non-empty tuple of distinct axes."""
+    if isinstance(axis, Sequence) and not isinstance(axis, str):
+        if len(axis) == 0:
+            raise ValueError(f"{name} must name at least one axis, got an empty sequence.")
+        axes = tuple(canonical_axis(a, ndim, name) for a in axis)
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"{name}={tuple(axis)} names the same axis twice.")
+        return tuple(sorted(axes))
+    return (canonical_axis(axis, ndim, name),)
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
+    return rule
+
+
+def check_where(where: ArrayLike | None, shape: tuple[int, ...], name: str = "where"):
+    """Returns ``where`` as a boolean array broadcast to ``shape`` (or None)."""
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean mask, got dtype {where.dtype}.")
+    try:
+        out = jnp.broadcast_shapes(where.shape, shape)
+    except ValueError:
+        out = None
+    if out != tuple(shape):
+        raise ValueError(
+            f"{name} of shape {where.shape} does not broadcast to the input shape {tuple(shape)}."
+        )
+    return jnp.broadcast_to(where, shape)
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds values known at trace time (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_index(i, n: int, name: str) -> jax.Array | int:
+    """Validates a component index ``i`` of an axis of length ``n``.
+
+    Python ints and integer arrays are accepted; concrete values must lie in ``[-n, n)``.
+    """
+    if isinstance(i, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer index, got {i!r}.")
+    if isinstance(i, (int, np.integer)):
+        if not -n <= int(i) < n:
+            raise IndexError(f"{name}={int(i)} is out of range for an axis of length {n}.")
+        return int(i) % n
+    arr = jnp.asarray(i)
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer index, got dtype {arr.dtype}.")
+    if is_concrete(arr) and arr.size and (int(arr.min()) < -n or int(arr.max()) >= n):
+        raise IndexError(f"{name} has entries out of range for an axis of length {n}.")
+    return jnp.where(arr < 0, arr + n, arr)
+
+
+def check_same_shape(a: jax.Array, b: jax.Array, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_b} must have the same shape as {name_a}: got {b.shape} and {a.shape}."
+        )
+
+
+def prepare_temperature(temperature, shape: tuple[int, ...], axes: tuple[int, ...]):
+    """Validates ``temperature`` and shapes it to broadcast against the input.
+
+    Returns None for the default temperature 1 (so the fast path pays nothing), a Python
+    float for other Python numbers, or an array of the input's rank with size-1 softmax
+    axes, broadcast to the batch shape.
+    """
+    if isinstance(temperature, (bool, np.bool_)):
+        raise TypeError(f"temperature must be a positive number or array, got {temperature!r}.")
+    if isinstance(temperature, (int, float, np.integer, np.floating)):
+        t = float(temperature)
+        if not t > 0 or not np.isfinite(t):
+            raise ValueError(f"temperature must be positive and finite, got {temperature!r}.")
+        return None if t == 1.0 else t
+    t = jnp.asarray(temperature)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        if jnp.issubdtype(t.dtype, jnp.integer):
+            t = t.astype(jnp.result_type(float))
+        else:
+            raise TypeError(f"temperature must be a real array, got dtype {t.dtype}.")
+    batch = tuple(s for k, s in enumerate(shape) if k not in axes)
+    try:
+        ok = jnp.broadcast_shapes(t.shape, batch) == batch
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"temperature of shape {t.shape} does not broadcast to the batch shape {batch} "
+            "(the input's shape without the softmax axis)."
+        )
+    if is_concrete(t) and t.size and not bool(jnp.all(t > 0)):
+        raise ValueError("temperature must be positive everywhere; got a non-positive entry.")
+    t = jnp.broadcast_to(t, batch)
+    return jnp.expand_dims(t, axes)

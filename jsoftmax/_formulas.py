@@ -1,0 +1,85 @@
+r"""The softmax derivative formulas, each written once.
+
+Everything here is private, unchecked and works on arrays whose softmax axes are
+given as a tuple of non-negative ints (``axes``), reduced with ``keepdims=True``.
+The custom differentiation rules, the Jacobian builders and the structured operator
+all call these functions, so a formula fixed here is fixed everywhere.
+
+With :math:`p = \mathrm{softmax}(z)` and :math:`J = \mathrm{diag}(p) - pp^\top`:
+
+* ``jac_product(p, v)``      :math:`Jv = p \odot (v - \langle p, v\rangle)`
+  (J is symmetric, so this is the JVP *and* the VJP);
+* ``log_jvp(p, t)``           :math:`t - \langle p, t\rangle` (Jacobian of log-softmax, :math:`I - 1p^\top`);
+* ``log_vjp(p, g)``           :math:`g - p\,\langle 1, g\rangle`;
+* ``hvp(p, u, v)``            :math:`\sum_{jk} H_{ijk} u_j v_k`;
+* ``dense_*``                 explicit matrices and tensors over the last axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _dot(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    return jnp.sum(a * b, axis=axes, keepdims=True)
+
+
+def jac_product(p: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``J @ v`` (= ``v @ J``) in O(n): ``p * (v - <p, v>)``."""
+    return p * (v - _dot(p, v, axes))
+
+
+def log_jvp(p: jax.Array, t: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``(I - 1 p^T) @ t``: the log-softmax JVP."""
+    return t - _dot(p, t, axes)
+
+
+def log_vjp(p: jax.Array, g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``g @ (I - 1 p^T)``: the log-softmax VJP."""
+    return g - p * jnp.sum(g, axis=axes, keepdims=True)
+
+
+def hvp(p: jax.Array, u: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    r"""Second directional derivative :math:`\sum_{jk} H_{ijk} u_j v_k` in O(n).
+
+    :math:`p_i (u_i - \bar u)(v_i - \bar v) - p_i(\overline{uv} - \bar u \bar v)` with
+    :math:`\bar a = \langle p, a\rangle`.
+    """
+    u_bar = _dot(p, u, axes)
+    v_bar = _dot(p, v, axes)
+    uv_bar = _dot(p, u * v, axes)
+    return p * ((u - u_bar) * (v - v_bar) - (uv_bar - u_bar * v_bar))
+
+
+def _eye(n: int, dtype) -> jax.Array:
+    # An iota comparison, so XLA fuses the identity into the single output pass.
+    i = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    j = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return (i == j).astype(dtype)
+
+
+def dense_jacobian(p: jax.Array) -> jax.Array:
+    """``diag(p) - p p^T`` over the last axis: ``[..., i, j] = p_i (delta_ij - p_j)``."""
+    n = p.shape[-1]
+    return p[..., :, None] * (_eye(n, p.dtype) - p[..., None, :])
+
+
+def dense_log_jacobian(p: jax.Array, valid: jax.Array) -> jax.Array:
+    """``I - 1 p^T`` over the last axis, with rows of constant (masked) outputs zeroed."""
+    n = p.shape[-1]
+    rows = _eye(n, p.dtype) - p[..., None, :]
+    return jnp.where(valid[..., :, None], rows, jnp.zeros((), p.dtype))
+
+
+def dense_hessian(p: jax.Array) -> jax.Array:
+    r"""``H[..., i, j, k] = d^2 p_i / dz_j dz_k`` over the last axis.
+
+    :math:`p_i(\delta_{ij} - p_j)(\delta_{ik} - p_k) - p_i p_j(\delta_{jk} - p_k)`.
+    """
+    eye = _eye(p.shape[-1], p.dtype)
+    a = eye - p[..., None, :]  # a[i, j] = delta_ij - p_j
+    pi = p[..., :, None, None]
+    pj = p[..., None, :, None]
+    return pi * (a[..., :, :, None] * a[..., :, None, :] - pj * a[..., None, :, :])
