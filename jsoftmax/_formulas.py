@@ -53,23 +53,25 @@ def hvp(p: jax.Array, u: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.
     return p * ((u - u_bar) * (v - v_bar) - (uv_bar - u_bar * v_bar))
 
 
-def _eye(n: int, dtype) -> jax.Array:
+def _eye(n: int, dtype, ndim: int = 2) -> jax.Array:
     # An iota comparison, so XLA fuses the identity into the single output pass.
-    i = lax.broadcasted_iota(jnp.int32, (n, n), 0)
-    j = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    # Leading unit dimensions make it rank ``ndim``: no implicit rank promotion.
+    shape = (1,) * (ndim - 2) + (n, n)
+    i = lax.broadcasted_iota(jnp.int32, shape, ndim - 2)
+    j = lax.broadcasted_iota(jnp.int32, shape, ndim - 1)
     return (i == j).astype(dtype)
 
 
 def dense_jacobian(p: jax.Array) -> jax.Array:
     """``diag(p) - p p^T`` over the last axis: ``[..., i, j] = p_i (delta_ij - p_j)``."""
     n = p.shape[-1]
-    return p[..., :, None] * (_eye(n, p.dtype) - p[..., None, :])
+    return p[..., :, None] * (_eye(n, p.dtype, p.ndim + 1) - p[..., None, :])
 
 
 def dense_log_jacobian(p: jax.Array, valid: jax.Array) -> jax.Array:
     """``I - 1 p^T`` over the last axis, with rows of constant (masked) outputs zeroed."""
     n = p.shape[-1]
-    rows = _eye(n, p.dtype) - p[..., None, :]
+    rows = _eye(n, p.dtype, p.ndim + 1) - p[..., None, :]
     return jnp.where(valid[..., :, None], rows, jnp.zeros((), p.dtype))
 
 
@@ -78,7 +80,7 @@ def dense_hessian(p: jax.Array) -> jax.Array:
 
     :math:`p_i(\delta_{ij} - p_j)(\delta_{ik} - p_k) - p_i p_j(\delta_{jk} - p_k)`.
     """
-    eye = _eye(p.shape[-1], p.dtype)
+    eye = _eye(p.shape[-1], p.dtype, p.ndim + 1)
     a = eye - p[..., None, :]  # a[i, j] = delta_ij - p_j
     pi = p[..., :, None, None]
     pj = p[..., None, :, None]

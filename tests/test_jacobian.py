@@ -1,0 +1,226 @@
+"""Tests of the explicit Jacobian builders, partials, diagonal and O(n) products."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsoftmax
+
+
+def _logits(shape, dtype=jnp.float64, seed=0, scale=3.0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, dtype)
+
+
+def _np_jacobian(x, axis=-1):
+    """float64 NumPy reference, batch + (n, n)."""
+    x = np.moveaxis(np.asarray(jnp.asarray(x, jnp.float64)), axis, -1)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    return p[..., :, None] * (np.eye(p.shape[-1]) - p[..., None, :])
+
+
+def _per_row(f, batch_ndim):
+    for _ in range(batch_ndim):
+        f = jax.vmap(f)
+    return f
+
+
+AUTODIFF = {
+    "jacrev_vjp": lambda: jax.jacrev(lambda z: jsoftmax.softmax(z, rule="vjp")),
+    "jacfwd_jvp": lambda: jax.jacfwd(lambda z: jsoftmax.softmax(z, rule="jvp")),
+    "jacrev_jvp": lambda: jax.jacrev(lambda z: jsoftmax.softmax(z, rule="jvp")),
+    "jacfwd_nn": lambda: jax.jacfwd(jax.nn.softmax),
+    "jacrev_nn": lambda: jax.jacrev(jax.nn.softmax),
+}
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 512])
+@pytest.mark.parametrize("method", sorted(AUTODIFF))
+def test_explicit_jacobian_matches_autodiff_and_float64(n, method):
+    x = _logits((n,))
+    J = jsoftmax.jacobian(x)
+    assert J.shape == (n, n)
+    chex.assert_trees_all_close(J, AUTODIFF[method]()(x), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(J, _np_jacobian(x), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 6), -1), ((6, 4), 0), ((2, 5, 3), 1)])
+def test_batched_and_non_last_axis(shape, axis):
+    x = _logits(shape)
+    J = jsoftmax.jacobian(x, axis)
+    n = shape[axis]
+    batch = tuple(s for k, s in enumerate(shape) if k != axis % len(shape))
+    chex.assert_shape(J, batch + (n, n))
+    np.testing.assert_allclose(J, _np_jacobian(x, axis), rtol=1e-12, atol=1e-15)
+    x_last = jnp.moveaxis(x, axis, -1)
+    ref = _per_row(AUTODIFF["jacfwd_jvp"](), len(batch))(x_last)
+    chex.assert_trees_all_close(J, ref, rtol=1e-12, atol=1e-15)
+
+
+def test_float32_against_float64_reference():
+    x = _logits((3, 700), jnp.float32)
+    J = jsoftmax.jacobian(x)
+    assert J.dtype == jnp.float32
+    # Errors scale with max p (every entry is a product of probabilities).
+    err = np.abs(np.asarray(J, np.float64) - _np_jacobian(x)).max()
+    p_max = float(jsoftmax.softmax(x).max())
+    assert err <= 16 * np.finfo(np.float32).eps * p_max
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_jacobian(dtype):
+    x = _logits((4, 64), dtype)
+    J = jsoftmax.jacobian(x)
+    assert J.dtype == dtype
+    ref = _np_jacobian(jnp.asarray(x, jnp.float32))
+    err = np.abs(np.asarray(J, np.float64) - ref).max()
+    assert err <= 2 * float(jnp.finfo(dtype).eps) * ref.max()
+
+
+def test_structural_identities():
+    x = _logits((5, 40))
+    J = np.asarray(jsoftmax.jacobian(x))
+    np.testing.assert_allclose(J, np.swapaxes(J, -1, -2), atol=0)  # symmetric
+    np.testing.assert_allclose(J.sum(-1), 0, atol=1e-15)  # rows sum to zero
+    np.testing.assert_allclose(J.sum(-2), 0, atol=1e-15)  # columns too
+    eig = np.linalg.eigvalsh(J)
+    assert eig.min() >= -1e-15  # positive semi-definite
+    # The all-ones vector is in the null space.
+    np.testing.assert_allclose(J @ np.ones(40), 0, atol=1e-15)
+
+
+def test_regression_index_convention_is_dp_i_dz_j():
+    # A common slip writes J_ij = dp_i/dz_i. J[i, j] must be dp_i/dz_j: perturb z_j only.
+    x = _logits((4,))
+    J = jsoftmax.jacobian(x)
+    h = 1e-6
+    for j in range(4):
+        e = jnp.zeros(4, jnp.float64).at[j].set(h)
+        column = (jsoftmax.softmax(x + e) - jsoftmax.softmax(x - e)) / (2 * h)
+        np.testing.assert_allclose(J[:, j], column, rtol=1e-7, atol=1e-10)
+
+
+def test_jacobian_from_probs_matches_jacobian():
+    x = _logits((3, 4, 6))
+    p = jsoftmax.softmax(x, axis=1)
+    chex.assert_trees_all_close(
+        jsoftmax.jacobian_from_probs(p, axis=1), jsoftmax.jacobian(x, axis=1), rtol=1e-15
+    )
+
+
+def test_jacobian_with_mask_zeroes_masked_rows_and_columns():
+    x = _logits((6,))
+    where = jnp.array([True, False, True, True, False, True])
+    J = jsoftmax.jacobian(x, where=where)
+    ref = jax.jacfwd(lambda z: jsoftmax.softmax(z, where=where, rule="jvp"))(x)
+    chex.assert_trees_all_close(J, ref, rtol=1e-12, atol=1e-15)
+    m = ~np.asarray(where)
+    assert np.all(np.asarray(J)[m] == 0) and np.all(np.asarray(J)[:, m] == 0)
+
+
+def test_jacobian_under_jit_and_vmap():
+    x = _logits((3, 8))
+    chex.assert_trees_all_close(
+        jax.jit(jsoftmax.jacobian)(x), jax.vmap(jsoftmax.jacobian)(x), rtol=1e-14
+    )
+
+
+def test_jacobian_diagonal_is_only_the_diagonal():
+    x = _logits((3, 7))
+    p = jsoftmax.softmax(x)
+    d = jsoftmax.jacobian_diagonal(p)
+    J = jsoftmax.jacobian(x)
+    chex.assert_trees_all_close(d, jnp.diagonal(J, axis1=-2, axis2=-1), rtol=1e-14)
+    # Regression for a widely copied slip: using p(1 - p) elementwise as "the gradient"
+    # is wrong for a non-separable loss; the true VJP uses the off-diagonal terms.
+    w = _logits((3, 7), seed=3)
+    true_grad = jax.grad(lambda z: jnp.sum(jsoftmax.softmax(z) * w))(x)
+    assert not np.allclose(d * w, true_grad, atol=1e-3)
+    # And the gradient of sum(p) = 1 is identically zero.
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.softmax(z)))(x)
+    np.testing.assert_allclose(g, 0, atol=1e-15)
+
+
+def test_partial_derivative_matches_dense_entries():
+    x = _logits((2, 5))
+    p = jsoftmax.softmax(x)
+    J = jsoftmax.jacobian(x)
+    for i in range(5):
+        for j in (0, 2, 4, -1):
+            chex.assert_trees_all_close(
+                jsoftmax.partial_derivative(p, i, j), J[:, i, j % 5], rtol=1e-14
+            )
+
+
+def test_partial_derivative_with_index_arrays_and_axis():
+    x = _logits((5, 3))
+    p = jsoftmax.softmax(x, axis=0)
+    i = jnp.array([0, 4, 2])
+    j = jnp.array([0, 1, 2])
+    J = jsoftmax.jacobian(x, axis=0)
+    expected = J[jnp.arange(3), i, j]
+    chex.assert_trees_all_close(jsoftmax.partial_derivative(p, i, j, axis=0), expected)
+    # Two-component case worked by hand: dS_x/dx = S_x S_y, dS_x/dy = -S_x S_y.
+    q = jsoftmax.softmax(jnp.array([0.3, -1.1], jnp.float64))
+    sx, sy = float(q[0]), float(q[1])
+    np.testing.assert_allclose(jsoftmax.partial_derivative(q, 0, 0), sx * sy, rtol=1e-14)
+    np.testing.assert_allclose(jsoftmax.partial_derivative(q, 0, 1), -sx * sy, rtol=1e-14)
+
+
+@pytest.mark.parametrize("shape,axis", [((9,), -1), ((4, 9), -1), ((9, 4), 0)])
+def test_products_match_dense(shape, axis):
+    x = _logits(shape)
+    v = _logits(shape, seed=5)
+    p = jsoftmax.softmax(x, axis)
+    J = jsoftmax.jacobian(x, axis)
+    v_last = jnp.moveaxis(v, axis, -1)
+    jv = jnp.moveaxis(jsoftmax.softmax_jvp(p, v, axis), axis, -1)
+    vj = jnp.moveaxis(jsoftmax.softmax_vjp(p, v, axis), axis, -1)
+    chex.assert_trees_all_close(jv, jnp.einsum("...ij,...j->...i", J, v_last), rtol=1e-12)
+    chex.assert_trees_all_close(vj, jnp.einsum("...j,...ji->...i", v_last, J), rtol=1e-12)
+
+
+def test_products_match_jax_jvp_and_vjp():
+    x = _logits((3, 11))
+    t = _logits((3, 11), seed=7)
+    p, jvp_ref = jax.jvp(jax.nn.softmax, (x,), (t,))
+    _, pullback = jax.vjp(jax.nn.softmax, x)
+    chex.assert_trees_all_close(jsoftmax.softmax_jvp(p, t), jvp_ref, rtol=1e-12, atol=1e-15)
+    chex.assert_trees_all_close(
+        jsoftmax.softmax_vjp(p, t), pullback(t)[0], rtol=1e-12, atol=1e-15
+    )
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_error_non_integer_index():
+    p = jnp.full((4,), 0.25)
+    with pytest.raises(TypeError, match="i must be an integer index"):
+        jsoftmax.partial_derivative(p, 1.5, 0)
+    with pytest.raises(TypeError, match="j must be an integer index"):
+        jsoftmax.partial_derivative(p, 0, jnp.array(1.0))
+
+
+def test_error_index_out_of_range():
+    p = jnp.full((4,), 0.25)
+    with pytest.raises(IndexError, match="j=4 is out of range"):
+        jsoftmax.partial_derivative(p, 0, 4)
+
+
+def test_error_product_shape_mismatch():
+    with pytest.raises(ValueError, match="t must have the same shape as p"):
+        jsoftmax.softmax_jvp(jnp.ones((2, 3)) / 3, jnp.ones(3))
+    with pytest.raises(ValueError, match="g must have the same shape as p"):
+        jsoftmax.softmax_vjp(jnp.ones((2, 3)) / 3, jnp.ones((3, 2)))
+
+
+def test_error_jacobian_scalar_and_axis():
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        jsoftmax.jacobian(1.0)
+    with pytest.raises(ValueError, match="axis=2 is out of range"):
+        jsoftmax.jacobian(jnp.zeros((2, 2)), axis=2)
+    with pytest.raises(TypeError, match="axis must be an int"):
+        jsoftmax.jacobian(jnp.zeros((2, 2)), axis=(0, 1))

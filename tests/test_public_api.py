@@ -1,0 +1,40 @@
+"""Pins the public surface: an accidental export or removal fails here."""
+
+import jsoftmax
+
+EXPECTED = {
+    "hessian",
+    "jacobian",
+    "jacobian_diagonal",
+    "jacobian_from_probs",
+    "log_softmax",
+    "log_softmax_jacobian",
+    "partial_derivative",
+    "softmax",
+    "softmax_hvp",
+    "softmax_jvp",
+    "softmax_vjp",
+    "verify",
+}
+
+
+def test_all_is_exactly_the_public_api():
+    assert set(jsoftmax.__all__) == EXPECTED
+    assert sorted(jsoftmax.__all__) == list(jsoftmax.__all__)
+
+
+def test_every_public_name_resolves_and_is_documented():
+    for name in jsoftmax.__all__:
+        obj = getattr(jsoftmax, name)
+        assert obj.__doc__ and len(obj.__doc__) > 40, name
+
+
+def test_no_stray_public_attributes():
+    public = {n for n in dir(jsoftmax) if not n.startswith("_")}
+    assert public == set(jsoftmax.__all__)
+
+
+def test_version_comes_from_metadata():
+    from importlib.metadata import version
+
+    assert jsoftmax.__version__ == version("jsoftmax")

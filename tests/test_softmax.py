@@ -1,0 +1,326 @@
+"""Tests of jsoftmax.softmax: values, both custom rules, masks, edge cases, errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+from jax.test_util import check_grads
+
+import jsoftmax
+
+RULES = ("vjp", "jvp")
+TOL = {
+    jnp.float16: dict(rtol=2e-3, atol=1e-4),
+    jnp.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
+    jnp.float32: dict(rtol=2e-6, atol=1e-7),
+    jnp.float64: dict(rtol=1e-12, atol=1e-14),
+}
+
+
+def _logits(shape, dtype=jnp.float32, seed=0, scale=3.0):
+    x = np.random.default_rng(seed).standard_normal(shape) * scale
+    return jnp.asarray(x, dtype)
+
+
+def _np_softmax(x, axis):
+    x = np.asarray(jnp.asarray(x, jnp.float64))
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# ------------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
+@pytest.mark.parametrize(
+    "shape,axis", [((7,), -1), ((4, 9), -1), ((4, 9), 0), ((2, 5, 3), 1), ((3, 2, 4, 5), -3)]
+)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_values_match_float64_reference_and_jax_nn(dtype, shape, axis, rule, jit):
+    x = _logits(shape, dtype)
+    f = lambda z: jsoftmax.softmax(z, axis, rule=rule)
+    p = jax.jit(f)(x) if jit else f(x)
+    assert p.dtype == dtype and p.shape == shape
+    ref = _np_softmax(x, axis)
+    np.testing.assert_allclose(np.asarray(p, np.float64), ref, **TOL[dtype])
+    if dtype in (jnp.float32, jnp.float64):
+        chex.assert_trees_all_close(p, jax.nn.softmax(x, axis), **TOL[dtype])
+
+
+def test_tuple_axis_normalises_jointly():
+    x = _logits((3, 4, 5), jnp.float64)
+    p = jsoftmax.softmax(x, axis=(0, 2))
+    chex.assert_trees_all_close(p, jax.nn.softmax(x, axis=(0, 2)), rtol=1e-12)
+    chex.assert_trees_all_close(p.sum(axis=(0, 2)), jnp.ones(4, jnp.float64), rtol=1e-12)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_vmap_matches_batched_call(rule):
+    x = _logits((6, 4, 10), jnp.float64)
+    f = lambda z: jsoftmax.softmax(z, rule=rule)
+    chex.assert_trees_all_close(jax.vmap(f)(x), f(x), rtol=1e-14)
+    w = jnp.broadcast_to(jnp.arange(10.0), (4, 10))
+    g = jax.vmap(jax.grad(lambda z: jnp.sum(f(z) * w)))
+    ref = jax.vmap(jax.grad(lambda z: jnp.sum(jax.nn.softmax(z) * w)))
+    chex.assert_trees_all_close(g(x), ref(x), rtol=1e-12, atol=1e-14)
+
+
+def test_huge_logits_are_stable():
+    x = jnp.array([1e4, 1e4 + 1.0, -1e4], jnp.float32)
+    p = jsoftmax.softmax(x)
+    chex.assert_tree_all_finite(p)
+    np.testing.assert_allclose(p, _np_softmax(x, -1), rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_shift_invariance(rule):
+    x = _logits((5, 8), jnp.float64)
+    p = jsoftmax.softmax(x, rule=rule)
+    chex.assert_trees_all_close(jsoftmax.softmax(x + 123.0, rule=rule), p, rtol=1e-11)
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def _loss(f, w):
+    return lambda z: jnp.sum(jnp.sin(f(z)) * w)
+
+
+@pytest.mark.parametrize("shape,axis", [((6,), -1), ((3, 5), 0), ((2, 3, 4), 1)])
+@pytest.mark.parametrize("rule", RULES)
+def test_grad_matches_jax_nn(shape, axis, rule):
+    x = _logits(shape, jnp.float64)
+    w = _logits(shape, jnp.float64, seed=1)
+    ours = jax.grad(_loss(lambda z: jsoftmax.softmax(z, axis, rule=rule), w))(x)
+    ref = jax.grad(_loss(lambda z: jax.nn.softmax(z, axis), w))(x)
+    chex.assert_trees_all_close(ours, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_jvp_rule_forward_mode_matches_jax_nn():
+    x = _logits((3, 6), jnp.float64)
+    t = _logits((3, 6), jnp.float64, seed=2)
+    f = lambda z: jsoftmax.softmax(z, rule="jvp")
+    p, dp = jax.jvp(f, (x,), (t,))
+    p_ref, dp_ref = jax.jvp(jax.nn.softmax, (x,), (t,))
+    chex.assert_trees_all_close((p, dp), (p_ref, dp_ref), rtol=1e-12, atol=1e-14)
+
+
+def test_vjp_rule_cannot_be_forward_differentiated():
+    # Documented: a custom_vjp function has no forward-mode rule; rule="jvp" has one.
+    x = _logits((4,), jnp.float64)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jacfwd(lambda z: jsoftmax.softmax(z, rule="vjp"))(x)
+    jax.jacfwd(lambda z: jsoftmax.softmax(z, rule="jvp"))(x)
+
+
+def test_check_grads_order_2_vjp_rule():
+    x = _logits((2, 5), jnp.float64)
+    check_grads(lambda z: jsoftmax.softmax(z, rule="vjp"), (x,), order=2, modes=["rev"])
+
+
+def test_check_grads_order_2_jvp_rule():
+    x = _logits((2, 5), jnp.float64)
+    check_grads(lambda z: jsoftmax.softmax(z, rule="jvp"), (x,), order=2, modes=["fwd", "rev"])
+
+
+def test_check_grads_with_mask_and_non_last_axis():
+    x = _logits((5, 3), jnp.float64)
+    where = jnp.array([[True, False, True]] * 4 + [[False, True, True]])
+    for rule, modes in (("vjp", ["rev"]), ("jvp", ["fwd", "rev"])):
+        f = lambda z, rule=rule: jsoftmax.softmax(z, 0, where=where, rule=rule)
+        check_grads(f, (x,), order=2, modes=modes)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_second_derivative_matches_reference(rule):
+    x = _logits((5,), jnp.float64)
+    f = lambda z: jsoftmax.softmax(z, rule=rule)
+    ours = jax.jacrev(jax.jacrev(f))(x)
+    ref = jax.jacfwd(jax.jacfwd(jax.nn.softmax))(x)
+    chex.assert_trees_all_close(ours, ref, rtol=1e-11, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------- residuals
+
+
+def _output_sized(res, shape):
+    return [aval for aval, _ in res if aval.shape == tuple(shape)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_vjp_rule_saves_exactly_one_output_sized_residual(dtype):
+    x = _logits((8, 32), dtype)
+    res = saved_residuals(lambda z: jsoftmax.softmax(z), x)
+    assert len(res) == 1, res
+    (aval, _), = res
+    assert aval.shape == x.shape and aval.dtype == dtype
+    # jax.nn.softmax keeps more than that (the exponentials and per-row terms).
+    assert len(saved_residuals(jax.nn.softmax, x)) > 1
+
+
+def test_vjp_rule_with_mask_saves_no_mask():
+    x = _logits((8, 32), jnp.float32)
+    where = jnp.arange(32) < 20
+    res = saved_residuals(lambda z: jsoftmax.softmax(z, where=where), x)
+    assert len(res) == 1 and res[0][0].shape == x.shape
+
+
+# -------------------------------------------------------------------------- masks, inf
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_mask_gives_zero_probability_and_gradient(rule):
+    x = _logits((3, 6), jnp.float64)
+    where = jnp.array([[True, False, True, True, False, True]] * 3)
+    p = jsoftmax.softmax(x, where=where, rule=rule)
+    ref = jax.nn.softmax(jnp.where(where, x, -jnp.inf))
+    chex.assert_trees_all_close(p, ref, rtol=1e-12)
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.softmax(z, where=where, rule=rule) ** 2))(x)
+    assert np.all(np.asarray(g)[~np.asarray(where)] == 0)
+    g_ref = jax.grad(lambda z: jnp.sum(jax.nn.softmax(jnp.where(where, z, -jnp.inf)) ** 2))(x)
+    chex.assert_trees_all_close(g, g_ref, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_regression_jax_19490_large_masked_logits_do_not_leak_nan(rule):
+    # jax #19490 / #17117: masked entries holding huge values produced NaN gradients.
+    x = jnp.array([1.0, 2.0, 1e38, jnp.inf, jnp.nan], jnp.float32)
+    where = jnp.array([True, True, False, False, False])
+    p = jsoftmax.softmax(x, where=where, rule=rule)
+    np.testing.assert_allclose(p[:2], _np_softmax(x[:2], -1), rtol=1e-6)
+    assert np.all(np.asarray(p[2:]) == 0)
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.softmax(z, where=where, rule=rule) * z[0]))(x)
+    chex.assert_tree_all_finite(g)
+    assert np.all(np.asarray(g[2:]) == 0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_fully_masked_row_gives_zeros_with_zero_finite_gradient(rule):
+    x = _logits((2, 4), jnp.float64)
+    where = jnp.array([[False] * 4, [True, True, False, True]])
+    f = lambda z: jsoftmax.softmax(z, where=where, rule=rule)
+    p = f(x)
+    assert np.all(np.asarray(p[0]) == 0)
+    chex.assert_trees_all_close(p[1].sum(), jnp.float64(1.0), rtol=1e-14)
+    jac = jax.jacrev(f)(x)
+    chex.assert_tree_all_finite(jac)
+    assert np.all(np.asarray(jac[0]) == 0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_neg_inf_logit_behaves_as_masked(rule):
+    x = jnp.array([0.5, -jnp.inf, 1.5, -jnp.inf], jnp.float64)
+    where = jnp.isfinite(x)
+    f = lambda z: jsoftmax.softmax(z, rule=rule)
+    chex.assert_trees_all_close(f(x), jsoftmax.softmax(x, where=where), rtol=1e-15)
+    jac = jax.jacrev(f)(x)
+    chex.assert_tree_all_finite(jac)
+    assert np.all(np.asarray(jac)[:, ~np.asarray(where)] == 0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_all_neg_inf_row_gives_zeros(rule):
+    x = jnp.full((3,), -jnp.inf, jnp.float32)
+    p = jsoftmax.softmax(x, rule=rule)
+    assert np.all(np.asarray(p) == 0)
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.softmax(z, rule=rule) * jnp.arange(3.0)))(x)
+    assert np.all(np.asarray(g) == 0)
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, jnp.nan])
+def test_pos_inf_or_nan_gives_nan_row(bad):
+    # Documented: +inf and NaN are not hidden; only the affected row is NaN.
+    x = jnp.array([[1.0, bad, 0.0], [1.0, 2.0, 3.0]], jnp.float32)
+    p = jsoftmax.softmax(x)
+    assert np.all(np.isnan(np.asarray(p[0])))
+    chex.assert_tree_all_finite(p[1])
+
+
+def test_n_equals_one():
+    x = jnp.array([[3.0], [-7.0]], jnp.float64)
+    chex.assert_trees_all_close(jsoftmax.softmax(x), jnp.ones((2, 1), jnp.float64))
+    jac = jax.jacfwd(lambda z: jsoftmax.softmax(z, rule="jvp"))(x[0])
+    assert np.all(np.asarray(jac) == 0)
+    g = jax.grad(lambda z: jsoftmax.softmax(z)[0, 0])(x)
+    assert np.all(np.asarray(g) == 0)
+
+
+def test_empty_axis_returns_empty():
+    x = jnp.zeros((3, 0), jnp.float32)
+    p = jsoftmax.softmax(x)
+    assert p.shape == (3, 0) and p.dtype == jnp.float32
+
+
+def test_integer_input_is_promoted_to_default_float():
+    p = jsoftmax.softmax(jnp.array([1, 2, 3], jnp.int32))
+    assert p.dtype == jnp.result_type(float)
+    np.testing.assert_allclose(p, _np_softmax(np.array([1.0, 2.0, 3.0]), -1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_regression_low_precision_accumulates_in_float32(dtype):
+    # jax.nn.softmax sums 100 000 float16 ones in float16, overflowing to inf: p = 0.
+    x = jnp.zeros((100_000,), dtype)
+    p = jsoftmax.softmax(x)
+    assert p.dtype == dtype
+    np.testing.assert_allclose(np.asarray(p, np.float64), 1e-5, rtol=2**-7)
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.softmax(z).astype(jnp.float32) ** 2))(x)
+    chex.assert_tree_all_finite(g)
+
+
+def test_no_retracing_for_equal_shapes():
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(z):
+        return jsoftmax.softmax(z)
+
+    for seed in range(3):
+        f(_logits((4, 7), jnp.float32, seed=seed)).block_until_ready()
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_error_scalar_input():
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        jsoftmax.softmax(jnp.float32(1.0))
+
+
+@pytest.mark.parametrize("axis", [2, -3])
+def test_error_axis_out_of_range(axis):
+    with pytest.raises(ValueError, match=f"axis={axis} is out of range"):
+        jsoftmax.softmax(jnp.zeros((2, 3)), axis=axis)
+
+
+def test_error_axis_not_int():
+    with pytest.raises(TypeError, match="axis must be an int"):
+        jsoftmax.softmax(jnp.zeros((2, 3)), axis=1.0)
+
+
+def test_error_where_does_not_broadcast():
+    with pytest.raises(ValueError, match=r"where of shape \(4,\) does not broadcast"):
+        jsoftmax.softmax(jnp.zeros((2, 3)), where=jnp.ones(4, bool))
+
+
+def test_error_where_not_boolean():
+    with pytest.raises(TypeError, match="where must be a boolean mask"):
+        jsoftmax.softmax(jnp.zeros((2, 3)), where=jnp.ones(3))
+
+
+def test_error_unknown_rule():
+    with pytest.raises(ValueError, match="rule must be one of"):
+        jsoftmax.softmax(jnp.zeros(3), rule="fwd")
+
+
+def test_error_raised_before_tracing():
+    # The check runs on static shapes, so it fires inside jit at trace time too.
+    with pytest.raises(ValueError, match="axis=5 is out of range"):
+        jax.jit(lambda z: jsoftmax.softmax(z, axis=5))(jnp.zeros((2, 3)))
+
+
+def test_error_complex_input():
+    with pytest.raises(TypeError, match="x must be real"):
+        jsoftmax.softmax(jnp.zeros(3, jnp.complex64))
