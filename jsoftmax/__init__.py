@@ -1,8 +1,9 @@
 """jsoftmax: softmax and its derivatives as a verified, fast JAX primitive."""
 
-from importlib.metadata import PackageNotFoundError
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from jsoftmax import sharded as sharded
 from jsoftmax._jacobian import hessian as hessian
 from jsoftmax._jacobian import jacobian as jacobian
 from jsoftmax._jacobian import jacobian_diagonal as jacobian_diagonal
@@ -12,16 +13,22 @@ from jsoftmax._jacobian import partial_derivative as partial_derivative
 from jsoftmax._jacobian import softmax_hvp as softmax_hvp
 from jsoftmax._jacobian import softmax_jvp as softmax_jvp
 from jsoftmax._jacobian import softmax_vjp as softmax_vjp
+from jsoftmax._losses import cross_entropy as cross_entropy
+from jsoftmax._losses import cross_entropy_hessian as cross_entropy_hessian
+from jsoftmax._operator import SoftmaxJacobian as SoftmaxJacobian
 from jsoftmax._softmax import log_softmax as log_softmax
 from jsoftmax._softmax import softmax as softmax
 from jsoftmax._verify import verify as verify
 
 try:
     __version__ = _version("jsoftmax")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "SoftmaxJacobian",
+    "cross_entropy",
+    "cross_entropy_hessian",
     "hessian",
     "jacobian",
     "jacobian_diagonal",
@@ -29,6 +36,7 @@ __all__ = [
     "log_softmax",
     "log_softmax_jacobian",
     "partial_derivative",
+    "sharded",
     "softmax",
     "softmax_hvp",
     "softmax_jvp",

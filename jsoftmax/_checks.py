@@ -80,6 +80,15 @@ def check_rule(rule: str) -> str:
     return rule
 
 
+PRECISIONS = ("default", "high")
+
+
+def check_precision(precision: str) -> str:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    return precision
+
+
 def check_where(where: ArrayLike | None, shape: tuple[int, ...], name: str = "where"):
     """Returns ``where`` as a boolean array broadcast to ``shape`` (or None)."""
     if where is None:
@@ -117,7 +126,7 @@ def check_index(i, n: int, name: str) -> jax.Array | int:
     arr = jnp.asarray(i)
     if not jnp.issubdtype(arr.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer index, got dtype {arr.dtype}.")
-    if is_concrete(arr) and arr.size and (int(arr.min()) < -n or int(arr.max()) >= n):
+    if is_concrete(arr) and arr.size and (np.min(arr) < -n or np.max(arr) >= n):
         raise IndexError(f"{name} has entries out of range for an axis of length {n}.")
     return jnp.where(arr < 0, arr + n, arr)
 
@@ -132,9 +141,8 @@ def check_same_shape(a: jax.Array, b: jax.Array, name_a: str, name_b: str) -> No
 def prepare_temperature(temperature, shape: tuple[int, ...], axes: tuple[int, ...]):
     """Validates ``temperature`` and shapes it to broadcast against the input.
 
-    Returns None for the default temperature 1 (so the fast path pays nothing), a Python
-    float for other Python numbers, or an array of the input's rank with size-1 softmax
-    axes, broadcast to the batch shape.
+    Returns None for the default temperature 1 (so the fast path pays nothing), else an
+    array of the input's rank with size-1 softmax axes, broadcast to the batch shape.
     """
     if isinstance(temperature, (bool, np.bool_)):
         raise TypeError(f"temperature must be a positive number or array, got {temperature!r}.")
@@ -142,7 +150,9 @@ def prepare_temperature(temperature, shape: tuple[int, ...], axes: tuple[int, ..
         t = float(temperature)
         if not t > 0 or not np.isfinite(t):
             raise ValueError(f"temperature must be positive and finite, got {temperature!r}.")
-        return None if t == 1.0 else t
+        if t == 1.0:
+            return None
+        temperature = t  # shaped below like an array temperature
     t = jnp.asarray(temperature)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         if jnp.issubdtype(t.dtype, jnp.integer):
@@ -159,7 +169,7 @@ def prepare_temperature(temperature, shape: tuple[int, ...], axes: tuple[int, ..
             f"temperature of shape {t.shape} does not broadcast to the batch shape {batch} "
             "(the input's shape without the softmax axis)."
         )
-    if is_concrete(t) and t.size and not bool(jnp.all(t > 0)):
+    if is_concrete(t) and t.size and not bool(np.all(np.asarray(t) > 0)):
         raise ValueError("temperature must be positive everywhere; got a non-positive entry.")
     t = jnp.broadcast_to(t, batch)
     return jnp.expand_dims(t, axes)

@@ -9,7 +9,8 @@ With :math:`p = \mathrm{softmax}(z)` and :math:`J = \mathrm{diag}(p) - pp^\top`:
 
 * ``jac_product(p, v)``      :math:`Jv = p \odot (v - \langle p, v\rangle)`
   (J is symmetric, so this is the JVP *and* the VJP);
-* ``log_jvp(p, t)``           :math:`t - \langle p, t\rangle` (Jacobian of log-softmax, :math:`I - 1p^\top`);
+* ``log_jvp(p, t)``           :math:`t - \langle p, t\rangle`
+  (the log-softmax Jacobian :math:`I - 1p^\top` applied to ``t``);
 * ``log_vjp(p, g)``           :math:`g - p\,\langle 1, g\rangle`;
 * ``hvp(p, u, v)``            :math:`\sum_{jk} H_{ijk} u_j v_k`;
 * ``dense_*``                 explicit matrices and tensors over the last axis.
@@ -64,8 +65,12 @@ def _eye(n: int, dtype, ndim: int = 2) -> jax.Array:
 
 def dense_jacobian(p: jax.Array) -> jax.Array:
     """``diag(p) - p p^T`` over the last axis: ``[..., i, j] = p_i (delta_ij - p_j)``."""
-    n = p.shape[-1]
-    return p[..., :, None] * (_eye(n, p.dtype, p.ndim + 1) - p[..., None, :])
+    # p_i * (1 - p_j) on the diagonal and p_i * (-p_j) off it: a select and a multiply
+    # per output in one fused pass, measurably cheaper on CPU than subtracting p_j
+    # from a float identity (same values: 1 - p_j and -p_j are rounded alike).
+    diagonal = _eye(p.shape[-1], jnp.bool_, p.ndim + 1)
+    row = p[..., None, :]
+    return p[..., :, None] * jnp.where(diagonal, 1 - row, -row)
 
 
 def dense_log_jacobian(p: jax.Array, valid: jax.Array) -> jax.Array:

@@ -118,7 +118,9 @@ def jacobian_diagonal(p: ArrayLike, axis: int = -1) -> jax.Array:
 
 
 def partial_derivative(p: ArrayLike, i, j, axis: int = -1) -> jax.Array:
-    r"""One entry of the softmax Jacobian, :math:`\partial p_i/\partial z_j = p_i(\delta_{ij} - p_j)`.
+    r"""One entry of the softmax Jacobian.
+
+    .. math:: \frac{\partial p_i}{\partial z_j} = p_i(\delta_{ij} - p_j)
 
     ``i`` indexes the output component and ``j`` the input component.
 

@@ -83,7 +83,9 @@ class Report:
             for r in self.rows
         ]
         widths = [max(len(c), *(len(line[k]) for line in lines)) for k, c in enumerate(cols)]
-        fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        fmt = lambda cells: "  ".join(
+            c.ljust(w) for c, w in zip(cells, widths, strict=True)
+        ).rstrip()
         body = [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
         n_bad = sum(1 for r in self.rows if r.gating and not r.ok)
         verdict = "all methods agree" if self.ok else f"{n_bad} comparison(s) out of tolerance"
@@ -208,7 +210,8 @@ def verify(
       the reference by more than ``16 * eps(dtype)`` (``2 * eps`` for 16-bit dtypes).
       Errors are absolute errors divided by the scale of the terms that make up each
       entry: ``max p`` for J and H, ``max p * max|v|`` for products, 1 for the
-      log-softmax Jacobian (whose entries are ``delta_ij - p_j``). ``str(report)`` is a readable table.
+      log-softmax Jacobian (whose entries are ``delta_ij - p_j``). ``str(report)``
+      is a readable table.
     """
     x64 = bool(jax.config.read("jax_enable_x64"))
     cases = [((n,), -1) for n in sizes] + [(tuple(s), a) for s, a in batched]
@@ -235,10 +238,13 @@ def verify(
             # in p. Errors are normalised by that scale.
             p_max = float(p_ref.max())
 
-            def add(quantity, method, result, reference, gating=True, scale=p_max):
+            case = (shape, axis, dtype_name, tol)
+
+            def add(quantity, method, result, reference, gating=True, scale=p_max, case=case):
+                shape_, axis_, dtype_, tol_ = case
                 abs_err, rel_err = _errors(result, reference, scale)
                 rows.append(
-                    Row(quantity, shape, axis, dtype_name, method, abs_err, rel_err, tol, gating)
+                    Row(quantity, shape_, axis_, dtype_, method, abs_err, rel_err, tol_, gating)
                 )
 
             for name, (fn, gating) in methods.items():

@@ -188,9 +188,7 @@ def test_products_match_jax_jvp_and_vjp():
     p, jvp_ref = jax.jvp(jax.nn.softmax, (x,), (t,))
     _, pullback = jax.vjp(jax.nn.softmax, x)
     chex.assert_trees_all_close(jsoftmax.softmax_jvp(p, t), jvp_ref, rtol=1e-12, atol=1e-15)
-    chex.assert_trees_all_close(
-        jsoftmax.softmax_vjp(p, t), pullback(t)[0], rtol=1e-12, atol=1e-15
-    )
+    chex.assert_trees_all_close(jsoftmax.softmax_vjp(p, t), pullback(t)[0], rtol=1e-12, atol=1e-15)
 
 
 # ------------------------------------------------------------------------------ errors

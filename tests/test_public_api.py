@@ -3,6 +3,9 @@
 import jsoftmax
 
 EXPECTED = {
+    "SoftmaxJacobian",
+    "cross_entropy",
+    "cross_entropy_hessian",
     "hessian",
     "jacobian",
     "jacobian_diagonal",
@@ -10,6 +13,7 @@ EXPECTED = {
     "log_softmax",
     "log_softmax_jacobian",
     "partial_derivative",
+    "sharded",
     "softmax",
     "softmax_hvp",
     "softmax_jvp",
@@ -27,6 +31,10 @@ def test_every_public_name_resolves_and_is_documented():
     for name in jsoftmax.__all__:
         obj = getattr(jsoftmax, name)
         assert obj.__doc__ and len(obj.__doc__) > 40, name
+
+
+def test_sharded_submodule_surface():
+    assert set(jsoftmax.sharded.__all__) == {"cross_entropy", "log_softmax", "softmax"}
 
 
 def test_no_stray_public_attributes():

@@ -155,7 +155,7 @@ def test_vjp_rule_saves_exactly_one_output_sized_residual(dtype):
     x = _logits((8, 32), dtype)
     res = saved_residuals(lambda z: jsoftmax.softmax(z), x)
     assert len(res) == 1, res
-    (aval, _), = res
+    ((aval, _),) = res
     assert aval.shape == x.shape and aval.dtype == dtype
     # jax.nn.softmax keeps more than that (the exponentials and per-row terms).
     assert len(saved_residuals(jax.nn.softmax, x)) > 1

@@ -1,0 +1,232 @@
+"""Tests of ``python -m jsoftmax bench``: it runs and writes valid JSON, and the
+functions it times are not recompiled on repeated calls. Speed is reported by the
+benchmark, never asserted here."""
+
+import json
+import math
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsoftmax
+from jsoftmax import _bench
+
+ROW_FIELDS = {
+    "group",
+    "case",
+    "candidate",
+    "baseline",
+    "unit",
+    "candidate_value",
+    "baseline_value",
+    "ratio",
+    "shape",
+    "dtype",
+    "candidate_iqr",
+    "baseline_iqr",
+    "target",
+    "met",
+    "note",
+}
+META_FIELDS = {"backend", "device", "jax", "jsoftmax", "dtype", "mode", "repeats", "date"}
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    code = _bench.main(["--quick", "--repeats", "3", "--json", str(path), "--no-progress"])
+    assert code == 0
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def test_quick_json_has_meta_and_rows(quick_result):
+    assert META_FIELDS <= set(quick_result["meta"])
+    assert quick_result["meta"]["mode"] == "quick"
+    assert quick_result["meta"]["jax"] == jax.__version__
+    groups = {r["group"] for r in quick_result["rows"]}
+    for g in ("forward", "fwd+bwd (a)", "fwd+bwd (b)", "jacobian", "jacobian-free", "memory"):
+        assert g in groups
+    for row in quick_result["rows"]:
+        assert set(row) == ROW_FIELDS, row
+        assert row["unit"] in ("s", "bytes", "fraction")
+        assert row["group"] in _bench.GROUPS
+
+
+def test_quick_json_timing_rows_are_consistent(quick_result):
+    timed = [r for r in quick_result["rows"] if r["unit"] == "s"]
+    assert timed
+    for r in timed:
+        c, b = r["candidate_value"], r["baseline_value"]
+        assert c > 0 and b > 0 and math.isfinite(c) and math.isfinite(b)
+        assert r["ratio"] == pytest.approx(b / c, rel=1e-12)
+        lo, hi = r["candidate_iqr"]
+        assert lo <= c <= hi
+        lo, hi = r["baseline_iqr"]
+        assert lo <= b <= hi
+        assert "DIFFER" not in r["note"], r  # the two sides computed the same thing
+        if r["target"] is not None:
+            assert r["met"] == (r["ratio"] >= r["target"])
+
+
+def test_quick_json_residuals_one_output_sized_array(quick_result):
+    # Independent count: one float32 array of the benchmark shape.
+    row = next(
+        r
+        for r in quick_result["rows"]
+        if r["group"] == "memory" and r["candidate"] == "jsoftmax.softmax(rule='vjp')"
+    )
+    assert row["candidate_value"] == np.prod(row["shape"]) * 4
+    assert row["met"] is True
+    assert "jsoftmax 1," in row["note"]
+
+
+def test_format_table_names_backend_and_misses():
+    result = {
+        "meta": {
+            "jsoftmax": "0",
+            "mode": "quick",
+            "repeats": 1,
+            "date": "d",
+            "backend": "cpu",
+            "device": "cpu: cpu",
+            "device_count": 1,
+            "jax": jax.__version__,
+            "cpu_count": 2,
+            "dtype": "float32",
+            "peak_bytes_in_use": "n/a",
+        },
+        "rows": [
+            _bench.Row(
+                group="forward",
+                case="softmax (2, 3) float32",
+                candidate="jsoftmax.softmax",
+                baseline="jax.nn.softmax",
+                unit="s",
+                candidate_value=2e-3,
+                baseline_value=1e-3,
+                ratio=0.5,
+                candidate_iqr=[1e-3, 3e-3],
+                baseline_iqr=[1e-3, 1e-3],
+                target=0.95,
+                met=False,
+            ).as_dict()
+        ],
+    }
+    text = _bench.format_table(result)
+    assert "backend: cpu" in text and f"jax {jax.__version__}" in text
+    assert "targets met: 0/1" in text
+    assert "MISSED" in text and "2.00 ms" in text
+
+
+def test_time_interleaved_counts_calls():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def f():
+            calls[name] += 1
+            return jnp.zeros((), jnp.float32)
+
+        return f
+
+    t = _bench.time_interleaved({"a": make("a"), "b": make("b")}, repeats=3, min_sample_s=0.0)
+    assert set(t) == {"a", "b"}
+    for name in ("a", "b"):
+        # 2 warm-up calls + 3 repeats of 1 call each.
+        assert calls[name] == 5
+        assert t[name].repeats == 3 and t[name].min <= t[name].median <= t[name].max
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert _bench.main(["--repeats", "0"]) == 2
+    assert "--repeats" in capsys.readouterr().err
+    assert _bench.main(["--only", "nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="groups"):
+        _bench.run(groups=["nonsense"])
+
+
+def test_plot_without_matplotlib_says_so(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    assert _bench.main(["--quick", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_devices_without_sharded_module_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(_bench.importlib.util, "find_spec", lambda name: None)
+    assert _bench.main(["--quick", "--devices", "2"]) == 2
+    assert "jsoftmax._bench_sharded" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# No recompilation across repeated calls with equal shapes.
+# --------------------------------------------------------------------------------------
+
+_FUNCTIONS = {
+    "softmax": jsoftmax.softmax,
+    "log_softmax": jsoftmax.log_softmax,
+    "jacobian": jsoftmax.jacobian,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FUNCTIONS))
+def test_jit_traces_once_for_equal_shapes(name):
+    fn = _FUNCTIONS[name]
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x):
+        return fn(x)
+
+    key = jax.random.PRNGKey(0)
+    for i in range(4):
+        x = jax.random.normal(jax.random.fold_in(key, i), (3, 5), dtype=jnp.float32)
+        f(x).block_until_ready()
+    chex.clear_trace_counter()
+
+
+class _CompileCounter:
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event, duration_secs, **kwargs):
+        if event == self.EVENT:
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", sorted(_FUNCTIONS))
+def test_no_backend_compile_on_repeated_calls(name, jit):
+    fn = jax.jit(_FUNCTIONS[name]) if jit else _FUNCTIONS[name]
+    key = jax.random.PRNGKey(1)
+    xs = [jax.random.normal(jax.random.fold_in(key, i), (4, 6), jnp.float32) for i in range(4)]
+    ref = jax.nn.softmax(xs[0])  # an independent check that the calls compute something
+    first = fn(xs[0])
+    jax.block_until_ready(first)
+    if name == "softmax":
+        np.testing.assert_allclose(first, ref, rtol=1e-6, atol=1e-7)
+    with _CompileCounter() as counter:
+        for x in xs[1:]:
+            jax.block_until_ready(fn(x))
+    assert counter.count == 0
+
+
+def test_compile_counter_sees_a_compilation():
+    # The control for the test above: a new function with a new shape compiles.
+    with _CompileCounter() as counter:
+        jax.jit(lambda x: x * 3)(jnp.ones((7, 3), jnp.float32)).block_until_ready()
+    assert counter.count >= 1

@@ -1,0 +1,381 @@
+"""Tests for jsoftmax.cross_entropy and jsoftmax.cross_entropy_hessian."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+from jax.test_util import check_grads
+
+import jsoftmax
+
+TOL = {jnp.float32: 2e-6, jnp.float64: 1e-12}
+RULE_MODES = {"vjp": ["rev"], "jvp": ["fwd", "rev"]}
+
+
+def _close(a, b, dtype, scale=1.0):
+    np.testing.assert_allclose(
+        np.asarray(a, np.float64),
+        np.asarray(b, np.float64),
+        rtol=TOL[dtype] * scale,
+        atol=TOL[dtype] * scale,
+    )
+
+
+def _logits(shape, dtype=jnp.float64, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, dtype) * 2
+
+
+def _probs(shape, dtype=jnp.float64, seed=1):
+    return jax.nn.softmax(jax.random.normal(jax.random.key(seed), shape, dtype))
+
+
+def _reference(x, y, axis=-1, *, where=None, alpha=0.0, temperature=1.0):
+    """Plain cross-entropy -sum(y_eff * log_softmax(x / T)) for dense float targets."""
+    x = jnp.moveaxis(x, axis, -1)
+    y = jnp.moveaxis(y, axis, -1)
+    t = jnp.asarray(temperature)[..., None] if jnp.ndim(temperature) else temperature
+    if where is not None:
+        where = jnp.moveaxis(jnp.broadcast_to(where, jnp.moveaxis(x, -1, axis).shape), axis, -1)
+        m = jnp.sum(where, -1, keepdims=True)
+        y = jnp.where(where, (1 - alpha) * y + alpha / jnp.maximum(m, 1), 0)
+        x = jnp.where(where, x, -1e30)  # exp underflows to exactly 0 in float64
+    else:
+        y = (1 - alpha) * y + alpha / x.shape[-1]
+    return -jnp.sum(y * jax.nn.log_softmax(x / t), axis=-1)
+
+
+# --------------------------------------------------------------------------------------
+# Values against optax and gradients against autodiff of the plain formula.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype,rule,jit",
+    [
+        (jnp.float32, "vjp", True),
+        (jnp.float32, "jvp", False),
+        (jnp.float64, "vjp", False),
+        (jnp.float64, "jvp", True),
+    ],
+)
+def test_matches_optax(dtype, rule, jit):
+    x = _logits((6, 5), dtype)
+    lab = jnp.array([0, 4, 2, 2, 1, 3])
+    y = _probs((6, 5), dtype)
+    ce = jax.jit(jsoftmax.cross_entropy, static_argnames="rule") if jit else jsoftmax.cross_entropy
+    out_i = ce(x, lab, rule=rule)
+    out_f = ce(x, y, rule=rule)
+    assert out_i.shape == (6,) and out_i.dtype == dtype and out_f.dtype == dtype
+    _close(out_i, optax.softmax_cross_entropy_with_integer_labels(x, lab), dtype, 4)
+    _close(out_f, optax.softmax_cross_entropy(x, y), dtype, 4)
+    g = jax.grad(lambda x: jnp.sum(ce(x, lab, rule=rule) * jnp.arange(6)))(x)
+    g_ref = jax.grad(
+        lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, lab) * jnp.arange(6))
+    )(x)
+    _close(g, g_ref, dtype, 4)
+
+
+@pytest.mark.parametrize("rule,axis", [("vjp", -1), ("jvp", 0), ("vjp", 1)])
+def test_gradients_vs_reference(rule, axis):
+    shape = (3, 4, 5)
+    x = _logits(shape)
+    y = _probs(shape)
+    y = y / jnp.sum(y, axis=axis, keepdims=True)
+    batch = tuple(s for k, s in enumerate(shape) if k != axis % 3)
+    t = 0.5 + jax.random.uniform(jax.random.key(3), batch, jnp.float64)
+    w = jax.random.normal(jax.random.key(4), batch, jnp.float64)
+
+    def ours(x, y, t):
+        return jnp.sum(w * jsoftmax.cross_entropy(x, y, axis, temperature=t, rule=rule))
+
+    def ref(x, y, t):
+        return jnp.sum(w * _reference(x, y, axis, temperature=t))
+
+    _close(ours(x, y, t), ref(x, y, t), jnp.float64)
+    for arg in range(3):
+        _close(jax.grad(ours, arg)(x, y, t), jax.grad(ref, arg)(x, y, t), jnp.float64, 10)
+    # Integer labels: the reference with one-hot targets.
+    lab = jnp.argmax(y, axis=axis)
+    onehot = jnp.moveaxis(jax.nn.one_hot(lab, shape[axis], dtype=jnp.float64), -1, axis)
+    g = jax.grad(lambda x: jnp.sum(w * jsoftmax.cross_entropy(x, lab, axis, rule=rule)))(x)
+    _close(g, jax.grad(lambda x: jnp.sum(w * _reference(x, onehot, axis)))(x), jnp.float64, 10)
+
+
+@pytest.mark.parametrize("rule", ["vjp", "jvp"])
+def test_check_grads_order2(rule):
+    x = _logits((3, 4))
+    y = _probs((3, 4))
+    lab = jnp.array([0, 3, 1])
+    modes = RULE_MODES[rule]
+    f = lambda x, y, t: jsoftmax.cross_entropy(x, y, temperature=t, rule=rule)  # noqa: E731
+    check_grads(jax.jit(f), (x, y, jnp.array([0.7, 1.3, 2.0])), order=2, modes=modes)
+    where = jnp.array([[True, True, False, True]] * 3)
+    g = lambda x, t: jsoftmax.cross_entropy(  # noqa: E731
+        x, lab, where=where, temperature=t, label_smoothing=0.1, rule=rule
+    )
+    check_grads(jax.jit(g), (x, 1.5), order=2, modes=modes)
+
+
+def test_hessian_forward_mode():
+    x = _logits((2, 4))
+    y = _probs((2, 4))
+    ours = jax.hessian(lambda x: jsoftmax.cross_entropy(x, y, rule="jvp", temperature=1.7).sum())
+    ref = jax.hessian(lambda x: _reference(x, y, temperature=1.7).sum())
+    _close(ours(x), ref(x), jnp.float64, 10)
+    with pytest.raises(TypeError):  # custom_vjp cannot be forward-differentiated
+        jax.jvp(lambda x: jsoftmax.cross_entropy(x, y), (x,), (x,))
+
+
+def test_label_smoothing_and_masks_vs_reference():
+    x = _logits((4, 5))
+    lab = jnp.array([1, 0, 4, 2])
+    onehot = jax.nn.one_hot(lab, 5, dtype=jnp.float64)
+    where = jnp.array(
+        [[True] * 5, [True, False, True, True, False], [False, True, True, True, True], [True] * 5]
+    )
+    for alpha in (0.0, 0.3, 1.0):
+        for w in (None, where):
+            f = lambda x, w=w, a=alpha: jsoftmax.cross_entropy(  # noqa: E731
+                x, lab, where=w, label_smoothing=a
+            )
+            r = lambda x, w=w, a=alpha: _reference(x, onehot, where=w, alpha=a)  # noqa: E731
+            _close(f(x), r(x), jnp.float64, 10)
+            gf = jax.grad(lambda x, f=f: f(x).sum())(x)
+            _close(gf, jax.grad(lambda x, r=r: r(x).sum())(x), jnp.float64)
+    # alpha = 1: uniform target over the valid classes, labels irrelevant.
+    uniform = jsoftmax.cross_entropy(x, lab, where=where, label_smoothing=1.0)
+    logp = jax.nn.log_softmax(jnp.where(where, x, -1e30))
+    expected = -jnp.sum(jnp.where(where, logp, 0), -1) / jnp.sum(where, -1)
+    _close(uniform, expected, jnp.float64)
+
+
+# --------------------------------------------------------------------------------------
+# Residuals.
+# --------------------------------------------------------------------------------------
+
+
+def _output_sized_saved(f, *args, shape):
+    res = saved_residuals(f, *args)
+    return [r for r in res if r[0].shape == shape and "from the argument" not in r[1]]
+
+
+def test_residuals_one_output_sized_array():
+    x = _logits((8, 6))
+    lab = jnp.arange(8) % 6
+    y = _probs((8, 6))
+    where = x > -3
+    t = jnp.full((8,), 1.5)
+    cases = {
+        "int": lambda x: jsoftmax.cross_entropy(x, lab).sum(),
+        "float": lambda x, y: jsoftmax.cross_entropy(x, y).sum(),
+        "int_where_t": lambda x, w: jsoftmax.cross_entropy(x, lab, where=w, temperature=t).sum(),
+        "float_smooth": lambda x, y: jsoftmax.cross_entropy(x, y, label_smoothing=0.1).sum(),
+    }
+    args = {"int": (x,), "float": (x, y), "int_where_t": (x, where), "float_smooth": (x, y)}
+    for name, f in cases.items():
+        saved = _output_sized_saved(f, *args[name], shape=(8, 6))
+        float_saved = [r for r in saved if jnp.issubdtype(r[0].dtype, jnp.floating)]
+        assert len(float_saved) == 1, (name, saved)
+    # optax keeps one output-sized array too (its log-probabilities or exp).
+    n_optax = len(
+        _output_sized_saved(
+            lambda x: optax.softmax_cross_entropy_with_integer_labels(x, lab).sum(), x, shape=(8, 6)
+        )
+    )
+    n_ours = len(_output_sized_saved(cases["int"], x, shape=(8, 6)))
+    assert n_ours <= n_optax
+
+
+# --------------------------------------------------------------------------------------
+# Edge cases.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["vjp", "jvp"])
+def test_neg_inf_logits(rule):
+    x = jnp.array([[-jnp.inf, 1.0, 2.0, -jnp.inf], [0.5, -jnp.inf, -1.0, 0.0]])
+    lab = jnp.array([2, 3])
+    y = jnp.array([[0.0, 0.4, 0.6, 0.0], [0.2, 0.0, 0.3, 0.5]])
+    f = lambda x: jsoftmax.cross_entropy(x, lab, rule=rule)  # noqa: E731
+    loss, g = f(x), jax.grad(lambda x: f(x).sum())(x)
+    chex.assert_tree_all_finite((loss, g))
+    # Equal to the loss over the finite classes only.
+    keep = [(0, [1, 2]), (1, [0, 2, 3])]
+    for row, cols in keep:
+        sub = x[row, jnp.array(cols)]
+        k = cols.index(int(lab[row]))
+        ref_g = jax.grad(lambda s, k=k: -jax.nn.log_softmax(s)[k])(sub)
+        _close(loss[row], -jax.nn.log_softmax(sub)[k], jnp.float64)
+        _close(g[row, jnp.array(cols)], ref_g, jnp.float64)
+        assert np.all(np.delete(np.asarray(g[row]), cols) == 0)
+    gf = jax.grad(lambda x: jsoftmax.cross_entropy(x, y, rule=rule).sum())(x)
+    chex.assert_tree_all_finite((jsoftmax.cross_entropy(x, y, rule=rule), gf))
+    # -inf logit with target mass: loss +inf, finite gradient -y / T there.
+    lab2 = jnp.array([0, 1])
+    loss2 = jsoftmax.cross_entropy(x, lab2, rule=rule)
+    assert np.all(np.isposinf(np.asarray(loss2)))
+    g2 = jax.grad(lambda x: jsoftmax.cross_entropy(x, lab2, rule=rule, temperature=2.0).sum())(x)
+    chex.assert_tree_all_finite(g2)
+    _close(g2[0, 0], -0.5, jnp.float64)
+    _close(g2[1, 1], -0.5, jnp.float64)
+    # Label smoothing reaches every unmasked class, so a -inf logit gives +inf ...
+    assert np.isposinf(jsoftmax.cross_entropy(x, lab, label_smoothing=0.1)[0])
+    # ... unless it is masked.
+    masked = jsoftmax.cross_entropy(x, lab, where=x > -jnp.inf, label_smoothing=0.1)
+    chex.assert_tree_all_finite(masked)
+
+
+@pytest.mark.parametrize("rule", ["vjp", "jvp"])
+def test_fully_masked_rows_and_masked_label(rule):
+    x = _logits((3, 4))
+    where = jnp.array([[False] * 4, [True, True, False, True], [True] * 4])
+    lab = jnp.array([1, 2, 0])  # row 1 points at a masked class
+    y = _probs((3, 4))
+    t = jnp.array([1.0, 2.0, 0.5])
+    for labels in (lab, y):
+        f = lambda x, t, labels=labels: jsoftmax.cross_entropy(  # noqa: E731
+            x, labels, where=where, temperature=t, label_smoothing=0.2, rule=rule
+        )
+        loss = f(x, t)
+        gx, gt = jax.grad(lambda x, t, f=f: f(x, t).sum(), (0, 1))(x, t)
+        chex.assert_tree_all_finite((loss, gx, gt))
+        assert loss[0] == 0 and np.all(np.asarray(gx[0]) == 0) and gt[0] == 0
+    loss = jsoftmax.cross_entropy(x, lab, where=where, rule=rule)
+    g = jax.grad(lambda x: jsoftmax.cross_entropy(x, lab, where=where, rule=rule).sum())(x)
+    assert loss[1] == 0 and np.all(np.asarray(g[1]) == 0)
+
+
+def test_out_of_range_labels():
+    x = _logits((3, 4))
+    for bad in ([0, 4, 1], [0, -1, 1]):
+        with pytest.raises(IndexError, match="labels has entries out of range"):
+            jsoftmax.cross_entropy(x, jnp.array(bad))
+    # Under jit the values cannot be checked: that row is NaN, the others unaffected.
+    for rule in ("vjp", "jvp"):
+        f = jax.jit(lambda x, lab: jsoftmax.cross_entropy(x, lab, rule=rule))  # noqa: B023
+        lab = jnp.array([0, 4, -1])
+        loss = f(x, lab)
+        g = jax.grad(lambda x, f=f, lab=lab: f(x, lab).sum())(x)
+        assert np.isnan(loss[1]) and np.isnan(loss[2])
+        assert np.all(np.isnan(g[1:]))
+        _close(loss[0], -jax.nn.log_softmax(x[0])[0], jnp.float64)
+        _close(g[0], jax.nn.softmax(x[0]) - jnp.array([1.0, 0, 0, 0]), jnp.float64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision(dtype):
+    x = _logits((4, 7), jnp.float32).astype(dtype)
+    lab = jnp.array([0, 6, 3, 3])
+    loss = jsoftmax.cross_entropy(x, lab)
+    g = jax.grad(lambda x: jsoftmax.cross_entropy(x, lab).sum())(x)
+    assert loss.dtype == dtype and g.dtype == dtype
+    x64 = x.astype(jnp.float64)
+    ref = optax.softmax_cross_entropy_with_integer_labels(x64, lab)
+    ref_g = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, lab).sum())(x64)
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(loss, np.float64), ref, rtol=2 * eps, atol=2 * eps)
+    np.testing.assert_allclose(np.asarray(g, np.float64), ref_g, rtol=0, atol=8 * eps)
+    # 100 000 equal float16 logits: log(1e5), finite gradient.
+    big = jnp.zeros((1, 100_000), jnp.float16)
+    out = jsoftmax.cross_entropy(big, jnp.array([7]))
+    np.testing.assert_allclose(float(out[0]), np.log(1e5), rtol=1e-3)
+    chex.assert_tree_all_finite(
+        jax.grad(lambda x: jsoftmax.cross_entropy(x, jnp.array([7]))[0])(big)
+    )
+
+
+def test_n_equals_one_and_vmap():
+    x = _logits((3, 1))
+    assert np.all(np.asarray(jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32))) == 0)
+    g = jax.grad(lambda x: jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32)).sum())(x)
+    assert np.all(np.asarray(g) == 0)
+    x = _logits((5, 4))
+    lab = jnp.array([0, 1, 2, 3, 0])
+    _close(
+        jax.vmap(lambda r, k: jsoftmax.cross_entropy(r, k))(x, lab),
+        jsoftmax.cross_entropy(x, lab),
+        jnp.float64,
+    )
+
+
+def test_temperature_limits():
+    x = _logits((2, 5))
+    y = _probs((2, 5))
+    for t in (1e-3, 1e3):
+        for rule in ("vjp", "jvp"):
+            f = lambda x, t, rule=rule: jsoftmax.cross_entropy(  # noqa: E731
+                x, y, temperature=t, rule=rule
+            ).sum()
+            r = lambda x, t: _reference(x, y, temperature=t).sum()  # noqa: E731
+            _close(f(x, t), r(x, t), jnp.float64, 100)
+            for arg in (0, 1):
+                a, b = jax.grad(f, arg)(x, t), jax.grad(r, arg)(x, t)
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.max(np.abs(b)))
+
+
+def test_errors():
+    x = jnp.zeros((3, 4), jnp.float32)
+    with pytest.raises(ValueError, match="labels of shape \\(4,\\) do not match"):
+        jsoftmax.cross_entropy(x, jnp.zeros(4, jnp.int32))
+    with pytest.raises(ValueError, match="have a class axis"):
+        jsoftmax.cross_entropy(x, jnp.zeros((3, 4), jnp.int32))
+    with pytest.raises(ValueError, match="float labels .* must have the logits' shape"):
+        jsoftmax.cross_entropy(x, jnp.zeros((3, 5), jnp.float32))
+    with pytest.raises(ValueError, match="integer dtype"):
+        jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.float32))
+    with pytest.raises(TypeError, match="labels must be integer class indices or real"):
+        jsoftmax.cross_entropy(x, jnp.zeros((3, 4), bool))
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), temperature=jnp.array([1.0, -1, 1]))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing must lie in"):
+            jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), label_smoothing=bad)
+    with pytest.raises(TypeError, match="label_smoothing must be a Python number"):
+        jax.jit(lambda a: jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), label_smoothing=a))(
+            0.1
+        )
+    with pytest.raises(ValueError, match="rule must be"):
+        jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), rule="fwd")
+    with pytest.raises(ValueError, match="where of shape"):
+        jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), where=jnp.ones(5, bool))
+
+
+# --------------------------------------------------------------------------------------
+# The Hessian operator.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_cross_entropy_hessian(axis):
+    x = _logits((4, 3)) / 2  # moderate probabilities: the dense pinv cuts none
+    lab = jnp.array([0, 2, 1, 1]) if axis == -1 else jnp.array([0, 2, 1])
+    t = jnp.array([0.8, 1.0, 2.0, 1.5]) if axis == -1 else jnp.array([0.8, 1.0, 2.0])
+    B = lab.shape[0]
+
+    def mean_ce(x):
+        return jsoftmax.cross_entropy(x, lab, axis, temperature=t, rule="jvp").mean()
+
+    H = jsoftmax.cross_entropy_hessian(x, axis, temperature=t, scale=1 / B)
+    xl = jnp.moveaxis(x, axis, -1)
+    full_l = jax.jit(jax.hessian(lambda xl: mean_ce(jnp.moveaxis(xl, -1, axis))))(xl)
+    blocks = jnp.stack([full_l[b, :, b, :] for b in range(B)])
+    _close(H.dense(), blocks, jnp.float64)
+    # Off-diagonal blocks are zero: the loss is separable over rows.
+    eye = jnp.eye(B)[:, None, :, None]
+    assert np.all(np.asarray(full_l * (1 - eye)) == 0)
+    # Newton step on the logits vs the dense pseudo-inverse.
+    g = jax.grad(mean_ce)(x)
+    gl = jnp.moveaxis(g, axis, -1)
+    ref = jnp.einsum("bij,bj->bi", jnp.linalg.pinv(blocks), gl)
+    _close(jnp.moveaxis(H.pinv_solve(g), axis, -1), ref, jnp.float64, 100)
+    # Hessian-vector product.
+    v = _logits(x.shape, seed=9)
+    hv = jax.jvp(jax.grad(mean_ce), (x,), (v,))[1]
+    _close(H @ v, hv, jnp.float64, 10)
+    plain = jsoftmax.cross_entropy_hessian(x, axis)
+    assert plain.scale is None

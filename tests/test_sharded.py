@@ -1,0 +1,573 @@
+"""Sharding: jsoftmax under jit with NamedSharding, and jsoftmax.sharded inside shard_map.
+
+Runs on the eight simulated CPU devices set up by conftest.py. References are plain
+float64 computations on the unsharded arrays (NumPy, or ``jax.grad`` of a plain
+``jax.numpy`` implementation); collectives are counted in the compiled HLO.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jsoftmax
+from jsoftmax import sharded
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices (conftest.py simulates 8 CPU devices)"
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+F64 = dict(rtol=1e-12, atol=1e-12)
+B, N = 8, 32  # rows, classes: divisible by every mesh axis below
+
+
+# --------------------------------------------------------------------------------------
+# Helpers and references.
+# --------------------------------------------------------------------------------------
+
+
+def _mesh(shape, names, kind=AxisType.Explicit):
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
+
+
+def _put(a, mesh, spec):
+    return jax.device_put(a, NamedSharding(mesh, spec))
+
+
+def _host(a) -> np.ndarray:
+    return np.asarray(jax.device_get(a))
+
+
+def _logits(seed=0, shape=(B, N), scale=3.0):
+    return np.random.default_rng(seed).normal(scale=scale, size=shape).astype(np.float64)
+
+
+def _live_rows(x, where):
+    """Reference inputs for rows with no unmasked entry: documented constant outputs."""
+    x = jnp.asarray(x)
+    if where is None:
+        return x, None, None
+    live = jnp.any(where, -1, keepdims=True)
+    return jnp.where(live, x, 0.0), jnp.where(live, where, True), live
+
+
+def _ref_softmax(x, where=None):
+    x, where, live = _live_rows(x, where)
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, -1, keepdims=True)))
+    if where is not None:
+        e = jnp.where(where, e, 0.0)
+    p = e / jnp.sum(e, -1, keepdims=True)
+    return p if live is None else jnp.where(live, p, 0.0)
+
+
+def _ref_log_softmax(x, where=None):
+    x, where, live = _live_rows(x, where)
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(x, -1, keepdims=True))
+    out = x - m - jnp.log(jnp.sum(jnp.exp(x - m), -1, keepdims=True))
+    return out if live is None else jnp.where(live, out, -jnp.inf)
+
+
+def _ref_ce(x, y, where=None):
+    logp = _ref_log_softmax(x, where)
+    return -jnp.take_along_axis(logp, jnp.asarray(y)[:, None], -1)[:, 0]
+
+
+def _ref_masked_grad(ref, x, w, where):
+    """Gradient of sum(ref(x) * w) with masked outputs treated as constants."""
+
+    def loss(x):
+        out = ref(x, where)
+        if where is not None:
+            out = jnp.where(where, out, 0.0)
+        return jnp.sum(out * w)
+
+    return jax.grad(loss)(jnp.asarray(x))
+
+
+COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+"
+    r"(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("
+)
+
+
+def _collectives(compiled_text: str) -> list[tuple[str, list[int]]]:
+    """(op name, element count of each operand) for every collective in the HLO."""
+    found = []
+    for shapes, op in COLLECTIVE.findall(compiled_text):
+        sizes = [
+            int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+            for dims in re.findall(r"\[([\d,]*)\]", shapes)
+        ]
+        found.append((op, sizes))
+    return found
+
+
+def _hlo(f, *args) -> str:
+    return jax.jit(f).lower(*args).compile().as_text()
+
+
+# --------------------------------------------------------------------------------------
+# 1. jsoftmax's own functions under jit with NamedSharding inputs.
+# --------------------------------------------------------------------------------------
+
+# Explicit axes (jax.make_mesh's default) for every placement; Auto (GSPMD propagation)
+# for batch x class sharding.
+JIT_CASES = [
+    (P("b", None), AxisType.Explicit),
+    (P(None, "c"), AxisType.Explicit),
+    (P("b", "c"), AxisType.Explicit),
+    (P("b", "c"), AxisType.Auto),
+]
+
+
+@pytest.mark.parametrize("spec, kind", JIT_CASES, ids=str)
+@pytest.mark.parametrize(
+    "fn, ref",
+    [(jsoftmax.softmax, _ref_softmax), (jsoftmax.log_softmax, _ref_log_softmax)],
+    ids=["softmax", "log_softmax"],
+)
+def test_jit_named_sharding_matches_unsharded(fn, ref, spec, kind):
+    mesh = _mesh((2, 4), ("b", "c"), kind)
+    xh, wh = _logits(0), _logits(1)
+    x, w = _put(xh, mesh, spec), _put(wh, mesh, spec)
+    with jax.set_mesh(mesh):
+        out = jax.jit(fn)(x)
+        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x) * w)))(x, w)
+        hlo_fwd = _hlo(fn, x)
+        hlo_grad = _hlo(jax.grad(lambda x, w: jnp.sum(fn(x) * w)), x, w)
+    np.testing.assert_allclose(_host(out), ref(xh), **F64)
+    np.testing.assert_allclose(_host(grad), _ref_masked_grad(ref, xh, wh, None), **F64)
+    # The output (and the gradient) stay sharded like the input: no silent gather.
+    assert out.sharding.is_equivalent_to(x.sharding, x.ndim)
+    assert grad.sharding.is_equivalent_to(x.sharding, x.ndim)
+    fwd = _collectives(hlo_fwd)
+    assert all(op == "all-reduce" for op, _ in fwd), fwd
+    assert all(op == "all-reduce" for op, _ in _collectives(hlo_grad))
+    local_rows = B // 2 if spec[0] == "b" else B
+    if spec[1] == "c":
+        # Two rounds: the max, then the sum of exponentials (with any other per-row sum
+        # the implementation needs, in the same all-reduce); one scalar per row each.
+        assert len(fwd) == 2, fwd
+        assert all(size == local_rows for _, sizes in fwd for size in sizes), fwd
+    else:
+        assert fwd == []  # batch sharding alone needs no communication
+
+
+@pytest.mark.parametrize(
+    "spec, kind",
+    [
+        (P("b", None), AxisType.Explicit),
+        (P(None, "c"), AxisType.Auto),
+        (P("b", "c"), AxisType.Auto),
+    ],
+    ids=str,
+)
+def test_jit_named_sharding_jacobian(spec, kind):
+    mesh = _mesh((2, 4), ("b", "c"), kind)
+    xh = _logits(2, shape=(B, 8))
+    x = _put(xh, mesh, spec)
+    with jax.set_mesh(mesh):
+        out = jax.jit(jsoftmax.jacobian)(x)
+        hlo = _hlo(jsoftmax.jacobian, x)
+    ref = jax.vmap(jax.jacrev(_ref_softmax))(jnp.asarray(xh))
+    np.testing.assert_allclose(_host(out), ref, **F64)
+    # The batch and row axes keep the input's sharding; the output is never gathered.
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(*spec, None)), 3)
+    assert "all-gather" not in [op for op, _ in _collectives(hlo)]
+
+
+def _core_ce():
+    ce = getattr(jsoftmax, "cross_entropy", None)
+    if ce is None:
+        pytest.skip("jsoftmax.cross_entropy is not available")
+    return ce
+
+
+@pytest.mark.parametrize("spec, kind", JIT_CASES, ids=str)
+def test_jit_named_sharding_cross_entropy(spec, kind):
+    ce = _core_ce()
+    mesh = _mesh((2, 4), ("b", "c"), kind)
+    xh = _logits(3)
+    yh = np.random.default_rng(4).integers(0, N, size=B)
+    x, y = _put(xh, mesh, spec), _put(yh, mesh, P(spec[0]))
+    with jax.set_mesh(mesh):
+        loss = jax.jit(ce)(x, y)
+        grad = jax.jit(jax.grad(lambda x, y: jnp.sum(ce(x, y))))(x, y)
+        hlo = _hlo(ce, x, y)
+    np.testing.assert_allclose(_host(loss), _ref_ce(xh, yh), **F64)
+    ref_grad = jax.grad(lambda x: jnp.sum(_ref_ce(x, yh)))(jnp.asarray(xh))
+    np.testing.assert_allclose(_host(grad), ref_grad, **F64)
+    assert loss.sharding.is_equivalent_to(NamedSharding(mesh, P(spec[0])), 1)
+    assert grad.sharding.is_equivalent_to(x.sharding, 2)
+    assert "all-gather" not in [op for op, _ in _collectives(hlo)]
+
+
+# --------------------------------------------------------------------------------------
+# 2./3. jsoftmax.sharded inside shard_map: meshes (8,), (2, 4), (4, 2).
+# --------------------------------------------------------------------------------------
+
+# (mesh shape, mesh axis names, logits spec, axis_name passed to jsoftmax.sharded)
+MESHES = [
+    ((8,), ("c",), P(None, "c"), "c"),
+    ((2, 4), ("b", "c"), P("b", "c"), "c"),
+    ((4, 2), ("b", "c"), P("b", "c"), "c"),
+    ((2, 4), ("b", "c"), P(None, ("b", "c")), ("b", "c")),  # classes over both axes
+]
+MESH_IDS = ["8", "2x4", "4x2", "2x4-classes-over-both"]
+
+
+def _rows_spec(spec):
+    return P(spec[0])
+
+
+def _local_rows(mesh_shape, names, spec):
+    return B // mesh_shape[names.index(spec[0])] if spec[0] is not None else B
+
+
+def _mask(seed=5):
+    where = np.random.default_rng(seed).random((B, N)) > 0.3
+    where[0] = False  # a fully masked row
+    where[1, : N // 2] = False  # a row whose first shards are fully masked
+    where[2, :] = False
+    where[2, N - 1] = True  # a single live class, on the last shard
+    return where
+
+
+def _sm(fn, mesh, spec, axis_name, with_where, **kw):
+    if with_where:
+        body = lambda x, m: fn(x, axis_name, where=m, **kw)
+        return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+    body = lambda x: fn(x, axis_name, **kw)
+    return jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)
+
+
+@pytest.mark.parametrize("with_where", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("mesh_shape, names, spec, axis_name", MESHES, ids=MESH_IDS)
+@pytest.mark.parametrize(
+    "fn, ref",
+    [(sharded.softmax, _ref_softmax), (sharded.log_softmax, _ref_log_softmax)],
+    ids=["softmax", "log_softmax"],
+)
+def test_sharded_softmax_values_and_grads(fn, ref, mesh_shape, names, spec, axis_name, with_where):
+    mesh = _mesh(mesh_shape, names)
+    xh, wh = _logits(6), _logits(7)
+    where = _mask() if with_where else None
+    f = _sm(fn, mesh, spec, axis_name, with_where)
+    args = (_put(xh, mesh, spec),) + ((_put(where, mesh, spec),) if with_where else ())
+    w = _put(wh, mesh, spec)
+    with jax.set_mesh(mesh):
+        out = jax.jit(f)(*args)
+        # Masked log-softmax outputs are -inf constants; leave them out of the loss.
+        if fn is sharded.log_softmax and with_where:
+            loss = lambda x, *m: jnp.sum(jnp.where(m[0], f(x, *m), 0.0) * w)
+        else:
+            loss = lambda x, *m: jnp.sum(f(x, *m) * w)
+        grad = jax.jit(jax.grad(loss))(*args)
+    np.testing.assert_allclose(_host(out), ref(xh, where), **F64)
+    np.testing.assert_allclose(_host(grad), _ref_masked_grad(ref, xh, wh, where), **F64)
+    assert out.sharding.is_equivalent_to(args[0].sharding, 2)
+    assert np.all(np.isfinite(_host(grad)))
+    if with_where:
+        assert np.all(_host(out)[0] == (0.0 if fn is sharded.softmax else -np.inf))
+        assert np.all(_host(grad)[~where] == 0.0)
+
+
+def _ce_sm(mesh, spec, axis_name, with_where=False, **kw):
+    rows = _rows_spec(spec)
+    if with_where:
+        body = lambda x, y, m: sharded.cross_entropy(x, y, axis_name, where=m, **kw)
+        return jax.shard_map(body, mesh=mesh, in_specs=(spec, rows, spec), out_specs=rows)
+    body = lambda x, y: sharded.cross_entropy(x, y, axis_name, **kw)
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, rows), out_specs=rows)
+
+
+@pytest.mark.parametrize("with_where", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("mesh_shape, names, spec, axis_name", MESHES, ids=MESH_IDS)
+def test_sharded_cross_entropy_values_and_grads(mesh_shape, names, spec, axis_name, with_where):
+    mesh = _mesh(mesh_shape, names)
+    xh = _logits(8)
+    where = _mask() if with_where else None
+    yh = np.random.default_rng(9).integers(0, N, size=B)
+    ignored = np.zeros(B, bool)
+    if with_where:
+        # Labels on live classes, except row 0 (fully masked) and row 3, whose label is
+        # on a masked class: no target mass, loss 0 and zero gradient.
+        for r in range(1, B):
+            yh[r] = np.flatnonzero(where[r])[r % np.count_nonzero(where[r])]
+        yh[3] = np.flatnonzero(~where[3])[0]
+        ignored[[0, 3]] = True
+    f = _ce_sm(mesh, spec, axis_name, with_where)
+    args = (_put(xh, mesh, spec), _put(yh, mesh, _rows_spec(spec)))
+    args += (_put(where, mesh, spec),) if with_where else ()
+    cot = np.linspace(0.5, 2.0, B)  # a per-example cotangent that is not all ones
+    with jax.set_mesh(mesh):
+        loss = jax.jit(f)(*args)
+        grad = jax.jit(jax.grad(lambda x, *a: jnp.sum(f(x, *a) * cot)))(*args)
+    assert loss.sharding.is_equivalent_to(NamedSharding(mesh, _rows_spec(spec)), 1)
+    assert grad.sharding.is_equivalent_to(args[0].sharding, 2)
+    loss, grad = _host(loss), _host(grad)
+    live = ~ignored
+    ref = np.asarray(_ref_ce(xh, yh, where))
+    ref_grad = np.asarray(jax.grad(lambda x: jnp.sum(_ref_ce(x, yh, where) * cot))(xh))
+    np.testing.assert_allclose(loss[live], ref[live], **F64)
+    np.testing.assert_allclose(grad[live], ref_grad[live], **F64)
+    assert np.all(loss[ignored] == 0.0) and np.all(grad[ignored] == 0.0)
+    if with_where:
+        assert np.all(grad[~where] == 0.0)
+    # ... and the unsharded jsoftmax.cross_entropy, ignored labels included.
+    ce = getattr(jsoftmax, "cross_entropy", None)
+    if ce is not None:
+        np.testing.assert_allclose(loss, ce(xh, yh, where=where), **F64)
+        core_grad = jax.grad(lambda x: jnp.sum(ce(x, yh, where=where) * cot))(xh)
+        np.testing.assert_allclose(grad, core_grad, **F64)
+
+
+@pytest.mark.parametrize("mesh_shape, names, spec, axis_name", MESHES, ids=MESH_IDS)
+def test_collectives_per_row_match_the_design(mesh_shape, names, spec, axis_name):
+    """Forward/backward all-reduces, each carrying one scalar per local row."""
+    mesh = _mesh(mesh_shape, names)
+    rows = _local_rows(mesh_shape, names, spec)
+    x = _put(_logits(10), mesh, spec)
+    g = _put(_logits(11), mesh, spec)
+    y = _put(np.arange(B) % N, mesh, _rows_spec(spec))
+    ones = _put(np.ones(B), mesh, _rows_spec(spec))
+
+    def vjp_only(fn):
+        # the backward pass plus the part of the forward pass that it needs
+        return lambda *a: jax.vjp(fn, *a[:-1])[1](a[-1])[0]
+
+    expect = {}
+    with jax.set_mesh(mesh):
+        for name, fn in [("softmax", sharded.softmax), ("log_softmax", sharded.log_softmax)]:
+            f = _sm(fn, mesh, spec, axis_name, False)
+            expect[name + " forward"] = (_hlo(f, x), [[rows], [rows]])  # max, sum exp
+            # + <g, p> (softmax) or sum g (log_softmax): one more scalar per row
+            expect[name + " vjp"] = (_hlo(vjp_only(f), x, g), [[rows]] * 3)
+        ce = _ce_sm(mesh, spec, axis_name)
+        # max; then sum of exponentials and target logit in one all-reduce
+        expect["cross_entropy forward"] = (_hlo(ce, x, y), [[rows], [rows, rows]])
+        # the backward pass p - onehot adds nothing: only the max and the sum remain
+        ce_vjp = lambda x, y, g: jax.vjp(lambda x: ce(x, y), x)[1](g)[0]
+        expect["cross_entropy vjp"] = (_hlo(ce_vjp, x, y, ones), [[rows], [rows]])
+    for what, (hlo, sizes) in expect.items():
+        found = _collectives(hlo)
+        assert all(op == "all-reduce" for op, _ in found), (what, found)
+        assert sorted(s for _, s in found) == sorted(sizes), (what, found)
+
+
+def test_one_output_sized_residual():
+    from jax._src.ad_checkpoint import saved_residuals
+
+    mesh = _mesh((2, 4), ("b", "c"))
+    spec = P("b", "c")
+    x = _put(_logits(12), mesh, spec)
+    y = _put(np.arange(B) % N, mesh, P("b"))
+    with jax.set_mesh(mesh):
+        for fn in (sharded.softmax, sharded.log_softmax):
+            res = saved_residuals(_sm(fn, mesh, spec, "c", False), x)
+            assert [r[0].size for r in res] == [B * N]
+        res = saved_residuals(_ce_sm(mesh, spec, "c"), x, y)
+    # the probabilities, plus the per-row one-hot position and label validity
+    assert sorted(r[0].size for r in res) == sorted([B * N, B * 4, B])
+
+
+# --------------------------------------------------------------------------------------
+# Class count not divisible by the shard count: pad with masked entries.
+# --------------------------------------------------------------------------------------
+
+
+def test_indivisible_class_count_is_rejected_by_shard_map():
+    mesh = _mesh((8,), ("c",))
+    f = _sm(sharded.softmax, mesh, P(None, "c"), "c", False)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="evenly divisible"):
+        f(jnp.zeros((2, 30), jnp.float64))
+
+
+@pytest.mark.parametrize("mesh_shape, names, spec, axis_name", MESHES[:3], ids=MESH_IDS[:3])
+def test_padding_with_num_classes_matches_unpadded(mesh_shape, names, spec, axis_name):
+    n_real = 27  # padded to 32: the last shard(s) hold padding only partly or entirely
+    mesh = _mesh(mesh_shape, names)
+    xh = _logits(13, shape=(B, n_real))
+    wh = _logits(14, shape=(B, n_real))
+    yh = np.array([0, 26, 5, 13, 20, 26, 1, 8])
+    pad = lambda a: np.pad(a, ((0, 0), (0, N - n_real)), constant_values=1e30)
+    x, w = _put(pad(xh), mesh, spec), _put(pad(wh), mesh, spec)
+    y = _put(yh, mesh, _rows_spec(spec))
+    sm = _sm(sharded.softmax, mesh, spec, axis_name, False, num_classes=n_real)
+    lsm = _sm(sharded.log_softmax, mesh, spec, axis_name, False, num_classes=n_real)
+    ce = _ce_sm(mesh, spec, axis_name, num_classes=n_real)
+    real = np.arange(N) < n_real
+    with jax.set_mesh(mesh):
+        p = jax.jit(sm)(x)
+        lp = jax.jit(lsm)(x)
+        loss = jax.jit(ce)(x, y)
+        gp = jax.jit(jax.grad(lambda x: jnp.sum(sm(x) * w)))(x)
+        gl = jax.jit(jax.grad(lambda x: jnp.sum(jnp.where(real, lsm(x), 0.0) * w)))(x)
+        gce = jax.jit(jax.grad(lambda x: jnp.sum(ce(x, y))))(x)
+        bad = jax.jit(ce)(x, _put(np.full(B, n_real), mesh, _rows_spec(spec)))
+    np.testing.assert_allclose(_host(p)[:, :n_real], _ref_softmax(xh), **F64)
+    np.testing.assert_allclose(_host(lp)[:, :n_real], _ref_log_softmax(xh), **F64)
+    np.testing.assert_allclose(_host(loss), _ref_ce(xh, yh), **F64)
+    assert np.all(_host(p)[:, n_real:] == 0.0) and np.all(_host(lp)[:, n_real:] == -np.inf)
+    for g, ref in [(gp, _ref_softmax), (gl, _ref_log_softmax)]:
+        np.testing.assert_allclose(_host(g)[:, :n_real], _ref_masked_grad(ref, xh, wh, None), **F64)
+        assert np.all(_host(g)[:, n_real:] == 0.0)
+    ref_gce = jax.grad(lambda x: jnp.sum(_ref_ce(x, yh)))(jnp.asarray(xh))
+    np.testing.assert_allclose(_host(gce)[:, :n_real], ref_gce, **F64)
+    assert np.all(_host(gce)[:, n_real:] == 0.0)
+    assert np.all(np.isnan(_host(bad)))  # a label in the padding is out of range
+
+
+# --------------------------------------------------------------------------------------
+# Edge cases.
+# --------------------------------------------------------------------------------------
+
+
+def _mesh8():
+    return _mesh((8,), ("c",)), P(None, "c")
+
+
+def test_inf_and_nan_make_the_whole_row_nan_on_every_shard():
+    mesh, spec = _mesh8()
+    xh = _logits(15, shape=(4, N))
+    xh[0, 3] = np.inf
+    xh[1, 30] = np.nan
+    xh[2, :] = -np.inf  # no finite entry: zeros / -inf
+    xh[3, 5] = -np.inf  # a single -inf entry behaves as masked
+    y = _put(np.array([0, 1, 2, 5]), mesh, P())
+    with jax.set_mesh(mesh):
+        x = _put(xh, mesh, spec)
+        p = _host(jax.jit(_sm(sharded.softmax, mesh, spec, "c", False))(x))
+        lp = _host(jax.jit(_sm(sharded.log_softmax, mesh, spec, "c", False))(x))
+        loss = _host(jax.jit(_ce_sm(mesh, spec, "c"))(x, y))
+    assert np.all(np.isnan(p[:2])) and np.all(np.isnan(lp[:2])) and np.all(np.isnan(loss[:2]))
+    assert np.all(p[2] == 0.0) and np.all(lp[2] == -np.inf) and loss[2] == np.inf
+    assert p[3, 5] == 0.0 and lp[3, 5] == -np.inf and loss[3] == np.inf  # label on -inf
+    np.testing.assert_allclose(p[3], _ref_softmax(xh[3]), **F64)
+
+
+def test_huge_logits_do_not_overflow():
+    mesh, spec = _mesh8()
+    xh = _logits(16, shape=(2, N)) + 1e300
+    xh[1] = _logits(17, shape=(N,)) * 1e3
+    y = np.array([4, 31])
+    with jax.set_mesh(mesh):
+        x = _put(xh, mesh, spec)
+        p = _host(jax.jit(_sm(sharded.softmax, mesh, spec, "c", False))(x))
+        loss = _host(jax.jit(_ce_sm(mesh, spec, "c"))(x, _put(y, mesh, P())))
+    assert np.all(np.isfinite(p)) and np.all(np.isfinite(loss))
+    np.testing.assert_allclose(p, _ref_softmax(xh), **F64)
+    np.testing.assert_allclose(loss, _ref_ce(xh, y), **F64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
+def test_low_precision_is_computed_in_float32(dtype):
+    mesh = _mesh((2, 4), ("b", "c"))
+    spec = P("b", "c")
+    xh = np.asarray(jnp.asarray(_logits(18), dtype))
+    y = np.arange(B) * 3 % N
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-3)
+    ref_in = jnp.asarray(xh, jnp.float32)
+    with jax.set_mesh(mesh):
+        x = _put(xh, mesh, spec)
+        p = jax.jit(_sm(sharded.softmax, mesh, spec, "c", False))(x)
+        yd = _put(y, mesh, P("b"))
+        loss = jax.jit(_ce_sm(mesh, spec, "c"))(x, yd)
+        g = jax.jit(jax.grad(lambda x: jnp.sum(_ce_sm(mesh, spec, "c")(x, yd)).astype(float)))(x)
+    assert p.dtype == dtype and loss.dtype == dtype and g.dtype == dtype
+    np.testing.assert_allclose(np.asarray(p, np.float32), _ref_softmax(ref_in), **tol)
+    np.testing.assert_allclose(np.asarray(loss, np.float32), _ref_ce(ref_in, y), **tol)
+    ref_g = jax.grad(lambda x: jnp.sum(_ref_ce(x, y)))(ref_in)
+    np.testing.assert_allclose(np.asarray(g, np.float32), ref_g, **tol)
+
+
+def test_out_of_range_labels_give_nan_not_a_wrong_loss():
+    mesh, spec = _mesh8()
+    xh = _logits(19, shape=(4, N))
+    y = np.array([-1, N, 0, N - 1])
+    ce = _ce_sm(mesh, spec, "c")
+    with jax.set_mesh(mesh):
+        x = _put(xh, mesh, spec)
+        yd = _put(y, mesh, P())
+        loss = _host(jax.jit(ce)(x, yd))
+        g = _host(jax.jit(jax.grad(lambda x: jnp.sum(ce(x, yd))))(x))
+    assert np.all(np.isnan(loss[:2])) and np.all(np.isnan(g[:2]))
+    np.testing.assert_allclose(loss[2:], _ref_ce(xh[2:], y[2:]), **F64)
+    assert np.all(np.isfinite(g[2:]))
+
+
+# --------------------------------------------------------------------------------------
+# Argument errors.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, "", (), ("c", 1), None, ("c", "c")], ids=repr)
+def test_bad_axis_name(bad):
+    err = ValueError if bad == ("c", "c") else TypeError
+    with pytest.raises(err, match="axis_name"):
+        sharded.softmax(jnp.zeros((2, 4)), bad)
+
+
+def test_unbound_axis_name_says_use_shard_map():
+    with pytest.raises(ValueError, match="shard_map"):
+        sharded.log_softmax(jnp.zeros((2, 4)), "vocab")
+    with pytest.raises(ValueError, match="shard_map"):
+        sharded.cross_entropy(jnp.zeros((2, 4)), jnp.zeros(2, jnp.int32), "vocab")
+
+
+def test_bad_labels_num_classes_and_where():
+    mesh, spec = _mesh8()
+    x = _put(np.zeros((2, N)), mesh, spec)
+
+    def run(body, *args):
+        f = jax.shard_map(body, mesh=mesh, in_specs=(spec,) + (P(),) * len(args), out_specs=P())
+        with jax.set_mesh(mesh):
+            return f(x, *args)
+
+    yf = _put(np.zeros(2), mesh, P())
+    with pytest.raises(TypeError, match="labels must be integer"):
+        run(lambda x, y: sharded.cross_entropy(x, y, "c"), yf)
+    y3 = _put(np.zeros(3, np.int32), mesh, P())
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        run(lambda x, y: sharded.cross_entropy(x, y, "c"), y3)
+    y = _put(np.zeros(2, np.int32), mesh, P())
+    with pytest.raises(ValueError, match="num_classes=40"):
+        run(lambda x, y: sharded.cross_entropy(x, y, "c", num_classes=40), y)
+    with pytest.raises(TypeError, match="num_classes"):
+        run(lambda x, y: sharded.cross_entropy(x, y, "c", num_classes=True), y)
+    with pytest.raises(TypeError, match="where must be a boolean"):
+        run(lambda x, y: sharded.cross_entropy(x, y, "c", where=jnp.ones(4)), y)
+    with pytest.raises(ValueError, match="single softmax axis"):
+        run(lambda x, y: sharded.softmax(x, "c", (0, 1), num_classes=3)[0, 0], y)
+
+
+# --------------------------------------------------------------------------------------
+# The example script: a vocab-sharded language-model head trained on 8 devices.
+# --------------------------------------------------------------------------------------
+
+
+def test_example_sharded_vocab_head_runs_and_matches():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sharded_vocab_head.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sharded and unsharded losses match" in proc.stdout
