@@ -37,7 +37,7 @@ def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
     ``total`` is ``sum exp(s - m)``. Computed in float32 for 16-bit inputs. Masked
     entries become ``-inf`` before the exponential ("double where"), so a large masked
     logit never reaches ``exp`` and never leaks NaN into a derivative. A row without
-    any finite entry is shifted by 0, so it yields ``exp = 0`` and ``total = 0``;
+    any finite entry yields ``exp = 0`` and ``total = 0``;
     ``+inf`` and NaN propagate to NaN.
 
     ``precise=True`` (``precision="high"``) adds two refinements:
@@ -56,8 +56,10 @@ def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
         s = s / temperature.astype(cdt)
     if where is not None:
         s = jnp.where(where, s, -jnp.inf)
-    m = lax.stop_gradient(jnp.max(s, axis=axes, keepdims=True))
-    m = jnp.where(m == -jnp.inf, jnp.zeros((), cdt), m)
+    # The maximum starts from the lowest finite value, so a row without any finite
+    # entry is shifted by a finite amount and gives exp = 0 instead of exp(-inf + inf).
+    # (A select on the maximum would split XLA's fused max-exp-sum kernel.)
+    m = lax.stop_gradient(jnp.max(s, axis=axes, keepdims=True, initial=jnp.finfo(cdt).min))
     shifted = s - m
     e = jnp.exp(shifted)
     if not precise:
@@ -91,13 +93,21 @@ def _log_total(parts):
     return jnp.log1p(jnp.where(count > 0, count - 1, count) + rest)
 
 
+def _nonzero(total):
+    """Clamps ``total`` to the smallest normal number.
+
+    A row with any finite entry has ``total >= 1`` (its maximum contributes exp(0)), so
+    only rows without finite entries change: they give ``p = 0 / tiny = 0`` (``log p =
+    -inf``) instead of 0/0, with zero derivatives (no tie with ``total``). A NaN total
+    stays NaN.
+    """
+    return jnp.maximum(total, jnp.finfo(total.dtype).tiny)
+
+
 def _values(x, where, temperature, axes: Axes, log: bool, precise: bool = False):
     """Probabilities (or log-probabilities) in the accumulation dtype."""
     shifted, e, total, parts = _shifted_exp(x, where, temperature, axes, precise)
-    # For a row with any finite entry, total >= 1 (the maximum contributes exp(0)), so
-    # clamping at 1 only changes rows with no finite entry: they give p = 0 (log p =
-    # -inf) instead of 0/0. A NaN total is kept (NaN != 0).
-    total = jnp.where(total == 0, jnp.ones((), total.dtype), total)
+    total = _nonzero(total)
     if log:
         return shifted - (jnp.log(total) if parts is None else _log_total(parts))
     return e / total
@@ -180,7 +190,7 @@ def _kernel_jvp_rule(axes, log, precise, primals, tangents):
     x_dot, _, t_dot = tangents
     shifted, e, total, parts = _shifted_exp(x, where, temperature, axes, precise)
     cdt = shifted.dtype
-    total = jnp.where(total == 0, jnp.ones((), cdt), total)  # no tie split in 2nd order
+    total = _nonzero(total)
     p = e / total
     zero = jnp.zeros((), cdt)
     valid = shifted > -jnp.inf
