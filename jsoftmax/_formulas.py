@@ -24,7 +24,51 @@ from jax import lax
 
 
 def _dot(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    return jnp.sum(a * b, axis=axes, keepdims=True)
+    """``<a, b>`` over ``axes``, kept as size-1 axes.
+
+    A contraction (``dot_general``) rather than ``sum(a * b)``: when ``a`` is broadcast
+    against a batch of directions (what ``jax.jacfwd``, ``jax.jacrev`` and ``vmap``
+    build), XLA's CPU backend in jaxlib 0.10 miscompiles ``v - sum(p * v)`` fused with
+    its consumer for many row lengths (n = 257, 513, 1000, ...), returning entries off
+    by up to 2. The contraction compiles correctly and runs at the same speed. See
+    ``test_regression_xla_cpu_broadcast_product`` in ``tests/test_jacobian.py``.
+    """
+    if _sharded_along(a, axes) or _sharded_along(b, axes):
+        # Explicit-mode sharding of a contracted axis: a contraction would need an
+        # output sharding, while the reduction is well defined.
+        return jnp.sum(a * b, axis=axes, keepdims=True)
+    ndim = max(a.ndim, b.ndim)
+    axes = tuple(k % ndim for k in axes)
+    a = a.reshape((1,) * (ndim - a.ndim) + a.shape)
+    b = b.reshape((1,) * (ndim - b.ndim) + b.shape)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:ndim]
+    # A size-1 axis broadcast against a longer one is squeezed away, so the operand
+    # enters the contraction unbroadcast.
+    a_drop = tuple(k for k in range(ndim) if a.shape[k] == 1 and b.shape[k] != 1)
+    b_drop = tuple(k for k in range(ndim) if b.shape[k] == 1 and a.shape[k] != 1)
+    a_spec = "".join(c for k, c in enumerate(letters) if k not in a_drop)
+    b_spec = "".join(c for k, c in enumerate(letters) if k not in b_drop)
+    out = "".join(c for k, c in enumerate(letters) if k not in axes)
+    # HIGHEST keeps float32 accuracy where a true matrix product is emitted on GPU/TPU
+    # (a row-wise <p, v> is strength-reduced to multiply + reduce anyway).
+    dot = jnp.einsum(
+        f"{a_spec},{b_spec}->{out}",
+        jnp.squeeze(a, a_drop),
+        jnp.squeeze(b, b_drop),
+        precision=lax.Precision.HIGHEST,
+    )
+    return jnp.expand_dims(dot, axes)
+
+
+def _sharded_along(a: jax.Array, axes: tuple[int, ...]) -> bool:
+    """True when ``a`` carries an explicit sharding on one of ``axes``."""
+    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
+    if not spec:
+        return False
+    offset = a.ndim - len(spec)
+    return any(
+        0 <= k % a.ndim - offset < len(spec) and spec[k % a.ndim - offset] is not None for k in axes
+    )
 
 
 def jac_product(p: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.Array:

@@ -222,3 +222,27 @@ def test_error_jacobian_scalar_and_axis():
         jsoftmax.jacobian(jnp.zeros((2, 2)), axis=2)
     with pytest.raises(TypeError, match="axis must be an int"):
         jsoftmax.jacobian(jnp.zeros((2, 2)), axis=(0, 1))
+
+
+@pytest.mark.parametrize("n,scale", [(257, 1e3), (257, 3.0), (513, 3.0), (1000, 3.0)])
+def test_regression_xla_cpu_broadcast_product(n, scale):
+    # XLA's CPU backend (jaxlib 0.10) miscompiled p * (v - <p, v>) when p is broadcast
+    # against a batch of directions, as jacfwd/jacrev/vmap build it: for n = 257 an
+    # entry of J came out as 1.0 instead of 0, and vmapped products were off by up to
+    # 0.9 at n = 513. Every route must match the float64 reference under jit.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(n) * scale, jnp.float32)
+    ref = _np_jacobian(x)
+    routes = {
+        "jacfwd_jvp": jax.jacfwd(lambda z: jsoftmax.softmax(z, rule="jvp")),
+        "jacrev_vjp": jax.jacrev(lambda z: jsoftmax.softmax(z, rule="vjp")),
+        "jacrev_jvp": jax.jacrev(lambda z: jsoftmax.softmax(z, rule="jvp")),
+    }
+    for name, f in routes.items():
+        err = np.abs(np.asarray(jax.jit(f)(x), np.float64) - ref).max()
+        assert err <= 1e-6, (name, err)
+    p = jsoftmax.softmax(x)
+    V = jnp.asarray(rng.standard_normal((64, n)), jnp.float32)
+    for product in (jsoftmax.softmax_jvp, jsoftmax.softmax_vjp):
+        out = jax.jit(jax.vmap(lambda v, product=product: product(p, v)))(V)
+        np.testing.assert_allclose(out, np.asarray(V, np.float64) @ ref, atol=1e-6)
