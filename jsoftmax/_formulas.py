@@ -71,9 +71,17 @@ def _sharded_along(a: jax.Array, axes: tuple[int, ...]) -> bool:
     )
 
 
-def jac_product(p: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """``J @ v`` (= ``v @ J``) in O(n): ``p * (v - <p, v>)``."""
-    return p * (v - _dot(p, v, axes))
+def _sum(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    return jnp.sum(a, axis=axes, keepdims=True)
+
+
+def jac_product(p: jax.Array, v: jax.Array, axes: tuple[int, ...], dot=_dot) -> jax.Array:
+    """``J @ v`` (= ``v @ J``) in O(n): ``p * (v - <p, v>)``.
+
+    ``dot(a, b, axes)`` computes the inner product over the softmax axes; the sharded
+    functions pass one that all-reduces across devices.
+    """
+    return p * (v - dot(p, v, axes))
 
 
 def log_jvp(p: jax.Array, t: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -81,9 +89,9 @@ def log_jvp(p: jax.Array, t: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return t - _dot(p, t, axes)
 
 
-def log_vjp(p: jax.Array, g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """``g @ (I - 1 p^T)``: the log-softmax VJP."""
-    return g - p * jnp.sum(g, axis=axes, keepdims=True)
+def log_vjp(p: jax.Array, g: jax.Array, axes: tuple[int, ...], total=_sum) -> jax.Array:
+    """``g @ (I - 1 p^T)``: the log-softmax VJP; ``total(a, axes)`` sums over the axes."""
+    return g - p * total(g, axes)
 
 
 def hvp(p: jax.Array, u: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.Array:

@@ -154,7 +154,8 @@ def _shifted_exp(x, where, axes: Axes, axis_name: AxisName):
 def _values(x, where, axes: Axes, axis_name: AxisName, log: bool):
     shifted, e, local_total = _shifted_exp(x, where, axes, axis_name)
     total = lax.psum(local_total, axis_name)
-    total = jnp.maximum(total, jnp.ones((), total.dtype))  # fully masked rows: p = 0
+    # Fully masked rows: p = 0. (total >= 1 otherwise; tiny avoids a tie with it.)
+    total = jnp.maximum(total, jnp.finfo(total.dtype).tiny)
     if log:
         return shifted - jnp.log(total)
     return e / total
@@ -179,12 +180,12 @@ def _softmax_kernel_bwd(axes, axis_name, log, out, g):
     cdt = _checks.accumulation_dtype(out.dtype)
     out_c, g = out.astype(cdt), g.astype(cdt)
     if log:
-        # _formulas.log_vjp with the global sum of g: g - p * sum(g).
         g = jnp.where(out_c > -jnp.inf, g, jnp.zeros((), cdt))  # masked outputs are constants
-        g_s = g - jnp.exp(out_c) * _global_sum(g, axes, axis_name)
+        total = partial(_global_sum, axis_name=axis_name)
+        g_s = _formulas.log_vjp(jnp.exp(out_c), g, axes, total=total)
     else:
-        # _formulas.jac_product with the global <p, g>: p * (g - <p, g>).
-        g_s = out_c * (g - _global_dot(out_c, g, axes, axis_name))
+        dot = partial(_global_dot, axis_name=axis_name)
+        g_s = _formulas.jac_product(out_c, g, axes, dot=dot)
     return g_s.astype(out.dtype), None
 
 
@@ -353,7 +354,7 @@ def _ce_fwd(x, labels, where, axis: int, axis_name: AxisName, n_classes: int | N
         )
         ignored = ignored > 0
         live = jnp.any(target_here & where, axis=axis)
-    total = jnp.maximum(total, jnp.ones((), cdt))  # fully masked rows: p = 0
+    total = jnp.maximum(total, jnp.finfo(cdt).tiny)  # fully masked rows: p = 0, no tie
     valid = (labels >= 0) & (labels < n_global)
     zero, nan = jnp.zeros((), cdt), jnp.full((), jnp.nan, cdt)
     loss = jnp.where(valid, jnp.where(ignored, zero, jnp.log(total) - target), nan)
