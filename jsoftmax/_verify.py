@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsoftmax import _jacobian
+from jsoftmax._operator import SoftmaxJacobian
 from jsoftmax._softmax import softmax
 
 
@@ -193,8 +194,9 @@ def verify(
     ``diag(p) - p p^T`` evaluated in float64 NumPy on the same (dtype-rounded) logits.
     ``jax.jacfwd(jax.nn.softmax)`` is reported beside them as an outside reference
     (not judged). With ``family=True`` the log-softmax Jacobian, the explicit
-    Hessian (for n <= 64) and the Jacobian-free products ``softmax_jvp`` /
-    ``softmax_vjp`` are checked too.
+    Hessian (for n <= 64), the Jacobian-free products ``softmax_jvp`` /
+    ``softmax_vjp`` and the :class:`jsoftmax.SoftmaxJacobian` operator (``J @ v``,
+    ``v @ J``, ``.dense()``) are checked too.
 
     Args:
       sizes: softmax lengths of the vector cases.
@@ -266,12 +268,12 @@ def verify(
             v = jnp.asarray(rng.standard_normal(shape), dtype)
             v_ref = _to_float64(_move_to_last(v, axis))
             jv_ref = np.einsum("...ij,...j->...i", j_ref, v_ref)
+            v_scale = p_max * float(np.abs(v_ref).max())
             for name, fn in (
                 ("softmax_jvp", _jacobian.softmax_jvp),
                 ("softmax_vjp", _jacobian.softmax_vjp),
             ):
                 result = jax.jit(fn, static_argnums=2)(p, v, axis)
-                v_scale = p_max * float(np.abs(v_ref).max())
                 add(
                     "J v (O(n))",
                     f"jsoftmax.{name}",
@@ -279,6 +281,19 @@ def verify(
                     jv_ref,
                     scale=v_scale,
                 )
+            operator_products = {
+                "SoftmaxJacobian @ v": lambda x, v, a=axis: SoftmaxJacobian.from_logits(x, a) @ v,
+                "v @ SoftmaxJacobian": lambda x, v, a=axis: v @ SoftmaxJacobian.from_logits(x, a),
+            }
+            for name, fn in operator_products.items():
+                result = _move_to_last(jax.jit(fn)(x, v), axis)
+                add("J v (O(n))", name, result, jv_ref, scale=v_scale)
+            add(
+                "J = d softmax",
+                "SoftmaxJacobian.dense()",
+                jax.jit(lambda x, a=axis: SoftmaxJacobian.from_logits(x, a).dense())(x),
+                j_ref,
+            )
             if shape[axis] <= 64:
                 add(
                     "H = d2 softmax",

@@ -25,6 +25,10 @@ def test_verify_report_agrees_and_covers_every_method():
         "jsoftmax.softmax_jvp",
         "jsoftmax.softmax_vjp",
         "jsoftmax.hessian (explicit)",
+        "hessian(softmax, rule=jvp)",
+        "SoftmaxJacobian @ v",
+        "v @ SoftmaxJacobian",
+        "SoftmaxJacobian.dense()",
     } <= methods
     assert {r.dtype for r in report.rows} == {"float32", "float64"}
     assert "backend: cpu" in report.table()
