@@ -16,9 +16,9 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks
+from jsoftmax import _checks, _formulas
 from jsoftmax._operator import SoftmaxJacobian
-from jsoftmax._softmax import _kernel_jvp, _kernel_vjp, softmax
+from jsoftmax._softmax import _kernel_jvp, _scaled_logits, log_normalizer, softmax
 
 # --------------------------------------------------------------------------------------
 # Pieces shared by both rules.
@@ -101,27 +101,84 @@ def _out_dtype(logits, labels):
 # --------------------------------------------------------------------------------------
 
 
+def _label_index(labels, n: int, axis: int):
+    """``(clipped index, in_range)`` of integer labels, both with a size-1 class axis."""
+    idx = jnp.expand_dims(labels.astype(jnp.result_type(int)), axis)
+    in_range = (idx >= 0) & (idx < n)
+    return jnp.clip(idx, 0, n - 1), in_range
+
+
+def _integer_loss(logits, log_z, labels, where, temperature, axis: int):
+    """``log_z - s[label]`` from a gather of the logits (no pass over the classes).
+
+    Out-of-range labels give NaN; a label on a masked class gives 0 (no target mass);
+    a label on a ``-inf`` logit gives ``+inf``. Agrees with the dense ``-<y, log p>``.
+    """
+    idx, in_range = _label_index(labels, logits.shape[axis], axis)
+    if _formulas._sharded_along(logits, (axis,)):
+        # Explicitly sharded classes: a one-hot sum is a plain reduction (one scalar
+        # all-reduce per row), where a gather would need an output sharding.
+        onehot = lax.broadcasted_iota(idx.dtype, logits.shape, axis) == idx
+        pick = lambda a: jnp.sum(jnp.where(onehot, a, jnp.zeros((), a.dtype)), axis, keepdims=True)
+        where_label = None if where is None else pick(where.astype(jnp.int32)) > 0
+        x_label = pick(logits)
+    else:
+        where_label = None if where is None else jnp.take_along_axis(where, idx, axis=axis)
+        x_label = jnp.take_along_axis(logits, idx, axis=axis)
+    s_label = _scaled_logits(x_label, where_label, temperature)
+    loss = log_z - s_label
+    zero = jnp.zeros((), loss.dtype)
+    if where_label is not None:
+        loss = jnp.where(where_label, loss, zero)
+    return jnp.where(in_range, loss, jnp.full((), jnp.nan, loss.dtype))
+
+
+def _integer_grad_s(log_p, labels, where, axis: int):
+    """``dL/ds = p - onehot`` for integer labels; 0 for a masked label, NaN out of range."""
+    idx, in_range = _label_index(labels, log_p.shape[axis], axis)
+    onehot = lax.broadcasted_iota(idx.dtype, log_p.shape, axis) == idx
+    weight = jnp.ones(idx.shape, log_p.dtype)  # sum of the targets: 1, or 0 if masked
+    if where is not None:
+        weight = jnp.take_along_axis(where, idx, axis=axis).astype(log_p.dtype)
+    weight = jnp.where(in_range, weight, jnp.nan)
+    return weight * (jnp.exp(log_p) - onehot.astype(log_p.dtype))
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _ce_vjp(logits, labels, where, temperature, axis: int, alpha: float):
-    loss = _forward(_kernel_vjp, logits, labels, where, temperature, axis, alpha)[0]
-    return jnp.squeeze(loss, axis).astype(_out_dtype(logits, labels))
+    return _ce_vjp_fwd(logits, labels, where, temperature, axis, alpha)[0]
 
 
 def _ce_vjp_fwd(logits, labels, where, temperature, axis, alpha):
-    loss, log_p, _, _ = _forward(_kernel_vjp, logits, labels, where, temperature, axis, alpha)
+    cdt = _compute_dtype(logits, labels)
+    log_p, log_z = log_normalizer(logits.astype(cdt), where, temperature, (axis,))
+    if _is_integer(labels) and not alpha:
+        loss = _integer_loss(logits.astype(cdt), log_z, labels, where, temperature, axis)
+    else:
+        y, in_range = _targets(labels, where, logits.shape, axis, alpha, cdt)
+        # -sum y log p with 0 * log 0 = 0; y > 0 on a -inf log-probability gives +inf.
+        terms = jnp.where(y != 0, y * log_p, jnp.zeros((), cdt))
+        loss = -jnp.sum(terms, axis=axis, keepdims=True)
+        if in_range is not None:
+            loss = jnp.where(in_range, loss, jnp.nan)
     out = jnp.squeeze(loss, axis).astype(_out_dtype(logits, labels))
-    # One output-sized residual: the log-probabilities, in the logits' dtype. The
-    # labels, the mask and the temperature are inputs (or batch-sized).
-    return out, (log_p.astype(logits.dtype), labels, where, temperature)
+    # The only logits-sized residual is the logits themselves (already in memory): the
+    # backward pass recomputes log p = s - log_z from them and the per-row log_z, in
+    # the same fused pass that writes the gradient.
+    return out, (logits, log_z, labels, where, temperature)
 
 
 def _ce_vjp_bwd(axis, alpha, residuals, g):
-    log_p, labels, where, temperature = residuals
-    dtype = log_p.dtype  # the logits' dtype
-    cdt = _compute_dtype(log_p, labels)
-    log_p = log_p.astype(cdt)
-    y, in_range = _targets(labels, where, log_p.shape, axis, alpha, cdt)
-    g_s, safe = _grad_s(log_p, y, in_range, axis)
+    logits, log_z, labels, where, temperature = residuals
+    dtype = logits.dtype
+    cdt = _compute_dtype(logits, labels)
+    log_p = _scaled_logits(logits.astype(cdt), where, temperature) - log_z
+    if _is_integer(labels) and not alpha:
+        g_s = _integer_grad_s(log_p, labels, where, axis)
+        safe = jnp.where(log_p != -jnp.inf, log_p, jnp.zeros((), cdt))
+    else:
+        y, in_range = _targets(labels, where, logits.shape, axis, alpha, cdt)
+        g_s, safe = _grad_s(log_p, y, in_range, axis)
     g = jnp.expand_dims(g, axis).astype(cdt)
     g_s = g_s * g
     if _is_integer(labels):

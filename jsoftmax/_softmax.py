@@ -31,8 +31,29 @@ Axes = tuple[int, ...]
 # --------------------------------------------------------------------------------------
 
 
+def _scaled_logits(x, where, temperature):
+    """``s = x / T`` in the accumulation dtype, with masked entries set to ``-inf``."""
+    s = x.astype(_checks.accumulation_dtype(x.dtype))
+    if temperature is not None:
+        s = s / temperature.astype(s.dtype)
+    if where is not None:
+        s = jnp.where(where, s, -jnp.inf)
+    return s
+
+
+def log_normalizer(x, where, temperature, axes: Axes):
+    """``(s - c, c)`` with ``s = x / T`` masked and ``c = log sum exp s`` (keepdims).
+
+    ``c`` is finite for rows without finite entries (their ``s - c`` is ``-inf``), so
+    ``exp(s - c)`` is always a valid probability. One fused max-exp-sum pass.
+    """
+    shifted, _, total, _, m = _shifted_exp(x, where, temperature, axes)
+    log_total = jnp.log(_nonzero(total))
+    return shifted - log_total, m + log_total
+
+
 def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
-    """Returns ``(s - m, exp(s - m), total, parts)`` with ``s = x / T``, ``m = max s``.
+    """Returns ``(s - m, exp(s - m), total, parts, m)`` with ``s = x / T``, ``m = max s``.
 
     ``total`` is ``sum exp(s - m)``. Computed in float32 for 16-bit inputs. Masked
     entries become ``-inf`` before the exponential ("double where"), so a large masked
@@ -51,11 +72,7 @@ def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
       against the leading ones. ``parts = (c, r)``; it is None otherwise.
     """
     cdt = _checks.accumulation_dtype(x.dtype)
-    s = x.astype(cdt)
-    if temperature is not None:
-        s = s / temperature.astype(cdt)
-    if where is not None:
-        s = jnp.where(where, s, -jnp.inf)
+    s = _scaled_logits(x, where, temperature)
     # The maximum starts from the lowest finite value, so a row without any finite
     # entry is shifted by a finite amount and gives exp = 0 instead of exp(-inf + inf).
     # (A select on the maximum would split XLA's fused max-exp-sum kernel.)
@@ -63,7 +80,7 @@ def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
     shifted = s - m
     e = jnp.exp(shifted)
     if not precise:
-        return shifted, e, jnp.sum(e, axis=axes, keepdims=True), None
+        return shifted, e, jnp.sum(e, axis=axes, keepdims=True), None, m
     if cdt == x.dtype:  # 16-bit inputs: s - m is exact to far below their ULP
         e = e + e * lax.stop_gradient(_sub_error(s, m, shifted))
     one = e == 1
@@ -71,7 +88,7 @@ def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
     # Both sums carry the tangents of their own entries, so d(c + r) = sum de.
     count = jnp.sum(jnp.where(one, e, zero), axis=axes, keepdims=True)
     rest = jnp.sum(jnp.where(one, zero, e), axis=axes, keepdims=True)
-    return shifted, e, count + rest, (count, rest)
+    return shifted, e, count + rest, (count, rest), m
 
 
 def _sub_error(a, b, d):
@@ -106,7 +123,7 @@ def _nonzero(total):
 
 def _values(x, where, temperature, axes: Axes, log: bool, precise: bool = False):
     """Probabilities (or log-probabilities) in the accumulation dtype."""
-    shifted, e, total, parts = _shifted_exp(x, where, temperature, axes, precise)
+    shifted, e, total, parts, _ = _shifted_exp(x, where, temperature, axes, precise)
     total = _nonzero(total)
     if log:
         return shifted - (jnp.log(total) if parts is None else _log_total(parts))
@@ -188,7 +205,7 @@ def _kernel_jvp(x, where, temperature, axes: Axes, log: bool, precise: bool = Fa
 def _kernel_jvp_rule(axes, log, precise, primals, tangents):
     x, where, temperature = primals
     x_dot, _, t_dot = tangents
-    shifted, e, total, parts = _shifted_exp(x, where, temperature, axes, precise)
+    shifted, e, total, parts, _ = _shifted_exp(x, where, temperature, axes, precise)
     cdt = shifted.dtype
     total = _nonzero(total)
     p = e / total
