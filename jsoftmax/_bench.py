@@ -899,7 +899,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         "per call with the interquartile range.",
         "",
     ]
-    header = ("group", "case", "baseline", "jsoftmax", "baseline value", "ratio", "target")
+    header = ("group", "case", "baseline", "jsoftmax: value", "baseline: value", "ratio", "target")
     table = [header]
     for r in rows:
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
