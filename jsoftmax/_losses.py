@@ -108,8 +108,8 @@ def _label_index(labels, n: int, axis: int):
     return jnp.clip(idx, 0, n - 1), in_range
 
 
-def _integer_loss(logits, log_z, labels, where, temperature, axis: int):
-    """``log_z - s[label]`` from a gather of the logits (no pass over the classes).
+def _integer_loss(logits, normalizer, labels, where, temperature, axis: int):
+    """``log_total - (s[label] - m)`` from a gather of the logits (no pass over the classes).
 
     Out-of-range labels give NaN; a label on a masked class gives 0 (no target mass);
     a label on a ``-inf`` logit gives ``+inf``. Agrees with the dense ``-<y, log p>``.
@@ -126,7 +126,8 @@ def _integer_loss(logits, log_z, labels, where, temperature, axis: int):
         where_label = None if where is None else jnp.take_along_axis(where, idx, axis=axis)
         x_label = jnp.take_along_axis(logits, idx, axis=axis)
     s_label = _scaled_logits(x_label, where_label, temperature)
-    loss = log_z - s_label
+    m, log_total = normalizer
+    loss = log_total - (s_label - m)
     zero = jnp.zeros((), loss.dtype)
     if where_label is not None:
         loss = jnp.where(where_label, loss, zero)
@@ -151,9 +152,9 @@ def _ce_vjp(logits, labels, where, temperature, axis: int, alpha: float):
 
 def _ce_vjp_fwd(logits, labels, where, temperature, axis, alpha):
     cdt = _compute_dtype(logits, labels)
-    log_p, log_z = log_normalizer(logits.astype(cdt), where, temperature, (axis,))
+    log_p, normalizer = log_normalizer(logits.astype(cdt), where, temperature, (axis,))
     if _is_integer(labels) and not alpha:
-        loss = _integer_loss(logits.astype(cdt), log_z, labels, where, temperature, axis)
+        loss = _integer_loss(logits.astype(cdt), normalizer, labels, where, temperature, axis)
     else:
         y, in_range = _targets(labels, where, logits.shape, axis, alpha, cdt)
         # -sum y log p with 0 * log 0 = 0; y > 0 on a -inf log-probability gives +inf.
@@ -163,16 +164,16 @@ def _ce_vjp_fwd(logits, labels, where, temperature, axis, alpha):
             loss = jnp.where(in_range, loss, jnp.nan)
     out = jnp.squeeze(loss, axis).astype(_out_dtype(logits, labels))
     # The only logits-sized residual is the logits themselves (already in memory): the
-    # backward pass recomputes log p = s - log_z from them and the per-row log_z, in
-    # the same fused pass that writes the gradient.
-    return out, (logits, log_z, labels, where, temperature)
+    # backward pass recomputes log p = (s - m) - log_total from them and the per-row
+    # (m, log_total), in the same fused pass that writes the gradient.
+    return out, (logits, normalizer, labels, where, temperature)
 
 
 def _ce_vjp_bwd(axis, alpha, residuals, g):
-    logits, log_z, labels, where, temperature = residuals
+    logits, (m, log_total), labels, where, temperature = residuals
     dtype = logits.dtype
     cdt = _compute_dtype(logits, labels)
-    log_p = _scaled_logits(logits.astype(cdt), where, temperature) - log_z
+    log_p = (_scaled_logits(logits.astype(cdt), where, temperature) - m) - log_total
     if _is_integer(labels) and not alpha:
         g_s = _integer_grad_s(log_p, labels, where, axis)
         safe = jnp.where(log_p != -jnp.inf, log_p, jnp.zeros((), cdt))

@@ -42,14 +42,16 @@ def _scaled_logits(x, where, temperature):
 
 
 def log_normalizer(x, where, temperature, axes: Axes):
-    """``(s - c, c)`` with ``s = x / T`` masked and ``c = log sum exp s`` (keepdims).
+    """``(log p, (m, log_total))``: ``log p = (s - m) - log_total``, ``s = x / T`` masked.
 
-    ``c`` is finite for rows without finite entries (their ``s - c`` is ``-inf``), so
-    ``exp(s - c)`` is always a valid probability. One fused max-exp-sum pass.
+    ``m`` is the row maximum and ``log_total = log sum exp(s - m)`` (both keepdims), kept
+    apart because ``m + log_total`` would round ``log_total`` away when ``|m|`` is
+    huge. Both are finite for rows without finite entries (whose ``log p`` is ``-inf``).
+    One fused max-exp-sum pass.
     """
     shifted, _, total, _, m = _shifted_exp(x, where, temperature, axes)
     log_total = jnp.log(_nonzero(total))
-    return shifted - log_total, m + log_total
+    return shifted - log_total, (m, log_total)
 
 
 def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):

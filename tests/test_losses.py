@@ -382,3 +382,17 @@ def test_cross_entropy_hessian(axis):
     _close(H @ v, hv, jnp.float64, 10)
     plain = jsoftmax.cross_entropy_hessian(x, axis)
     assert plain.scale is None
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_regression_gradient_near_dtype_max_keeps_the_normaliser(dtype):
+    # The backward pass rebuilds log p from the logits; m + log(sum) would round the
+    # log-sum away next to the dtype's maximum and give p = 1 for every near-max entry.
+    big = float(jnp.finfo(dtype).max)
+    x = jnp.array([[big, big, big, -big]], dtype)
+    lab = jnp.array([1])
+    g = jax.grad(lambda z: jsoftmax.cross_entropy(z, lab).sum())(x)
+    expected = np.array([[1 / 3, 1 / 3 - 1, 1 / 3, 0.0]])
+    np.testing.assert_allclose(np.asarray(g, np.float64), expected, rtol=4 * np.finfo(dtype).eps)
+    loss = jsoftmax.cross_entropy(x, lab)
+    np.testing.assert_allclose(np.asarray(loss, np.float64), [np.log(3.0)], rtol=1e-6)
