@@ -121,14 +121,24 @@ def dense_jacobian(p: jax.Array) -> jax.Array:
     # per output in one fused pass, measurably cheaper on CPU than subtracting p_j
     # from a float identity (same values: 1 - p_j and -p_j are rounded alike).
     diagonal = _eye(p.shape[-1], jnp.bool_, p.ndim + 1)
-    row = p[..., None, :]
+    row = _replicated_along_last(p)[..., None, :]
     return p[..., :, None] * jnp.where(diagonal, 1 - row, -row)
+
+
+def _replicated_along_last(p: jax.Array) -> jax.Array:
+    """``p`` with an explicitly sharded last axis gathered (every row of a dense
+    Jacobian needs all of ``p``); unchanged otherwise."""
+    if not _sharded_along(p, (p.ndim - 1,)):
+        return p
+    spec = jax.typeof(p).sharding.spec
+    spec = tuple(spec) + (None,) * (p.ndim - len(spec))
+    return jax.sharding.reshard(p, jax.sharding.PartitionSpec(*spec[:-1], None))
 
 
 def dense_log_jacobian(p: jax.Array, valid: jax.Array) -> jax.Array:
     """``I - 1 p^T`` over the last axis, with rows of constant (masked) outputs zeroed."""
     n = p.shape[-1]
-    rows = _eye(n, p.dtype, p.ndim + 1) - p[..., None, :]
+    rows = _eye(n, p.dtype, p.ndim + 1) - _replicated_along_last(p)[..., None, :]
     return jnp.where(valid[..., :, None], rows, jnp.zeros((), p.dtype))
 
 

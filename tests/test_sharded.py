@@ -189,6 +189,23 @@ def test_jit_named_sharding_jacobian(spec, kind):
     assert "all-gather" not in [op for op, _ in _collectives(hlo)]
 
 
+@pytest.mark.parametrize("spec", [P(None, "c"), P("b", "c")], ids=str)
+@pytest.mark.parametrize("fn", [jsoftmax.jacobian, jsoftmax.log_softmax_jacobian])
+def test_jit_explicit_class_sharding_jacobian(fn, spec):
+    # With Explicit axes the column operand p_j is gathered (each row i of J needs every
+    # p_j): an all-gather of the probabilities, n per row, never of the n x n output.
+    mesh = _mesh((2, 4), ("b", "c"), AxisType.Explicit)
+    xh = _logits(2, shape=(B, 8))
+    x = _put(xh, mesh, spec)
+    with jax.set_mesh(mesh):
+        out = jax.jit(fn)(x)
+        hlo = _hlo(fn, x)
+    np.testing.assert_allclose(_host(out), fn(jnp.asarray(xh)), **F64)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(*spec, None)), 3)
+    gathers = [sizes for op, sizes in _collectives(hlo) if op == "all-gather"]
+    assert all(max(sizes) <= B * 8 for sizes in gathers), gathers
+
+
 def _core_ce():
     ce = getattr(jsoftmax, "cross_entropy", None)
     if ce is None:
