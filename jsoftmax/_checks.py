@@ -138,6 +138,31 @@ def check_same_shape(a: jax.Array, b: jax.Array, name_a: str, name_b: str) -> No
         )
 
 
+def per_row_array(value, shape: tuple[int, ...], axes: tuple[int, ...], name: str):
+    """A real array broadcastable to the batch shape (``shape`` without ``axes``).
+
+    Returns it as a float array of the input's rank, broadcast to the batch shape with
+    size-1 softmax axes, so it broadcasts against the input without rank promotion.
+    """
+    t = jnp.asarray(value)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        if jnp.issubdtype(t.dtype, jnp.integer):
+            t = t.astype(jnp.result_type(float))
+        else:
+            raise TypeError(f"{name} must be a real array, got dtype {t.dtype}.")
+    batch = tuple(s for k, s in enumerate(shape) if k not in axes)
+    try:
+        ok = jnp.broadcast_shapes(t.shape, batch) == batch
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {t.shape} does not broadcast to the batch shape {batch} "
+            "(the input's shape without the softmax axis)."
+        )
+    return jnp.expand_dims(jnp.broadcast_to(t, batch), axes)
+
+
 def prepare_temperature(temperature, shape: tuple[int, ...], axes: tuple[int, ...]):
     """Validates ``temperature`` and shapes it to broadcast against the input.
 
@@ -153,23 +178,7 @@ def prepare_temperature(temperature, shape: tuple[int, ...], axes: tuple[int, ..
         if t == 1.0:
             return None
         temperature = t  # shaped below like an array temperature
-    t = jnp.asarray(temperature)
-    if not jnp.issubdtype(t.dtype, jnp.floating):
-        if jnp.issubdtype(t.dtype, jnp.integer):
-            t = t.astype(jnp.result_type(float))
-        else:
-            raise TypeError(f"temperature must be a real array, got dtype {t.dtype}.")
-    batch = tuple(s for k, s in enumerate(shape) if k not in axes)
-    try:
-        ok = jnp.broadcast_shapes(t.shape, batch) == batch
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"temperature of shape {t.shape} does not broadcast to the batch shape {batch} "
-            "(the input's shape without the softmax axis)."
-        )
+    t = per_row_array(temperature, shape, axes, "temperature")
     if is_concrete(t) and t.size and not bool(np.all(np.asarray(t) > 0)):
         raise ValueError("temperature must be positive everywhere; got a non-positive entry.")
-    t = jnp.broadcast_to(t, batch)
-    return jnp.expand_dims(t, axes)
+    return t

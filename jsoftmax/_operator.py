@@ -84,23 +84,7 @@ class SoftmaxJacobian:
         p = _checks.as_float_array(p, "p")
         ax = _checks.canonical_axis(axis, p.ndim) - p.ndim
         if scale is not None:
-            scale = jnp.asarray(scale)
-            if not jnp.issubdtype(scale.dtype, jnp.floating):
-                if jnp.issubdtype(scale.dtype, jnp.integer):
-                    scale = scale.astype(jnp.result_type(float))
-                else:
-                    raise TypeError(f"scale must be a real array, got dtype {scale.dtype}.")
-            batch = tuple(s for k, s in enumerate(p.shape) if k != ax % p.ndim)
-            try:
-                ok = jnp.broadcast_shapes(scale.shape, batch) == batch
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(
-                    f"scale of shape {scale.shape} does not broadcast to the batch shape "
-                    f"{batch} (p's shape without the softmax axis)."
-                )
-            scale = jnp.expand_dims(jnp.broadcast_to(scale, batch), ax % p.ndim)
+            scale = _checks.per_row_array(scale, p.shape, (ax % p.ndim,), "scale")
         self.p = p
         self.axis = ax
         self.scale = scale
