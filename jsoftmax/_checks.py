@@ -17,18 +17,23 @@ from jax.typing import ArrayLike
 RULES = ("vjp", "jvp")
 
 
+def as_array(x, name: str) -> jax.Array:
+    """``jnp.asarray(x)``, with a clear error naming ``name`` for non-array input."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}.")
+    try:
+        return jnp.asarray(x)
+    except TypeError as e:
+        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}.") from e
+
+
 def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
     """Converts ``x`` to a JAX array of rank >= 1 with a floating dtype.
 
     Integer and boolean input is promoted to JAX's default float dtype (float32, or
     float64 when ``jax_enable_x64`` is on). Complex input is rejected.
     """
-    if isinstance(x, (str, bytes)) or x is None:
-        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}.")
-    try:
-        x = jnp.asarray(x)
-    except TypeError as e:
-        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}.") from e
+    x = as_array(x, name)
     if x.ndim == 0:
         raise ValueError(
             f"{name} must have at least one dimension (the softmax axis), got a scalar. "

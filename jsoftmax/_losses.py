@@ -239,12 +239,7 @@ def _ce_jvp_rule(axis, alpha, primals, tangents):
 
 
 def _check_labels(labels, logits: jax.Array, axis: int) -> jax.Array:
-    if isinstance(labels, (str, bytes)) or labels is None:
-        raise TypeError(f"labels must be an array, got {type(labels).__name__}.")
-    try:
-        labels = jnp.asarray(labels)
-    except TypeError as e:
-        raise TypeError(f"labels must be an array, got {type(labels).__name__}.") from e
+    labels = _checks.as_array(labels, "labels")
     batch = tuple(s for k, s in enumerate(logits.shape) if k != axis)
     n = logits.shape[axis]
     if labels.dtype == jnp.bool_ or jnp.issubdtype(labels.dtype, jnp.complexfloating):

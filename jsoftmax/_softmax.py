@@ -54,7 +54,7 @@ def log_normalizer(x, where, temperature, axes: Axes):
     return shifted - log_total, (m, log_total)
 
 
-def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
+def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False, row_max=None):
     """Returns ``(s - m, exp(s - m), total, parts, m)`` with ``s = x / T``, ``m = max s``.
 
     ``total`` is ``sum exp(s - m)``. Computed in float32 for 16-bit inputs. Masked
@@ -72,6 +72,9 @@ def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
     * the sum is split as ``total = c + r``: ``c`` sums the entries equal to 1 (the
       maxima, so ``c`` is their count) and ``r`` the others, so ``r`` is not rounded
       against the leading ones. ``parts = (c, r)``; it is None otherwise.
+
+    ``row_max``, if given, maps the local row maximum to the one to shift by (the
+    sharded functions pass an all-reduce over devices); ``total`` stays local then.
     """
     cdt = _checks.accumulation_dtype(x.dtype)
     s = _scaled_logits(x, where, temperature)
@@ -79,6 +82,8 @@ def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
     # entry is shifted by a finite amount and gives exp = 0 instead of exp(-inf + inf).
     # (A select on the maximum would split XLA's fused max-exp-sum kernel.)
     m = lax.stop_gradient(jnp.max(s, axis=axes, keepdims=True, initial=jnp.finfo(cdt).min))
+    if row_max is not None:
+        m = row_max(m)
     shifted = s - m
     e = jnp.exp(shifted)
     if not precise:

@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _formulas
+from jsoftmax import _checks, _formulas, _softmax
 
 __all__ = ["cross_entropy", "log_softmax", "softmax"]
 
@@ -135,27 +135,20 @@ def _global_dot(a: jax.Array, b: jax.Array, axes: Axes, axis_name: AxisName) -> 
 def _shifted_exp(x, where, axes: Axes, axis_name: AxisName):
     """``(s - m, exp(s - m), local sum of exp(s - m))`` with the global row max ``m``.
 
-    As in :func:`jsoftmax.softmax`: 16-bit input is computed in float32; masked entries
-    become ``-inf`` before ``exp``; a row without a finite entry is shifted by 0 (so its
-    sum is 0); ``+inf``/NaN reach the sum and make the row NaN. The caller all-reduces
-    the local sum (together with anything else it needs per row).
+    The single-device computation (:func:`jsoftmax._softmax._shifted_exp`: float32 for
+    16-bit input, masked entries ``-inf`` before ``exp``, rows without a finite entry
+    summing to 0, ``+inf``/NaN propagating) with the row maximum all-reduced over
+    ``axis_name``. The caller all-reduces the local sum (with anything else per row).
     """
-    cdt = _checks.accumulation_dtype(x.dtype)
-    s = x.astype(cdt)
-    if where is not None:
-        s = jnp.where(where, s, -jnp.inf)
-    m = lax.pmax(lax.stop_gradient(jnp.max(s, axis=axes, keepdims=True)), axis_name)
-    m = jnp.where(m == -jnp.inf, jnp.zeros((), cdt), m)
-    shifted = s - m
-    e = jnp.exp(shifted)
-    return shifted, e, jnp.sum(e, axis=axes, keepdims=True)
+    shifted, e, local_total, _, _ = _softmax._shifted_exp(
+        x, where, None, axes, row_max=partial(lax.pmax, axis_name=axis_name)
+    )
+    return shifted, e, local_total
 
 
 def _values(x, where, axes: Axes, axis_name: AxisName, log: bool):
     shifted, e, local_total = _shifted_exp(x, where, axes, axis_name)
-    total = lax.psum(local_total, axis_name)
-    # Fully masked rows: p = 0. (total >= 1 otherwise; tiny avoids a tie with it.)
-    total = jnp.maximum(total, jnp.finfo(total.dtype).tiny)
+    total = _softmax._nonzero(lax.psum(local_total, axis_name))
     if log:
         return shifted - jnp.log(total)
     return e / total
@@ -354,7 +347,7 @@ def _ce_fwd(x, labels, where, axis: int, axis_name: AxisName, n_classes: int | N
         )
         ignored = ignored > 0
         live = jnp.any(target_here & where, axis=axis)
-    total = jnp.maximum(total, jnp.finfo(cdt).tiny)  # fully masked rows: p = 0, no tie
+    total = _softmax._nonzero(total)  # fully masked rows: p = 0
     valid = (labels >= 0) & (labels < n_global)
     zero, nan = jnp.zeros((), cdt), jnp.full((), jnp.nan, cdt)
     loss = jnp.where(valid, jnp.where(ignored, zero, jnp.log(total) - target), nan)
