@@ -152,3 +152,51 @@ def dense_hessian(p: jax.Array) -> jax.Array:
     pi = p[..., :, None, None]
     pj = p[..., None, :, None]
     return pi * (a[..., :, :, None] * a[..., :, None, :] - pj * a[..., None, :, :])
+
+
+# --------------------------------------------------------------------------------------
+# The cross-entropy family: one definition of each option, shared by every loss.
+# --------------------------------------------------------------------------------------
+#
+# Every loss of jsoftmax is, per row, with s the (soft-capped, temperature-scaled,
+# masked) logits, lse = log sum exp s and q >= 0 the weighted effective target:
+#
+#     loss = sum_i q_i (lse - s_i) + c lse^2                     (c: the z-loss)
+#     d loss / d s = (sum_i q_i + 2 c lse) p - q
+#
+# Integer labels have q = b e_y + k (w * valid) with per-row b = (1 - alpha) w_y and
+# k = alpha / (number of valid classes); probability labels q = w * ((1 - alpha) y +
+# alpha / m) * valid. The functions below are the pieces every loss reuses.
+
+
+def softcap(z: jax.Array, cap: float) -> jax.Array:
+    """``cap * tanh(z / cap)`` (Gemma 2's logit soft-capping); ``-inf`` stays ``-inf``."""
+    capped = cap * jnp.tanh(z / cap)
+    return jnp.where(z == -jnp.inf, z, capped)
+
+
+def softcap_derivative(u: jax.Array, cap: float) -> jax.Array:
+    """``d softcap(z) / dz = 1 - tanh(z / cap)^2``, from the capped value ``u``.
+
+    Written in terms of ``u`` so that the backward pass reuses the forward's ``tanh``;
+    0 where ``u = -inf`` (an excluded class).
+    """
+    r = u / cap
+    return jnp.where(u == -jnp.inf, jnp.zeros((), u.dtype), 1 - r * r)
+
+
+def ce_cotangent_scale(mass: jax.Array, lse: jax.Array | None, z_loss: float) -> jax.Array:
+    """The factor of ``p`` in ``d loss / d s = (sum q + 2 c lse) p - q``."""
+    if not z_loss:
+        return mass
+    return mass + (2 * z_loss) * lse
+
+
+def z_loss_term(lse: jax.Array, z_loss: float) -> jax.Array:
+    """PaLM's auxiliary loss ``c * lse^2`` per row."""
+    return z_loss * (lse * lse)
+
+
+def smoothing_mass(alpha: float, count: jax.Array) -> jax.Array:
+    """``k = alpha / m``: the smoothing mass each of the ``m`` valid classes receives."""
+    return alpha / count

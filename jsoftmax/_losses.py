@@ -1,14 +1,23 @@
 r"""Softmax cross-entropy with the fused :math:`p - y` derivative, and its Hessian.
 
-The forward pass reuses the log-softmax values of :mod:`jsoftmax._softmax`; the
-backward pass turns the saved log-probabilities into :math:`p` once and applies the
-fused cotangent :math:`(\sum_i y_i)\,p - y`. The Hessian is returned as a
-:class:`jsoftmax.SoftmaxJacobian`.
+Every option (class mask, per-example mask, ``ignore_index``, class weights, label
+smoothing, temperature, z-loss, logit soft-capping, reductions) is defined once here
+and in :mod:`jsoftmax._formulas`, and reused by every loss of the package.
+
+The reverse-mode rule keeps no new logits-sized array: the backward pass recomputes
+:math:`p` from the logits and two per-row numbers (the row maximum and the sum of
+exponentials). For float32 and float64 it recomputes ``exp(s - m)`` with exactly the
+expression of the forward pass, so that when the forward and backward passes are
+compiled together (``jax.jit(jax.value_and_grad(...))``) XLA computes the exponential
+once and writes the gradient into the same buffer (optax's footprint, one
+exponential per entry); alone, the backward pass recomputes it. The Hessian is
+returned as a :class:`jsoftmax.SoftmaxJacobian`.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +27,20 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _formulas
 from jsoftmax._operator import SoftmaxJacobian
-from jsoftmax._softmax import _kernel_jvp, _scaled_logits, log_normalizer, softmax
+from jsoftmax._softmax import _nonzero, _scaled_logits, _shifted_exp, softmax
+
+Reduction = Literal["none", "sum", "mean"]
+REDUCTIONS = ("none", "sum", "mean")
+
+
+class _Options(NamedTuple):
+    """The static options of a loss (hashable: a ``nondiff_argnum``)."""
+
+    axis: int
+    alpha: float = 0.0  # label smoothing
+    z_loss: float = 0.0
+    softcap: float | None = None
+
 
 # --------------------------------------------------------------------------------------
 # Pieces shared by both rules.
@@ -36,71 +58,6 @@ def _compute_dtype(logits, labels) -> np.dtype:
     return np.dtype(cdt)
 
 
-def _targets(labels, where, shape, axis: int, alpha: float, cdt):
-    """The dense effective target ``y`` (``cdt``) and, for integer labels, a keepdims
-    boolean ``in_range`` (else None)."""
-    n = shape[axis]
-    in_range = None
-    if _is_integer(labels):
-        # Casting to the default int type keeps in-range values; huge unsigned values
-        # wrap to negative ones, which stay out of range.
-        idx = jnp.expand_dims(labels.astype(jnp.result_type(int)), axis)
-        y = (lax.broadcasted_iota(idx.dtype, shape, axis) == idx).astype(cdt)
-        in_range = (idx >= 0) & (idx < n)
-    else:
-        y = labels.astype(cdt)
-    zero = jnp.zeros((), cdt)
-    if where is not None:
-        y = jnp.where(where, y, zero)
-    if alpha:
-        if where is None:
-            y = (1 - alpha) * y + alpha / n
-        else:
-            m = jnp.maximum(jnp.sum(where, axis=axis, keepdims=True), 1).astype(cdt)
-            y = jnp.where(where, (1 - alpha) * y + alpha / m, zero)
-    return y, in_range
-
-
-def _forward(kernel, logits, labels, where, temperature, axis: int, alpha: float):
-    """Returns ``(loss, log p, y, in_range)``, all in the compute dtype.
-
-    ``log p`` comes from a log-softmax kernel of :mod:`jsoftmax._softmax` (``kernel``
-    is ``_kernel_vjp`` or ``_kernel_jvp``), so differentiating this function (second
-    order) uses the log-softmax rules.
-    """
-    cdt = _compute_dtype(logits, labels)
-    log_p = kernel(logits.astype(cdt), where, temperature, (axis,), True)
-    y, in_range = _targets(labels, where, logits.shape, axis, alpha, cdt)
-    # 0 * log 0 = 0 ("double where": no NaN reaches a derivative); y > 0 on a -inf
-    # log-probability gives +inf. NaN log-probabilities (NaN/+inf logits) stay NaN.
-    finite = log_p != -jnp.inf
-    safe = jnp.where(finite, log_p, jnp.zeros((), cdt))
-    loss = -jnp.sum(y * safe, axis=axis, keepdims=True)
-    loss = jnp.where(jnp.any((y != 0) & ~finite, axis=axis, keepdims=True), jnp.inf, loss)
-    if in_range is not None:
-        loss = jnp.where(in_range, loss, jnp.nan)
-    return loss, log_p, y, in_range
-
-
-def _grad_s(log_p, y, in_range, axis: int):
-    r"""Returns ``(dL/ds, safe log p)`` with ``s = logits / T``: :math:`(\sum y)\,p - y`."""
-    p = jnp.exp(log_p)
-    g_s = jnp.sum(y, axis=axis, keepdims=True) * p - y
-    if in_range is not None:
-        g_s = jnp.where(in_range, g_s, jnp.nan)
-    safe = jnp.where(log_p != -jnp.inf, log_p, jnp.zeros((), log_p.dtype))
-    return g_s, safe
-
-
-def _out_dtype(logits, labels):
-    return logits.dtype if _is_integer(labels) else jnp.result_type(logits.dtype, labels.dtype)
-
-
-# --------------------------------------------------------------------------------------
-# rule="vjp": custom_vjp saving the log-probabilities only.
-# --------------------------------------------------------------------------------------
-
-
 def _label_index(labels, n: int, axis: int):
     """``(clipped index, in_range)`` of integer labels, both with a size-1 class axis."""
     idx = jnp.expand_dims(labels.astype(jnp.result_type(int)), axis)
@@ -108,90 +65,224 @@ def _label_index(labels, n: int, axis: int):
     return jnp.clip(idx, 0, n - 1), in_range
 
 
-def _integer_loss(logits, normalizer, labels, where, temperature, axis: int):
-    """``log_total - (s[label] - m)`` from a gather of the logits (no pass over the classes).
-
-    Out-of-range labels give NaN; a label on a masked class gives 0 (no target mass);
-    a label on a ``-inf`` logit gives ``+inf``. Agrees with the dense ``-<y, log p>``.
-    """
-    idx, in_range = _label_index(labels, logits.shape[axis], axis)
-    if _formulas._sharded_along(logits, (axis,)):
-        # Explicitly sharded classes: a one-hot sum is a plain reduction (one scalar
-        # all-reduce per row), where a gather would need an output sharding.
-        onehot = lax.broadcasted_iota(idx.dtype, logits.shape, axis) == idx
-        pick = lambda a: jnp.sum(jnp.where(onehot, a, jnp.zeros((), a.dtype)), axis, keepdims=True)
-        where_label = None if where is None else pick(where.astype(jnp.int32)) > 0
-        x_label = pick(logits)
-    else:
-        where_label = None if where is None else jnp.take_along_axis(where, idx, axis=axis)
-        x_label = jnp.take_along_axis(logits, idx, axis=axis)
-    s_label = _scaled_logits(x_label, where_label, temperature)
-    m, log_total = normalizer
-    loss = log_total - (s_label - m)
-    zero = jnp.zeros((), loss.dtype)
-    if where_label is not None:
-        loss = jnp.where(where_label, loss, zero)
-    return jnp.where(in_range, loss, jnp.full((), jnp.nan, loss.dtype))
+def _pick(a, idx, axis: int):
+    """``a`` at the label index along ``axis`` (keepdims): a gather, or a one-hot sum
+    when the class axis is explicitly sharded (a plain reduction, one scalar per row)."""
+    if _formulas._sharded_along(a, (axis,)):
+        onehot = lax.broadcasted_iota(idx.dtype, a.shape, axis) == idx
+        if a.dtype == jnp.bool_:
+            return jnp.any(onehot & a, axis, keepdims=True)
+        return jnp.sum(jnp.where(onehot, a, jnp.zeros((), a.dtype)), axis, keepdims=True)
+    return jnp.take_along_axis(a, idx, axis=axis)
 
 
-def _integer_grad_s(log_p, labels, where, axis: int):
-    """``dL/ds = p - onehot`` for integer labels; 0 for a masked label, NaN out of range."""
-    idx, in_range = _label_index(labels, log_p.shape[axis], axis)
-    onehot = lax.broadcasted_iota(idx.dtype, log_p.shape, axis) == idx
-    weight = jnp.ones(idx.shape, log_p.dtype)  # sum of the targets: 1, or 0 if masked
+def _capped(z, opts: _Options):
+    return z if opts.softcap is None else _formulas.softcap(z, opts.softcap)
+
+
+def _scale(u, temperature):
+    return u if temperature is None else u / temperature.astype(u.dtype)
+
+
+def _class_weights(weights, where, axis: int, ndim: int, cdt):
+    """The per-class weight vector ``w * valid`` shaped to broadcast against the logits
+    (``None`` when it is all ones)."""
+    w = None
+    if weights is not None:
+        shape = [1] * ndim
+        shape[axis] = weights.shape[0]
+        w = weights.astype(cdt).reshape(shape)
     if where is not None:
-        weight = jnp.take_along_axis(where, idx, axis=axis).astype(log_p.dtype)
-    weight = jnp.where(in_range, weight, jnp.nan)
-    return weight * (jnp.exp(log_p) - onehot.astype(log_p.dtype))
+        w = jnp.where(where, jnp.ones((), cdt) if w is None else w, jnp.zeros((), cdt))
+    return w
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ce_vjp(logits, labels, where, temperature, axis: int, alpha: float):
-    return _ce_vjp_fwd(logits, labels, where, temperature, axis, alpha)[0]
-
-
-def _ce_vjp_fwd(logits, labels, where, temperature, axis, alpha):
-    cdt = _compute_dtype(logits, labels)
-    log_p, normalizer = log_normalizer(logits.astype(cdt), where, temperature, (axis,))
-    if _is_integer(labels) and not alpha:
-        loss = _integer_loss(logits.astype(cdt), normalizer, labels, where, temperature, axis)
+def _smoothing(where, w, n: int, axis: int, alpha: float, cdt):
+    """``(k, W)``: the per-row smoothing mass ``alpha / m`` of each of the ``m`` valid
+    classes and the total class weight ``W = sum_valid w`` (``m`` without weights)."""
+    if where is None:
+        count = jnp.asarray(n, cdt)
     else:
-        y, in_range = _targets(labels, where, logits.shape, axis, alpha, cdt)
-        # -sum y log p with 0 * log 0 = 0; y > 0 on a -inf log-probability gives +inf.
-        terms = jnp.where(y != 0, y * log_p, jnp.zeros((), cdt))
-        loss = -jnp.sum(terms, axis=axis, keepdims=True)
-        if in_range is not None:
-            loss = jnp.where(in_range, loss, jnp.nan)
-    out = jnp.squeeze(loss, axis).astype(_out_dtype(logits, labels))
-    # The only logits-sized residual is the logits themselves (already in memory): the
-    # backward pass recomputes log p = (s - m) - log_total from them and the per-row
-    # (m, log_total), in the same fused pass that writes the gradient.
-    return out, (logits, normalizer, labels, where, temperature)
+        count = jnp.maximum(jnp.sum(where, axis=axis, keepdims=True), 1).astype(cdt)
+    total_w = count if w is None else jnp.sum(w, axis=axis, keepdims=True)
+    return _formulas.smoothing_mass(alpha, count), total_w
 
 
-def _ce_vjp_bwd(axis, alpha, residuals, g):
-    logits, (m, log_total), labels, where, temperature = residuals
-    dtype = logits.dtype
-    cdt = _compute_dtype(logits, labels)
-    log_p = (_scaled_logits(logits.astype(cdt), where, temperature) - m) - log_total
-    if _is_integer(labels) and not alpha:
-        g_s = _integer_grad_s(log_p, labels, where, axis)
-        safe = jnp.where(log_p != -jnp.inf, log_p, jnp.zeros((), cdt))
-    else:
-        y, in_range = _targets(labels, where, logits.shape, axis, alpha, cdt)
-        g_s, safe = _grad_s(log_p, y, in_range, axis)
-    g = jnp.expand_dims(g, axis).astype(cdt)
-    g_s = g_s * g
+def _finite_or_zero(a):
+    return jnp.where(a > -jnp.inf, a, jnp.zeros((), a.dtype))
+
+
+class _Pass(NamedTuple):
+    """The forward quantities of one row-wise pass, all keepdims along the class axis."""
+
+    z: jax.Array  # logits in the compute dtype
+    u: jax.Array  # soft-capped logits
+    shifted: jax.Array  # s - m, with s = u / T and masked entries -inf
+    e: jax.Array  # exp(s - m)
+    total: jax.Array  # sum exp(s - m) (0 for a row without a finite entry)
+    m: jax.Array  # the row maximum of s (no gradient)
+
+
+def _forward_pass(logits, where, temperature, opts: _Options, cdt) -> _Pass:
+    z = logits.astype(cdt)
+    u = _capped(z, opts)
+    shifted, e, total, _, m = _shifted_exp(u, where, temperature, (opts.axis,))
+    return _Pass(z, u, shifted, e, total, m)
+
+
+def _row_loss(fp: _Pass, labels, where, temperature, weights, row_w, opts: _Options):
+    """The per-row loss ``sum_i q_i (lse - s_i) + c lse^2`` (keepdims), before the row
+    mask. Integer labels read the target logit with a gather (no pass over the classes
+    unless label smoothing is on); probability labels use the dense targets."""
+    axis, alpha = opts.axis, opts.alpha
+    cdt = fp.z.dtype
+    log_total = jnp.log(_nonzero(fp.total))
+    w = _class_weights(weights, where, axis, fp.z.ndim, cdt)
     if _is_integer(labels):
-        g_labels = None
+        idx, in_range = _label_index(labels, fp.z.shape[axis], axis)
+        s_label = _scale(_capped(_pick(fp.z, idx, axis), opts), temperature)
+        # -log p_y = log_total - (s_y - m): m and log_total are kept apart, so the
+        # loss stays exact when |m| is near the dtype's maximum.
+        loss = log_total - (s_label - fp.m)
+        if row_w is not None or alpha:
+            b = (1 - alpha) if row_w is None else (1 - alpha) * row_w
+            loss = b * loss
+        if alpha:
+            k, total_w = _smoothing(where, w, fp.z.shape[axis], axis, alpha, cdt)
+            ws = fp.shifted if w is None else jnp.where(w != 0, w * fp.shifted, 0)
+            # sum_valid w_i (lse - s_i) = W log_total - sum_valid w_i (s_i - m)
+            loss = loss + k * (total_w * log_total - jnp.sum(ws, axis=axis, keepdims=True))
+        loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
     else:
-        g_labels = (-(1 - alpha) * g * safe).astype(labels.dtype)
-    if temperature is None:
-        return g_s.astype(dtype), g_labels, None, None
-    t = temperature.astype(cdt)
-    g_t = -jnp.sum(g_s * safe, axis=axis, keepdims=True) / t
-    g_x = (g_s / t).astype(dtype)
-    return g_x, g_labels, None, g_t.astype(temperature.dtype)
+        q = _prob_targets(labels, where, w, fp.z.shape[axis], axis, alpha, cdt)
+        # 0 * log 0 = 0 ("double where"); q > 0 on a -inf logit gives +inf.
+        terms = jnp.where(q != 0, q * (log_total - fp.shifted), jnp.zeros((), cdt))
+        loss = jnp.sum(terms, axis=axis, keepdims=True)
+    if opts.z_loss:
+        loss = loss + _formulas.z_loss_term(fp.m + log_total, opts.z_loss)
+    return loss
+
+
+def _prob_targets(labels, where, w, n: int, axis: int, alpha: float, cdt):
+    """``q = w * ((1 - alpha) y + alpha / m) * valid`` for probability labels."""
+    y = labels.astype(cdt)
+    if alpha:
+        if where is None:
+            count = jnp.asarray(n, cdt)
+        else:
+            count = jnp.maximum(jnp.sum(where, axis=axis, keepdims=True), 1).astype(cdt)
+        y = (1 - alpha) * y + _formulas.smoothing_mass(alpha, count)
+    return y if w is None else w * y
+
+
+def _cotangent_s(fp: _Pass, p, labels, where, weights, row_w, opts: _Options):
+    """``d loss / d s = (sum q + 2 c lse) p - q`` (dense, keepdims), before the row mask."""
+    axis, alpha = opts.axis, opts.alpha
+    cdt = fp.z.dtype
+    w = _class_weights(weights, where, axis, fp.z.ndim, cdt)
+    lse = fp.m + jnp.log(_nonzero(fp.total)) if opts.z_loss else None
+    if _is_integer(labels):
+        idx, in_range = _label_index(labels, fp.z.shape[axis], axis)
+        onehot = lax.broadcasted_iota(idx.dtype, fp.z.shape, axis) == idx
+        b = jnp.asarray(1 - alpha, cdt) if row_w is None else (1 - alpha) * row_w
+        mass = b
+        q = jnp.where(onehot, b, jnp.zeros((), cdt))
+        if alpha:
+            k, total_w = _smoothing(where, w, fp.z.shape[axis], axis, alpha, cdt)
+            mass = mass + k * total_w
+            q = q + (k if w is None else k * w)
+        g_s = _formulas.ce_cotangent_scale(mass, lse, opts.z_loss) * p - q
+        return jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
+    q = _prob_targets(labels, where, w, fp.z.shape[axis], axis, alpha, cdt)
+    mass = jnp.sum(q, axis=axis, keepdims=True)
+    return _formulas.ce_cotangent_scale(mass, lse, opts.z_loss) * p - q
+
+
+def _label_cotangent(fp: _Pass, weights, where, opts: _Options):
+    """``d loss / d y_i = (1 - alpha) w_i (lse - s_i) = -(1 - alpha) w_i log p_i``
+    (0 where ``p_i = 0``) for probability labels, before the row mask."""
+    cdt = fp.z.dtype
+    log_p = fp.shifted - jnp.log(_nonzero(fp.total))
+    d = -(1 - opts.alpha) * _finite_or_zero(log_p)
+    w = _class_weights(weights, where, opts.axis, fp.z.ndim, cdt)
+    return d if w is None else w * d
+
+
+def _mask_rows(a, row_ok):
+    """``a`` where the row counts, 0 elsewhere (a select: NaN in an ignored row stays out)."""
+    if row_ok is None:
+        return a
+    return jnp.where(row_ok, a, jnp.zeros((), a.dtype))
+
+
+def _out_dtype(logits, labels):
+    """float32 for 16-bit logits (a bfloat16 loss would be quantised), else the logits'
+    dtype, promoted with float labels."""
+    return _compute_dtype(logits, labels)
+
+
+def _chain_to_logits(fp: _Pass, g_s, temperature, opts: _Options):
+    """``(dL/dz, dL/dT)`` from ``g_s = dL/ds``, with ``s = softcap(z) / T``."""
+    g_u = g_s if temperature is None else g_s / temperature.astype(g_s.dtype)
+    g_t = None
+    if temperature is not None:
+        # dL/dT = -<g_s, s> / T. With a z-loss g_s does not sum to 0, so s itself
+        # (not the shift-invariant log p) is used; 0 at masked and -inf entries.
+        s = _finite_or_zero(fp.shifted + fp.m)
+        g_t = -jnp.sum(g_s * s, axis=opts.axis, keepdims=True) / temperature.astype(g_s.dtype)
+    if opts.softcap is not None:
+        g_u = g_u * _formulas.softcap_derivative(fp.u, opts.softcap)
+    return g_u, g_t
+
+
+# --------------------------------------------------------------------------------------
+# rule="vjp": custom_vjp; the only logits-sized residual is the logits themselves.
+# --------------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _ce_vjp(logits, labels, where, temperature, weights, row_ok, row_w, opts: _Options):
+    return _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, row_w, opts)[0]
+
+
+def _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, row_w, opts):
+    cdt = _compute_dtype(logits, labels)
+    fp = _forward_pass(logits, where, temperature, opts, cdt)
+    loss = _row_loss(fp, labels, where, temperature, weights, row_w, opts)
+    out = _mask_rows(jnp.squeeze(loss, opts.axis), row_ok).astype(_out_dtype(logits, labels))
+    residuals = (logits, labels, where, temperature, weights, row_ok, row_w, fp.m, fp.total)
+    return out, residuals
+
+
+def _ce_vjp_bwd(opts, residuals, g):
+    logits, labels, where, temperature, weights, row_ok, row_w, m, total = residuals
+    cdt = _compute_dtype(logits, labels)
+    z = logits.astype(cdt)
+    u = _capped(z, opts)
+    shifted = _scaled_logits(u, where, temperature) - m
+    if cdt == logits.dtype:
+        # exp(s - m) exactly as in the forward pass: compiled together with it, XLA
+        # computes it once (and this pass writes the gradient over it).
+        e = jnp.exp(shifted)
+        p = e * (1 / _nonzero(total))
+    else:
+        # 16-bit logits: a differently written exponential, so XLA does not keep a
+        # float32 copy of the logits' size between the passes.
+        e = None
+        p = jnp.exp(shifted - jnp.log(_nonzero(total)))
+    fp = _Pass(z, u, shifted, e, total, m)
+    g = jnp.expand_dims(g.astype(cdt), opts.axis)
+    ok = None if row_ok is None else jnp.expand_dims(row_ok, opts.axis)
+    # Selects, not products: an ignored row's gradients are 0 even if its logits are NaN.
+    g_s = _mask_rows(_cotangent_s(fp, p, labels, where, weights, row_w, opts) * g, ok)
+    g_z, g_t = _chain_to_logits(fp, g_s, temperature, opts)
+    g_z = _mask_rows(g_z, ok)
+    g_labels = None
+    if not _is_integer(labels):
+        g_lab = _mask_rows(_label_cotangent(fp, weights, where, opts) * g, ok)
+        g_labels = g_lab.astype(labels.dtype)
+    g_t = None if g_t is None else g_t.astype(temperature.dtype)
+    return g_z.astype(logits.dtype), g_labels, None, g_t, None, None, None
 
 
 _ce_vjp.defvjp(_ce_vjp_fwd, _ce_vjp_bwd)
@@ -202,43 +293,46 @@ _ce_vjp.defvjp(_ce_vjp_fwd, _ce_vjp_bwd)
 # --------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(4, 5))
-def _ce_jvp(logits, labels, where, temperature, axis: int, alpha: float):
-    loss = _forward(_kernel_jvp, logits, labels, where, temperature, axis, alpha)[0]
-    return jnp.squeeze(loss, axis).astype(_out_dtype(logits, labels))
+@partial(jax.custom_jvp, nondiff_argnums=(7,))
+def _ce_jvp(logits, labels, where, temperature, weights, row_ok, row_w, opts: _Options):
+    return _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, row_w, opts)[0]
 
 
-@_ce_jvp.defjvp
-def _ce_jvp_rule(axis, alpha, primals, tangents):
-    logits, labels, where, temperature = primals
-    logits_dot, labels_dot, _, t_dot = tangents
-    loss, log_p, y, in_range = _forward(
-        _kernel_jvp, logits, labels, where, temperature, axis, alpha
-    )
-    cdt = log_p.dtype
-    g_s, safe = _grad_s(log_p, y, in_range, axis)
-    s_dot = logits_dot.astype(cdt)
+@partial(_ce_jvp.defjvp)
+def _ce_jvp_rule(opts, primals, tangents):
+    logits, labels, where, temperature, weights, row_ok, row_w = primals
+    logits_dot, labels_dot, _, t_dot, _, _, _ = tangents
+    cdt = _compute_dtype(logits, labels)
+    fp = _forward_pass(logits, where, temperature, opts, cdt)
+    loss = _row_loss(fp, labels, where, temperature, weights, row_w, opts)
+    p = fp.e / _nonzero(fp.total)
+    g_s = _cotangent_s(fp, p, labels, where, weights, row_w, opts)
+    # The tangent of s = softcap(z) / T (0 at masked entries). At a -inf logit g_s is
+    # 0, or -q_i if it has target mass: the same finite gradient as the vjp rule.
+    u_dot = logits_dot.astype(cdt)
+    if where is not None:
+        u_dot = jnp.where(where, u_dot, jnp.zeros((), cdt))
+    if opts.softcap is not None:
+        u_dot = u_dot * _formulas.softcap_derivative(fp.u, opts.softcap)
+    s_dot = u_dot
     if temperature is not None:
-        # d(z / T) = (dz - (z / T) dT) / T; log p stands in for z / T since <g_s, 1> = 0.
-        s_dot = (s_dot - safe * t_dot.astype(cdt)) / temperature.astype(cdt)
-    loss_dot = jnp.sum(g_s * s_dot, axis=axis, keepdims=True)
+        s = _finite_or_zero(fp.shifted + fp.m)
+        s_dot = (u_dot - s * t_dot.astype(cdt)) / temperature.astype(cdt)
+    loss_dot = jnp.sum(g_s * s_dot, axis=opts.axis, keepdims=True)
     if not _is_integer(labels):
-        loss_dot = loss_dot - (1 - alpha) * jnp.sum(
-            safe * labels_dot.astype(cdt), axis, keepdims=True
-        )
+        d_y = _label_cotangent(fp, weights, where, opts)
+        loss_dot = loss_dot + jnp.sum(d_y * labels_dot.astype(cdt), opts.axis, keepdims=True)
     out_dtype = _out_dtype(logits, labels)
-    return (
-        jnp.squeeze(loss, axis).astype(out_dtype),
-        jnp.squeeze(loss_dot, axis).astype(out_dtype),
-    )
+    sq = lambda a: _mask_rows(jnp.squeeze(a, opts.axis), row_ok).astype(out_dtype)  # noqa: E731
+    return sq(loss), sq(loss_dot)
 
 
 # --------------------------------------------------------------------------------------
-# Public API.
+# Argument checks.
 # --------------------------------------------------------------------------------------
 
 
-def _check_labels(labels, logits: jax.Array, axis: int) -> jax.Array:
+def _check_labels(labels, logits: jax.Array, axis: int, ignore_index) -> jax.Array:
     labels = _checks.as_array(labels, "labels")
     batch = tuple(s for k, s in enumerate(logits.shape) if k != axis)
     n = logits.shape[axis]
@@ -263,13 +357,22 @@ def _check_labels(labels, logits: jax.Array, axis: int) -> jax.Array:
             )
         if _checks.is_concrete(labels) and labels.size:
             values = np.asarray(labels)  # numpy: jnp would be staged inside a trace
-            lo, hi = int(values.min()), int(values.max())
-            if lo < 0 or hi >= n:
-                raise IndexError(
-                    f"labels has entries out of range for {n} classes: got values in "
-                    f"[{lo}, {hi}], valid class indices are 0 to {n - 1}."
-                )
+            if ignore_index is not None:
+                values = values[values != ignore_index]
+            if values.size:
+                lo, hi = int(values.min()), int(values.max())
+                if lo < 0 or hi >= n:
+                    raise IndexError(
+                        f"labels has entries out of range for {n} classes: got values in "
+                        f"[{lo}, {hi}], valid class indices are 0 to {n - 1}"
+                        + ("." if ignore_index is None else f" (or ignore_index={ignore_index}).")
+                    )
         return labels
+    if ignore_index is not None:
+        raise ValueError(
+            "ignore_index applies to integer class labels; got float (probability) labels. "
+            "Mask examples of probability labels with a batch-shaped where instead."
+        )
     if labels.shape != logits.shape:
         hint = " For class indices use an integer dtype." if labels.shape == batch else ""
         raise ValueError(
@@ -279,100 +382,218 @@ def _check_labels(labels, logits: jax.Array, axis: int) -> jax.Array:
     return labels
 
 
-def _check_label_smoothing(alpha) -> float:
-    if isinstance(alpha, (bool, np.bool_)):
-        raise TypeError(f"label_smoothing must be a number in [0, 1], got {alpha!r}.")
-    if not isinstance(alpha, (int, float, np.integer, np.floating)):
-        arr = jnp.asarray(alpha)
+def _static_number(value, name: str, what: str) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {what}, got {value!r}.")
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        arr = jnp.asarray(value)
         if not _checks.is_concrete(arr) or arr.ndim != 0:
             raise TypeError(
-                "label_smoothing must be a Python number (or concrete scalar) in [0, 1]; "
-                "it is a static argument and cannot be traced."
+                f"{name} must be a Python number (or concrete scalar), {what}; it is a "
+                "static argument and cannot be traced."
             )
-        alpha = arr.item()
-    alpha = float(alpha)
+        value = arr.item()
+    return float(value)
+
+
+def _check_label_smoothing(alpha) -> float:
+    alpha = _static_number(alpha, "label_smoothing", "a number in [0, 1]")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {alpha!r}.")
     return alpha
 
 
+def _check_z_loss(z_loss) -> float:
+    c = _static_number(z_loss, "z_loss", "a number >= 0")
+    if not (c >= 0.0 and np.isfinite(c)):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}.")
+    return c
+
+
+def _check_softcap(cap) -> float | None:
+    if cap is None:
+        return None
+    c = _static_number(cap, "logit_softcap", "None or a number > 0")
+    if not (c > 0.0 and np.isfinite(c)):
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {cap!r}.")
+    return c
+
+
+def _check_reduction(reduction) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    return reduction
+
+
+def _check_ignore_index(ignore_index) -> int | None:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
+        ignore_index, (int, np.integer)
+    ):
+        raise TypeError(f"ignore_index must be None or a Python int, got {ignore_index!r}.")
+    return int(ignore_index)
+
+
+def _check_weights(weights, n: int):
+    if weights is None:
+        return None
+    w = _checks.as_array(weights, "weights")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        if jnp.issubdtype(w.dtype, jnp.integer):
+            w = w.astype(jnp.result_type(float))
+        else:
+            raise TypeError(f"weights must be a real array, got dtype {w.dtype}.")
+    if w.shape != (n,):
+        raise ValueError(
+            f"weights must have one entry per class, shape ({n},), got shape {w.shape}."
+        )
+    return lax.stop_gradient(w)
+
+
+def _split_where(where, shape: tuple[int, ...], axes: tuple[int, ...]):
+    """``(class mask or None, example mask or None)``.
+
+    A mask with exactly the batch shape (``shape`` without ``axes``) and a lower rank
+    than the logits is a per-example mask, as in optax; any other mask must broadcast
+    to the logits and masks classes.
+    """
+    if where is None:
+        return None, None
+    where = jnp.asarray(where)
+    batch = tuple(s for k, s in enumerate(shape) if k not in axes)
+    if where.ndim == len(batch) and where.ndim < len(shape) and where.shape == batch:
+        if where.dtype != jnp.bool_:
+            raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+        return None, where
+    try:
+        return _checks.check_where(where, shape), None
+    except ValueError:
+        raise ValueError(
+            f"where of shape {where.shape} is neither a class mask broadcastable to the "
+            f"logits' shape {tuple(shape)} nor a per-example mask of the batch shape {batch}."
+        ) from None
+
+
+def _flatten_classes(logits, labels, where, axes: tuple[int, ...]):
+    """Moves the class axes to the end and flattens them into one (optax's convention
+    for a tuple ``axis``: integer labels index the row-major flattened classes)."""
+    nb = logits.ndim - len(axes)
+    batch_axes = tuple(k for k in range(logits.ndim) if k not in axes)
+    order = batch_axes + axes
+    batch = tuple(logits.shape[k] for k in batch_axes)
+
+    def merge(a):
+        return jnp.transpose(jnp.broadcast_to(a, logits.shape), order).reshape(batch + (-1,))
+
+    logits = merge(logits)
+    if where is not None:
+        where = merge(where)
+    if not _is_integer(labels):
+        labels = merge(labels)
+    return logits, labels, where, nb
+
+
+# --------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------
+
+
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     *,
     where: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     temperature: ArrayLike = 1.0,
-    rule: str = "vjp",
+    rule: Literal["vjp", "jvp"] = "vjp",
+    ignore_index: int | None = None,
+    weights: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: Reduction = "none",
 ) -> jax.Array:
-    r"""Softmax cross-entropy per example, with the fused :math:`p - y` derivative.
+    r"""Softmax cross-entropy with the fused :math:`p - y` derivative and the options of
+    training code (ignored labels, class weights, label smoothing, z-loss, soft-capping,
+    reductions).
 
-    With :math:`p = \mathrm{softmax}(z / T)` over ``axis`` and target :math:`y`
-    (one-hot for integer labels), optionally smoothed over the :math:`m` valid
-    classes, :math:`\tilde y = (1-\alpha)\,y + \alpha/m`:
-
-    .. math::
-        L = -\sum_i \tilde y_i \log p_i, \qquad
-        \frac{\partial L}{\partial z} = \frac{1}{T}\Bigl(\bigl(\textstyle\sum_i
-        \tilde y_i\bigr) p - \tilde y\Bigr) = \frac{p - \tilde y}{T}
-        \quad\text{when } \textstyle\sum_i \tilde y_i = 1,
+    With :math:`s = \mathrm{softcap}(z) / T` over ``axis`` (masked classes excluded),
+    :math:`p = \mathrm{softmax}(s)`, :math:`\mathrm{lse} = \log\sum_i e^{s_i}`, class
+    weights :math:`w` (1 by default) and the effective target :math:`\tilde y =
+    (1-\alpha)\,y + \alpha/m` over the :math:`m` valid classes (:math:`y` one-hot for
+    integer labels), each row's loss is
 
     .. math::
-        \frac{\partial L}{\partial T} = -\frac{1}{T}\Bigl\langle
-        \frac{\partial L}{\partial s}, s\Bigr\rangle
-        = -\frac{1}{T}\Bigl\langle \frac{\partial L}{\partial s}, \log p\Bigr\rangle
-        = \frac{H(p) - L}{T}, \qquad
-        \frac{\partial L}{\partial y_i} = -(1 - \alpha)\log p_i,
+        \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,\mathrm{lse}^2
+        = -\sum_i q_i \log p_i + c\,\mathrm{lse}^2,
 
-    with :math:`s = z/T`, :math:`\partial L/\partial s = (\sum\tilde y)p - \tilde y`
-    (its entries sum to 0, so the shift-invariant :math:`\log p` can replace
-    :math:`s`) and :math:`H(p) = -\sum_i p_i\log p_i` (last form for
-    :math:`\sum\tilde y = 1`).
+    .. math::
+        \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,\mathrm{lse}\Bigr)\,p
+        - q, \qquad \frac{\partial \ell}{\partial z} = \frac{1}{T}
+        \frac{\partial \ell}{\partial s}\,\bigl(1 - \mathrm{softcap}(z)^2/\kappa^2\bigr),
+
+    with :math:`q = w_y(1-\alpha)e_y + \frac{\alpha}{m}w` for integer labels (PyTorch's
+    ``weight`` with ``label_smoothing``) and :math:`q = w\odot\tilde y` for probability
+    labels; without options this is :math:`p - y`. Also
+    :math:`\partial\ell/\partial T = -\langle\partial\ell/\partial s, s\rangle/T` and
+    :math:`\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i`.
 
     Args:
       logits: any rank >= 1; integer input is promoted to the default float dtype.
       labels: either integer class indices with the batch shape (``logits.shape``
         without ``axis``), or a real probability vector per row with the shape of
         ``logits`` (not required to be normalised; differentiable).
-      axis: the class axis (one int).
-      where: optional boolean mask broadcastable to ``logits``; masked classes get
-        probability 0 and **no target mass** (labels there are ignored).
+      axis: the class axis, or a tuple of axes whose entries together are the classes
+        (integer labels then index them flattened in row-major order, as in optax).
+      where: optional boolean mask. Broadcastable to ``logits``: masked classes get
+        probability 0 and **no target mass**. With exactly the batch shape (rank
+        lower than the logits'): a per-example mask; masked examples behave like
+        ``ignore_index``.
       label_smoothing: :math:`\alpha \in [0, 1]`, a static Python number. The
-        smoothing mass :math:`\alpha/m` goes to the :math:`m` unmasked classes of
-        each row (:math:`m = n` without ``where``).
-      temperature: ``T > 0``, a scalar or an array broadcastable to the batch
-        shape; differentiable.
-      rule: ``"vjp"`` (default): a :func:`jax.custom_vjp` whose forward pass saves
-        one output-sized array (the log-probabilities, in the logits' dtype) and
-        whose backward pass is the fused formula above; reverse mode only
+        smoothing mass :math:`\alpha/m` goes to the :math:`m` unmasked classes.
+      temperature: ``T > 0``, a scalar or an array broadcastable to the batch shape;
+        differentiable.
+      rule: ``"vjp"`` (default): a :func:`jax.custom_vjp` that keeps no new
+        logits-sized array for the backward pass (it recomputes :math:`p` from the
+        logits and two numbers per row); reverse mode only
         (``jax.grad(jax.grad(...))`` works). ``"jvp"``: a :func:`jax.custom_jvp`
-        with the same values and derivative formula, so :func:`jax.jvp`,
-        :func:`jax.jacfwd` and :func:`jax.hessian` work too (reverse mode then
-        keeps whatever residuals JAX's transposition needs).
+        with the same values and formula, so :func:`jax.jvp`, :func:`jax.jacfwd`
+        and :func:`jax.hessian` work too.
+      ignore_index: an int (integer labels only): rows whose label equals it have
+        loss 0 and gradient 0 and are left out of the ``"mean"`` denominator.
+      weights: per-class weights, shape ``(n,)`` (``n`` classes; PyTorch's
+        ``weight``). Not differentiated.
+      z_loss: :math:`c \ge 0`, adds :math:`c\,\mathrm{lse}^2` per row (PaLM).
+      logit_softcap: ``None`` or :math:`\kappa > 0`: logits become
+        :math:`\kappa\tanh(z/\kappa)` before everything else (Gemma 2).
+      reduction: ``"none"`` (per row), ``"sum"`` or ``"mean"``: PyTorch's weighted
+        mean :math:`\sum_r \ell_r / \sum_r w_{y_r}` over the rows that count (for
+        probability labels every counted row has weight 1). A batch whose total
+        weight is 0 gives 0 with zero gradients.
 
     Returns:
-      The loss per example, shape ``logits.shape`` without ``axis``; dtype of
-      ``logits`` (promoted with float ``labels``). 16-bit inputs are computed in
-      float32.
+      The loss per example (shape ``logits.shape`` without ``axis``) or its sum or
+      mean (a scalar). float32 for 16-bit logits (computed in float32, without a
+      float32 copy of the logits), else the logits' dtype promoted with float labels.
+      Gradients have the logits' dtype.
 
     Note:
+      * Rows that do not count — label equal to ``ignore_index``, example masked by a
+        batch-shaped ``where``, integer label on a masked class, or no unmasked class
+        at all — give loss 0 and zero gradients (even if their logits are NaN) and
+        are not in the ``"mean"`` denominator.
       * ``-inf`` logits (and masked classes) with zero target mass contribute 0:
-        loss and gradients stay finite (optax gives NaN there). A ``-inf`` logit
-        that is not masked but receives target mass (its label, float mass, or
-        label smoothing, which reaches every unmasked class) makes the loss
-        ``+inf``; its logit gradient is then the finite :math:`-\tilde y_i/T`.
+        loss and gradients stay finite (optax gives NaN there). A ``-inf`` logit that
+        receives target mass (its label, float mass, or label smoothing, which reaches
+        every unmasked class) makes the loss ``+inf``; its gradient stays finite.
         Mask such classes with ``where`` to exclude them from smoothing.
-      * A row with no valid class (fully masked) gives loss 0 and zero gradients.
-        An integer label pointing at a masked class gives that row no target mass:
-        loss 0 and zero gradient (like an "ignore" label).
-      * The label gradient :math:`-(1-\alpha)\log p_i` is taken as 0 where
-        :math:`p_i = 0` (masked or ``-inf`` logits).
-      * Out-of-range integer labels (outside ``[0, n)``; negative indices do not
-        wrap) raise ``IndexError`` when ``labels`` is concrete. Under
-        :func:`jax.jit` they cannot be checked: that row's loss and gradient are
-        NaN.
-      * ``+inf``/NaN logits in an unmasked row give NaN, as in
+      * ``logit_softcap`` keeps ``-inf`` logits at ``-inf`` (excluded classes) and
+        maps ``+inf`` to :math:`\kappa`.
+      * Out-of-range integer labels other than ``ignore_index`` raise ``IndexError``
+        when ``labels`` is concrete; under :func:`jax.jit` that row's loss and
+        gradient are NaN.
+      * ``+inf``/NaN logits in a counted row give NaN, as in
         :func:`jsoftmax.log_softmax`.
 
     Examples:
@@ -385,19 +606,87 @@ def cross_entropy(
       [0.4076 1.0986]
       [[-0.3348  0.2447  0.09  ]
        [ 0.3333  0.3333 -0.6667]]
+      >>> labels = jnp.array([0, -100])  # the second row is padding
+      >>> print(jsoftmax.cross_entropy(logits, labels, ignore_index=-100, reduction="mean"))
+      0.40760595
+      >>> with jnp.printoptions(precision=4):
+      ...     print(jsoftmax.cross_entropy(logits, jnp.array([0, 2]), z_loss=1e-2,
+      ...                                  logit_softcap=1.5, weights=jnp.array([1.0, 2, 3])))
+      [0.5599 3.3562]
     """
     logits = _checks.as_float_array(logits, "logits")
-    ax = _checks.canonical_axis(axis, logits.ndim)
+    axes = _checks.canonical_axes(axis, logits.ndim)
     _checks.check_rule(rule)
-    labels = _check_labels(labels, logits, ax)
-    where = _checks.check_where(where, logits.shape)
+    reduction = _check_reduction(reduction)
+    ignore_index = _check_ignore_index(ignore_index)
     alpha = _check_label_smoothing(label_smoothing)
+    opts_z = _check_z_loss(z_loss)
+    cap = _check_softcap(logit_softcap)
+    where, example_mask = _split_where(where, logits.shape, axes)
+    labels = _checks.as_array(labels, "labels")
+    if len(axes) > 1:
+        if not _is_integer(labels) and labels.shape != logits.shape:
+            _check_labels(labels, logits, axes[0], ignore_index)  # raises with the shapes
+        logits, labels, where, ax = _flatten_classes(logits, labels, where, axes)
+    else:
+        ax = axes[0]
+    labels = _check_labels(labels, logits, ax, ignore_index)
+    n = logits.shape[ax]
+    weights = _check_weights(weights, n)
     temperature = _checks.prepare_temperature(temperature, logits.shape, (ax,))
-    if logits.shape[ax] == 0:
+    out_dtype = _out_dtype(logits, labels)
+    if n == 0:
         batch = tuple(s for k, s in enumerate(logits.shape) if k != ax)
-        return jnp.zeros(batch, _out_dtype(logits, labels))
+        per_row = jnp.zeros(batch, out_dtype)
+        return per_row if reduction == "none" else jnp.zeros((), out_dtype)
+    row_ok, row_w = _row_weights(labels, where, example_mask, weights, ignore_index, ax, n)
+    opts = _Options(ax, alpha, opts_z, cap)
     kernel = _ce_vjp if rule == "vjp" else _ce_jvp
-    return kernel(logits, labels, where, temperature, ax, alpha)
+    row_w_k = None if row_w is None else jnp.expand_dims(row_w, ax)
+    per_row = kernel(logits, labels, where, temperature, weights, row_ok, row_w_k, opts)
+    return reduce_rows(per_row, row_ok, row_w, reduction)
+
+
+def _row_weights(labels, where, example_mask, weights, ignore_index, axis: int, n: int):
+    """``(row_ok, row_w)``: which rows count (None: all) and, for integer labels with
+    class weights, each row's weight ``w[label]`` (None: 1)."""
+    row_ok = example_mask
+    row_w = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if _is_integer(labels):
+        if ignore_index is not None:
+            row_ok = both(row_ok, labels != ignore_index)
+        if where is not None or weights is not None:
+            idx, _ = _label_index(labels, n, axis)
+            if where is not None:
+                row_ok = both(row_ok, jnp.squeeze(_pick(where, idx, axis), axis))
+            if weights is not None:
+                row_w = weights[jnp.squeeze(idx, axis)]
+    elif where is not None:
+        row_ok = both(row_ok, jnp.any(where, axis=axis))
+    return row_ok, row_w
+
+
+def reduce_rows(per_row, row_ok, row_w, reduction: str):
+    """``"none"``, ``"sum"`` or the weighted ``"mean"`` of per-row losses: the sum over
+    the sum of the counted rows' weights (0, with zero gradients, if that is 0)."""
+    if reduction == "none":
+        return per_row
+    total = jnp.sum(per_row)
+    if reduction == "sum":
+        return total
+    if row_w is None:
+        weight = jnp.ones(per_row.shape, per_row.dtype)
+    else:
+        weight = row_w.astype(per_row.dtype)
+    if row_ok is not None:
+        weight = jnp.where(row_ok, weight, jnp.zeros((), per_row.dtype))
+    denom = lax.stop_gradient(jnp.sum(weight))
+    positive = denom > 0
+    return jnp.where(positive, total / jnp.where(positive, denom, 1), jnp.zeros((), total.dtype))
 
 
 def cross_entropy_hessian(
