@@ -306,7 +306,11 @@ def _ce_jvp_rule(opts, primals, tangents):
     fp = _forward_pass(logits, where, temperature, opts, cdt)
     loss = _row_loss(fp, labels, where, temperature, weights, row_w, opts)
     p = fp.e / _nonzero(fp.total)
-    g_s = _cotangent_s(fp, p, labels, where, weights, row_w, opts)
+    # Rows that do not count are selected away before the products, so that reverse
+    # mode (the transpose of this rule) multiplies their NaN (out-of-range) entries by
+    # nothing.
+    ok = None if row_ok is None else jnp.expand_dims(row_ok, opts.axis)
+    g_s = _mask_rows(_cotangent_s(fp, p, labels, where, weights, row_w, opts), ok)
     # The tangent of s = softcap(z) / T (0 at masked entries). At a -inf logit g_s is
     # 0, or -q_i if it has target mass: the same finite gradient as the vjp rule.
     u_dot = logits_dot.astype(cdt)
@@ -320,7 +324,7 @@ def _ce_jvp_rule(opts, primals, tangents):
         s_dot = (u_dot - s * t_dot.astype(cdt)) / temperature.astype(cdt)
     loss_dot = jnp.sum(g_s * s_dot, axis=opts.axis, keepdims=True)
     if not _is_integer(labels):
-        d_y = _label_cotangent(fp, weights, where, opts)
+        d_y = _mask_rows(_label_cotangent(fp, weights, where, opts), ok)
         loss_dot = loss_dot + jnp.sum(d_y * labels_dot.astype(cdt), opts.axis, keepdims=True)
     out_dtype = _out_dtype(logits, labels)
     sq = lambda a: _mask_rows(jnp.squeeze(a, opts.axis), row_ok).astype(out_dtype)  # noqa: E731
@@ -481,10 +485,11 @@ def _flatten_classes(logits, labels, where, axes: tuple[int, ...]):
     nb = logits.ndim - len(axes)
     batch_axes = tuple(k for k in range(logits.ndim) if k not in axes)
     order = batch_axes + axes
-    batch = tuple(logits.shape[k] for k in batch_axes)
+    shape = logits.shape
+    batch = tuple(shape[k] for k in batch_axes)
 
     def merge(a):
-        return jnp.transpose(jnp.broadcast_to(a, logits.shape), order).reshape(batch + (-1,))
+        return jnp.transpose(jnp.broadcast_to(a, shape), order).reshape(batch + (-1,))
 
     logits = merge(logits)
     if where is not None:
