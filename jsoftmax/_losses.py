@@ -126,7 +126,16 @@ class _Pass(NamedTuple):
 def _forward_pass(logits, where, temperature, opts: _Options, cdt) -> _Pass:
     z = logits.astype(cdt)
     u = _capped(z, opts)
-    shifted, e, total, _, m = _shifted_exp(u, where, temperature, (opts.axis,))
+    row_max = None
+    if opts.softcap is not None:
+        # softcap is increasing and T > 0, so the row maximum of softcap(z) / T is
+        # softcap(max z) / T: found from the logits, without a tanh per entry.
+        masked = z if where is None else jnp.where(where, z, -jnp.inf)
+        lowest = jnp.finfo(cdt).min
+        z_max = jnp.max(masked, axis=opts.axis, keepdims=True, initial=lowest)
+        m = lax.stop_gradient(_scale(_formulas.softcap(z_max, opts.softcap), temperature))
+        row_max = lambda _: m  # noqa: E731
+    shifted, e, total, _, m = _shifted_exp(u, where, temperature, (opts.axis,), row_max=row_max)
     return _Pass(z, u, shifted, e, total, m)
 
 
@@ -149,9 +158,16 @@ def _row_loss(fp: _Pass, labels, where, temperature, weights, row_w, opts: _Opti
             loss = b * loss
         if alpha:
             k, total_w = _smoothing(where, w, fp.z.shape[axis], axis, alpha, cdt)
-            ws = fp.shifted if w is None else jnp.where(w != 0, w * fp.shifted, 0)
-            # sum_valid w_i (lse - s_i) = W log_total - sum_valid w_i (s_i - m)
-            loss = loss + k * (total_w * log_total - jnp.sum(ws, axis=axis, keepdims=True))
+            # sum_valid w_i (lse - s_i) = W (log_total - (s_y - m)) - sum_valid w_i (s_i - s_y).
+            # Centred on the target logit s_y (a gather), not on m, so that this sum
+            # reads the logits on its own and does not make XLA keep s - m in memory.
+            d = _scale(_capped(fp.z, opts), temperature) - s_label
+            if where is not None:
+                d = jnp.where(where, d, -jnp.inf)
+            wd = d if w is None else w * d
+            wd = jnp.where(w != 0, wd, jnp.zeros((), cdt)) if w is not None else wd
+            smooth = total_w * (log_total - (s_label - fp.m)) - jnp.sum(wd, axis, keepdims=True)
+            loss = loss + k * smooth
         loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
     else:
         q = _prob_targets(labels, where, w, fp.z.shape[axis], axis, alpha, cdt)
@@ -270,6 +286,12 @@ def _ce_vjp_bwd(opts, residuals, g):
         # float32 copy of the logits' size between the passes.
         e = None
         p = jnp.exp(shifted - jnp.log(_nonzero(total)))
+    if opts.softcap is not None:
+        # The soft-cap derivative needs tanh(z / cap) again. Written behind an
+        # optimization barrier, XLA recomputes it in the pass that writes the gradient
+        # instead of keeping the forward's logits-sized tanh in memory (which costs
+        # more than the second tanh on a CPU).
+        u = _capped(lax.optimization_barrier(z), opts)
     fp = _Pass(z, u, shifted, e, total, m)
     g = jnp.expand_dims(g.astype(cdt), opts.axis)
     ok = None if row_ok is None else jnp.expand_dims(row_ok, opts.axis)
