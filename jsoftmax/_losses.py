@@ -139,6 +139,62 @@ def _forward_pass(logits, where, temperature, opts: _Options, cdt) -> _Pass:
     return _Pass(z, u, shifted, e, total, m)
 
 
+def integer_loss(log_total, m, s_label, in_range, row_w, smooth, opts: _Options):
+    """The per-row loss for integer labels from per-row statistics (any shape):
+    ``b (log_total - (s_y - m)) + k (W (log_total - (s_y - m)) - S) + c lse^2`` with
+    ``b = (1 - alpha) w_y`` and ``smooth = (k, W, S)``, ``S = sum_valid w_i (s_i - s_y)``
+    (None without smoothing); NaN where the label is out of range.
+
+    ``m`` and ``log_total`` are kept apart, so the loss stays exact when ``|m|`` is near
+    the dtype's maximum. Shared by every loss with integer labels (chunked and sharded
+    ones compute the same statistics in pieces).
+    """
+    alpha = opts.alpha
+    nll = log_total - (s_label - m)  # -log p_y
+    loss = nll
+    if row_w is not None or alpha:
+        loss = ((1 - alpha) if row_w is None else (1 - alpha) * row_w) * loss
+    if alpha:
+        k, total_w, centred = smooth
+        loss = loss + k * (total_w * nll - centred)
+    if opts.z_loss:
+        loss = loss + _formulas.z_loss_term(m + log_total, opts.z_loss)
+    return jnp.where(in_range, loss, jnp.full((), jnp.nan, loss.dtype))
+
+
+def smoothing_sum(s, s_label, valid, w, axis: int):
+    """``S = sum_valid w_i (s_i - s_y)`` over ``axis`` (keepdims).
+
+    Centred on the target logit ``s_y`` rather than on the row maximum, so that this
+    sum reads the logits on its own and XLA does not keep ``s - m`` in memory. ``valid``
+    and ``w`` may be None (all valid, unit weights); zero weights contribute 0 even at
+    ``-inf`` logits.
+    """
+    d = s - s_label
+    if valid is not None:
+        d = jnp.where(valid, d, jnp.zeros((), d.dtype))
+    if w is not None:
+        d = jnp.where(w != 0, w * d, jnp.zeros((), d.dtype))
+    return jnp.sum(d, axis=axis, keepdims=True)
+
+
+def integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts: _Options):
+    """``d loss / d s = (sum q + 2 c lse) p - q`` for integer labels, with
+    ``q = b e_y + k w`` (``smooth = (k, W, w)``: the per-row smoothing mass, total class
+    weight and the class-weight vector, or None); NaN where the label is out of range.
+    Works on any block of classes (``onehot`` marks the label inside the block)."""
+    cdt = p.dtype
+    b = jnp.asarray(1 - opts.alpha, cdt) if row_w is None else (1 - opts.alpha) * row_w
+    mass = b
+    q = jnp.where(onehot, b, jnp.zeros((), cdt))
+    if opts.alpha:
+        k, total_w, w = smooth
+        mass = mass + k * total_w
+        q = q + (k if w is None else k * w)
+    g_s = _formulas.ce_cotangent_scale(mass, lse, opts.z_loss) * p - q
+    return jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
+
+
 def _row_loss(fp: _Pass, labels, where, temperature, weights, row_w, opts: _Options):
     """The per-row loss ``sum_i q_i (lse - s_i) + c lse^2`` (keepdims), before the row
     mask. Integer labels read the target logit with a gather (no pass over the classes
@@ -150,30 +206,16 @@ def _row_loss(fp: _Pass, labels, where, temperature, weights, row_w, opts: _Opti
     if _is_integer(labels):
         idx, in_range = _label_index(labels, fp.z.shape[axis], axis)
         s_label = _scale(_capped(_pick(fp.z, idx, axis), opts), temperature)
-        # -log p_y = log_total - (s_y - m): m and log_total are kept apart, so the
-        # loss stays exact when |m| is near the dtype's maximum.
-        loss = log_total - (s_label - fp.m)
-        if row_w is not None or alpha:
-            b = (1 - alpha) if row_w is None else (1 - alpha) * row_w
-            loss = b * loss
+        smooth = None
         if alpha:
             k, total_w = _smoothing(where, w, fp.z.shape[axis], axis, alpha, cdt)
-            # sum_valid w_i (lse - s_i) = W (log_total - (s_y - m)) - sum_valid w_i (s_i - s_y).
-            # Centred on the target logit s_y (a gather), not on m, so that this sum
-            # reads the logits on its own and does not make XLA keep s - m in memory.
-            d = _scale(_capped(fp.z, opts), temperature) - s_label
-            if where is not None:
-                d = jnp.where(where, d, -jnp.inf)
-            wd = d if w is None else w * d
-            wd = jnp.where(w != 0, wd, jnp.zeros((), cdt)) if w is not None else wd
-            smooth = total_w * (log_total - (s_label - fp.m)) - jnp.sum(wd, axis, keepdims=True)
-            loss = loss + k * smooth
-        loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
-    else:
-        q = _prob_targets(labels, where, w, fp.z.shape[axis], axis, alpha, cdt)
-        # 0 * log 0 = 0 ("double where"); q > 0 on a -inf logit gives +inf.
-        terms = jnp.where(q != 0, q * (log_total - fp.shifted), jnp.zeros((), cdt))
-        loss = jnp.sum(terms, axis=axis, keepdims=True)
+            s = _scale(_capped(fp.z, opts), temperature)
+            smooth = (k, total_w, smoothing_sum(s, s_label, where, w, axis))
+        return integer_loss(log_total, fp.m, s_label, in_range, row_w, smooth, opts)
+    q = _prob_targets(labels, where, w, fp.z.shape[axis], axis, alpha, cdt)
+    # 0 * log 0 = 0 ("double where"); q > 0 on a -inf logit gives +inf.
+    terms = jnp.where(q != 0, q * (log_total - fp.shifted), jnp.zeros((), cdt))
+    loss = jnp.sum(terms, axis=axis, keepdims=True)
     if opts.z_loss:
         loss = loss + _formulas.z_loss_term(fp.m + log_total, opts.z_loss)
     return loss
@@ -200,15 +242,11 @@ def _cotangent_s(fp: _Pass, p, labels, where, weights, row_w, opts: _Options):
     if _is_integer(labels):
         idx, in_range = _label_index(labels, fp.z.shape[axis], axis)
         onehot = lax.broadcasted_iota(idx.dtype, fp.z.shape, axis) == idx
-        b = jnp.asarray(1 - alpha, cdt) if row_w is None else (1 - alpha) * row_w
-        mass = b
-        q = jnp.where(onehot, b, jnp.zeros((), cdt))
+        smooth = None
         if alpha:
             k, total_w = _smoothing(where, w, fp.z.shape[axis], axis, alpha, cdt)
-            mass = mass + k * total_w
-            q = q + (k if w is None else k * w)
-        g_s = _formulas.ce_cotangent_scale(mass, lse, opts.z_loss) * p - q
-        return jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
+            smooth = (k, total_w, w)
+        return integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts)
     q = _prob_targets(labels, where, w, fp.z.shape[axis], axis, alpha, cdt)
     mass = jnp.sum(q, axis=axis, keepdims=True)
     return _formulas.ce_cotangent_scale(mass, lse, opts.z_loss) * p - q
