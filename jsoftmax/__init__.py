@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from jsoftmax import sharded as sharded
+from jsoftmax import tools as tools
 from jsoftmax._jacobian import hessian as hessian
 from jsoftmax._jacobian import jacobian as jacobian
 from jsoftmax._jacobian import jacobian_diagonal as jacobian_diagonal
@@ -41,5 +42,6 @@ __all__ = [
     "softmax_hvp",
     "softmax_jvp",
     "softmax_vjp",
+    "tools",
     "verify",
 ]

@@ -11,7 +11,7 @@ import sys
 
 _COMMANDS = {
     "verify": ("jsoftmax._verify", "check every derivative method against float64 (main job)"),
-    "bench": ("jsoftmax._bench", "time jsoftmax against jax.nn and autodiff baselines"),
+    "bench": ("jsoftmax.tools.bench", "time jsoftmax against jax.nn and autodiff baselines"),
     "accuracy": ("jsoftmax._accuracy", "error report against mpmath arbitrary precision"),
 }
 
