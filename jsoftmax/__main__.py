@@ -12,7 +12,7 @@ import sys
 _COMMANDS = {
     "verify": ("jsoftmax._verify", "check every derivative method against float64 (main job)"),
     "bench": ("jsoftmax.tools.bench", "time jsoftmax against jax.nn and autodiff baselines"),
-    "accuracy": ("jsoftmax._accuracy", "error report against mpmath arbitrary precision"),
+    "accuracy": ("jsoftmax.tools.accuracy", "error report against mpmath arbitrary precision"),
 }
 
 
