@@ -10,7 +10,7 @@ import importlib
 import sys
 
 _COMMANDS = {
-    "verify": ("jsoftmax._verify", "check every derivative method against float64 (main job)"),
+    "verify": ("jsoftmax.tools.verify", "check every derivative method against float64 (main job)"),
     "bench": ("jsoftmax.tools.bench", "time jsoftmax against jax.nn and autodiff baselines"),
     "accuracy": ("jsoftmax.tools.accuracy", "error report against mpmath arbitrary precision"),
 }
