@@ -18,12 +18,16 @@ from jsoftmax._losses import cross_entropy_hessian as cross_entropy_hessian
 from jsoftmax._operator import SoftmaxJacobian as SoftmaxJacobian
 from jsoftmax._softmax import log_softmax as log_softmax
 from jsoftmax._softmax import softmax as softmax
-from jsoftmax._verify import verify as verify
 
 try:
     __version__ = _version("jsoftmax")
 except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
+
+# The tools import the core, never the reverse; only the verification entry point is
+# re-exported here, once every core name above exists.
+from jsoftmax import tools as tools  # noqa: E402
+from jsoftmax.tools.verify import verify as verify  # noqa: E402
 
 __all__ = [
     "SoftmaxJacobian",
@@ -41,5 +45,6 @@ __all__ = [
     "softmax_hvp",
     "softmax_jvp",
     "softmax_vjp",
+    "tools",
     "verify",
 ]

@@ -1,7 +1,8 @@
-"""Command line: ``python -m jsoftmax {verify,bench,accuracy} [options]``.
+"""Command line: ``python -m jsoftmax {verify,bench,accuracy} [options]``, also installed
+as the ``jsoftmax`` command.
 
-Each subcommand lives in its own module and exposes ``main(argv) -> int``; this file
-only dispatches, so ``python -m jsoftmax verify --help`` shows that command's options.
+Each subcommand is a module of :mod:`jsoftmax.tools` exposing ``main(argv) -> int``; this
+file only dispatches, so ``python -m jsoftmax verify --help`` shows that command's options.
 """
 
 from __future__ import annotations
@@ -10,20 +11,23 @@ import importlib
 import sys
 
 _COMMANDS = {
-    "verify": ("jsoftmax._verify", "check every derivative method against float64 (main job)"),
-    "bench": ("jsoftmax._bench", "time jsoftmax against jax.nn and autodiff baselines"),
-    "accuracy": ("jsoftmax._accuracy", "error report against mpmath arbitrary precision"),
+    "verify": ("jsoftmax.tools.verify", "check every derivative method against float64 (main job)"),
+    "bench": ("jsoftmax.tools.bench", "time jsoftmax against jax.nn and autodiff baselines"),
+    "accuracy": ("jsoftmax.tools.accuracy", "error report against mpmath arbitrary precision"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: python -m jsoftmax COMMAND [options]", "", "commands:"]
+    lines = ["usage: python -m jsoftmax COMMAND [options]  (or: jsoftmax COMMAND [options])"]
+    lines += ["", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in _COMMANDS.items()]
     lines += ["", "Run 'python -m jsoftmax COMMAND --help' for a command's options."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ``COMMAND [options]`` from ``argv`` (``sys.argv[1:]`` by default); returns the
+    command's exit code (2 for an unknown command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

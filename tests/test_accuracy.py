@@ -1,6 +1,8 @@
-"""The accuracy report and regressions for the worst cases it found, against mpmath."""
+"""The accuracy report (:mod:`jsoftmax.tools.accuracy`), its ULP metric, and regressions
+for the worst cases it found, against mpmath."""
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 import jsoftmax
-from jsoftmax import _accuracy
+from jsoftmax.tools import accuracy
 
 mpmath.mp.dps = 50
 
@@ -25,16 +27,16 @@ def _ulps(got, exact, dtype):
     got = np.asarray(got, np.float64)
     hi = np.array([float(v) for v in exact])
     lo = np.array([float(v - h) for v, h in zip(exact, hi, strict=True)])
-    return np.abs((got - hi) - lo) / _accuracy._ulp(hi, dtype)
+    return np.abs((got - hi) - lo) / accuracy.ulp(hi, dtype)
 
 
 def test_quick_report_cli_writes_valid_json(tmp_path, capsys):
     path = tmp_path / "acc.json"
-    assert _accuracy.main(["--quick", "--json", str(path), "--summary"]) == 0
+    assert accuracy.main(["--quick", "--json", str(path), "--summary"]) == 0
     data = json.loads(path.read_text())
     rows = data["results"]
-    assert {r["dtype"] for r in rows} == set(_accuracy.DTYPES)
-    assert {r["family"] for r in rows} == set(_accuracy.FAMILIES)
+    assert {r["dtype"] for r in rows} == set(accuracy.DTYPES)
+    assert {r["family"] for r in rows} == set(accuracy.FAMILIES)
     assert {r["impl"] for r in rows} == {"jsoftmax", "jax.nn"}
     for r in rows:
         assert r["max_ulp"] >= r["median_ulp"] >= 0
@@ -47,16 +49,76 @@ def test_quick_report_cli_writes_valid_json(tmp_path, capsys):
 
 def test_report_rejects_unknown_names():
     with pytest.raises(ValueError, match="dtypes"):
-        _accuracy.accuracy_report(dtypes=["float8"])
+        accuracy.run(dtypes=["float8"])
     with pytest.raises(ValueError, match="families"):
-        _accuracy.accuracy_report(families=["cauchy"])
+        accuracy.run(families=["cauchy"])
+    with pytest.raises(ValueError, match="ops"):
+        accuracy.run(ops=["softmax_hvp"])
 
 
 def test_ulp_of_each_dtype():
-    assert _accuracy._ulp(np.array([1.0]), "float32")[0] == 2.0**-23
-    assert _accuracy._ulp(np.array([1.0]), "bfloat16")[0] == 2.0**-7
-    assert _accuracy._ulp(np.array([0.0]), "float16")[0] == 2.0**-24
-    assert _accuracy._ulp(np.array([3.0]), "float64")[0] == 2.0**-51
+    assert accuracy.ulp(np.array([1.0]), "float32")[0] == 2.0**-23
+    assert accuracy.ulp(np.array([1.0]), "bfloat16")[0] == 2.0**-7
+    assert accuracy.ulp(np.array([0.0]), "float16")[0] == 2.0**-24
+    assert accuracy.ulp(np.array([3.0]), "float64")[0] == 2.0**-51
+
+
+def test_errors_of_known_size():
+    # Exact values hi + lo and results a known number of float32 ULPs away.
+    u = 2.0**-23
+    hi = np.array([1.0, 1.5, 0.75, 1.0, 0.0, 1e-40])
+    lo = np.array([0.0, 0.0, 0.0, 2.0**-30, 0.0, 0.0])
+    got = np.array([1.0 + 3 * u, 1.5 - u, 0.75 + u / 2, 1.0, 0.0, 0.0])
+    ulps, rel, nonfinite, flushed = accuracy.errors(got, hi, lo, "float32")
+    np.testing.assert_array_equal(ulps, [3.0, 1.0, 1.0, 2.0**-7, 0.0, 0.0])
+    np.testing.assert_array_equal(rel[:3], [3 * u, u / 1.5, u / 2 / 0.75])
+    assert not nonfinite.any()
+    # 1e-40 is below float32's smallest normal and came out as 0: flushed, not an error.
+    np.testing.assert_array_equal(flushed, [False] * 5 + [True])
+
+
+def test_errors_of_nonfinite_results():
+    hi, lo = np.array([0.5, 0.5, 1e300, -np.inf]), np.zeros(4)
+    got = np.array([np.nan, np.inf, np.inf, -np.inf])
+    ulps, _, nonfinite, _ = accuracy.errors(got, hi, lo, "float32")
+    # NaN and inf where 0.5 is exact: infinite errors; 1e300 rounds to inf in float32, so
+    # inf is right; -inf is exact.
+    np.testing.assert_array_equal(ulps, [np.inf, np.inf, 0.0, 0.0])
+    np.testing.assert_array_equal(nonfinite, [True, True, False, False])
+
+
+def test_errors_relative_to_a_row_scale():
+    # Derivatives: the error of a small component in ULPs of the row's largest one.
+    hi, lo = np.array([[0.5, 2.0**-20]]), np.zeros((1, 2))
+    got = hi + np.array([[0.0, 2.0**-26]])  # ulp(0.5) = 2**-24, ulp(2**-20) = 2**-43
+    ulps, *_ = accuracy.errors(got, hi, lo, "float32", scale=np.full((1, 2), 0.5))
+    np.testing.assert_array_equal(ulps, [[0.0, 0.25]])
+    ulps, *_ = accuracy.errors(got, hi, lo, "float32")
+    np.testing.assert_array_equal(ulps, [[0.0, 2.0**17]])
+
+
+def test_report_measures_a_known_wrong_softmax(monkeypatch):
+    # Doubling the probabilities is an error of about p / ulp(p) = 2**23 ULP in float32;
+    # the jax.nn rows are untouched.
+    real = jsoftmax.softmax
+
+    def wrong(x, axis=-1, **kwargs):
+        return 2 * real(x, axis, **kwargs)
+
+    monkeypatch.setattr(jsoftmax, "softmax", wrong)
+    rows = accuracy.run(quick=True, dtypes=["float32"], families=["normal"], ops=["softmax"])
+    by_impl = {r["impl"]: r for r in rows}
+    assert 2.0**22 <= by_impl["jsoftmax"]["max_ulp"] <= 2.0**24
+    assert by_impl["jsoftmax"]["max_rel"] == pytest.approx(1.0, rel=1e-6)
+    assert by_impl["jax.nn"]["max_ulp"] <= 4
+
+
+def test_report_without_mpmath_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mpmath", None)  # import raises ImportError
+    with pytest.raises(ImportError, match=r"jsoftmax\[accuracy\]"):
+        accuracy.run(quick=True, dtypes=["float32"], families=["normal"])
+    assert accuracy.main(["--quick", "--dtypes", "float32"]) == 2
+    assert "jsoftmax[accuracy]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -116,7 +178,7 @@ def test_softmax_gradient_with_dominant_logit_does_not_cancel(rule):
         got = jax.jvp(f, (xj,), (gj,))[1]
     scale = max(abs(float(v)) for v in exact)
     err = np.abs(np.asarray(got, np.float64) - np.array([float(v) for v in exact]))
-    assert err.max() / _accuracy._ulp(np.array([scale]), "float32")[0] <= 8
+    assert err.max() / accuracy.ulp(np.array([scale]), "float32")[0] <= 8
 
 
 def test_float16_softmax_of_a_million_equal_logits():

@@ -1,6 +1,7 @@
-"""Tests of ``python -m jsoftmax bench``: it runs and writes valid JSON, and the
-functions it times are not recompiled on repeated calls. Speed is reported by the
-benchmark, never asserted here."""
+"""Tests of ``python -m jsoftmax bench`` (:mod:`jsoftmax.tools.bench`): it runs and
+writes valid JSON, its agreement check and residual count can fail, and the functions it
+times are not recompiled on repeated calls. Speed is reported by the benchmark, never
+asserted here."""
 
 import json
 import math
@@ -8,12 +9,14 @@ import sys
 
 import chex
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jsoftmax
-from jsoftmax import _bench
+from jsoftmax.tools import bench
+from jsoftmax.tools.bench import _timing
 
 ROW_FIELDS = {
     "group",
@@ -38,7 +41,7 @@ META_FIELDS = {"backend", "device", "jax", "jsoftmax", "dtype", "mode", "repeats
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    code = _bench.main(["--quick", "--repeats", "3", "--json", str(path), "--no-progress"])
+    code = bench.main(["--quick", "--repeats", "3", "--json", str(path), "--no-progress"])
     assert code == 0
     with open(path) as fh:
         return json.load(fh)
@@ -54,7 +57,7 @@ def test_quick_json_has_meta_and_rows(quick_result):
     for row in quick_result["rows"]:
         assert set(row) == ROW_FIELDS, row
         assert row["unit"] in ("s", "bytes", "fraction")
-        assert row["group"] in _bench.GROUPS
+        assert row["group"] in bench.GROUPS
 
 
 def test_quick_json_timing_rows_are_consistent(quick_result):
@@ -101,7 +104,7 @@ def test_format_table_names_backend_and_misses():
             "peak_bytes_in_use": "n/a",
         },
         "rows": [
-            _bench.Row(
+            bench.Row(
                 group="forward",
                 case="softmax (2, 3) float32",
                 candidate="jsoftmax.softmax",
@@ -117,7 +120,7 @@ def test_format_table_names_backend_and_misses():
             ).as_dict()
         ],
     }
-    text = _bench.format_table(result)
+    text = bench.format_table(result)
     assert "backend: cpu" in text and f"jax {jax.__version__}" in text
     assert "targets met: 0/1" in text
     assert "MISSED" in text and "2.00 ms" in text
@@ -133,7 +136,7 @@ def test_time_interleaved_counts_calls():
 
         return f
 
-    t = _bench.time_interleaved({"a": make("a"), "b": make("b")}, repeats=3, min_sample_s=0.0)
+    t = bench.time_interleaved({"a": make("a"), "b": make("b")}, repeats=3, min_sample_s=0.0)
     assert set(t) == {"a", "b"}
     for name in ("a", "b"):
         # 2 warm-up calls + 3 repeats of 1 call each.
@@ -142,25 +145,98 @@ def test_time_interleaved_counts_calls():
 
 
 def test_bad_arguments_exit_2(capsys):
-    assert _bench.main(["--repeats", "0"]) == 2
+    assert bench.main(["--repeats", "0"]) == 2
     assert "--repeats" in capsys.readouterr().err
-    assert _bench.main(["--only", "nonsense"]) == 2
+    assert bench.main(["--only", "nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
     with pytest.raises(ValueError, match="groups"):
-        _bench.run(groups=["nonsense"])
+        bench.run(groups=["nonsense"])
 
 
 def test_plot_without_matplotlib_says_so(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
-    assert _bench.main(["--quick", "--plot", str(tmp_path / "p.png")]) == 2
+    assert bench.main(["--quick", "--plot", str(tmp_path / "p.png")]) == 2
     assert "matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
 
 
-def test_devices_without_sharded_module_says_so(monkeypatch, capsys):
-    monkeypatch.setattr(_bench.importlib.util, "find_spec", lambda name: None)
-    assert _bench.main(["--quick", "--devices", "2"]) == 2
-    assert "jsoftmax._bench_sharded" in capsys.readouterr().err
+def test_sharded_group_needs_devices(capsys):
+    assert bench.main(["--quick", "--only", "sharded"]) == 2
+    assert "--devices" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="devices"):
+        bench.run(groups=["sharded"])
+
+
+def test_devices_beyond_what_jax_has_says_so(capsys):
+    # The test process's backends have started with 8 devices; 16 cannot be had.
+    assert bench.main(["--quick", "--only", "sharded", "--devices", "16"]) == 2
+    assert "needs 16 devices" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# The agreement check and the residual count can fail.
+# --------------------------------------------------------------------------------------
+
+
+def test_agree_flags_different_results():
+    a = jnp.array([0.25, 0.75], jnp.float32)
+    assert _timing.agree(a, a + 1e-7, jnp.float32) == ""
+    assert _timing.agree(a, a[::-1], jnp.float32) == "RESULTS DIFFER"
+    assert _timing.agree(a, jnp.concatenate([a, a]), jnp.float32) == "RESULTS DIFFER"  # shape
+    assert _timing.agree((a, a), (a,), jnp.float32) == "RESULTS DIFFER"  # structure
+    # 16-bit: a relative difference of 1e-2 is rounding, 1e-1 is not.
+    b = jnp.array([1.0, 2.0], jnp.bfloat16)
+    assert _timing.agree(b, b * 1.01, jnp.bfloat16) == ""
+    assert _timing.agree(b, b * 1.1, jnp.bfloat16) == "RESULTS DIFFER"
+
+
+def test_bench_reports_a_wrong_candidate(monkeypatch):
+    # A softmax of the wrong temperature: every forward row must say the results differ,
+    # and the table must warn.
+    real = jsoftmax.softmax
+
+    def wrong(x, axis=-1, *, where=None, **kwargs):
+        return real(2 * x, axis, where=where, **kwargs)
+
+    monkeypatch.setattr(jsoftmax, "softmax", wrong)
+    result = bench.run(quick=True, groups=["forward"], repeats=1)
+    assert result["rows"] and all(r["note"] == "RESULTS DIFFER" for r in result["rows"])
+    assert "WARNING: RESULTS DIFFER" in bench.format_table(result)
+
+
+def _printed_residuals(f, *args, capsys):
+    # jax's public printer: one line per saved residual, "f32[4,8] ...".
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(f, *args)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    sizes = {"f32": 4, "f64": 8, "i32": 4, "bool": 1}
+    nbytes = 0
+    for line in lines:
+        kind, dims = line.split()[0].rstrip("]").split("[")
+        nbytes += sizes[kind] * int(np.prod([int(d) for d in dims.split(",") if d]))
+    return len(lines), nbytes
+
+
+@pytest.mark.parametrize(
+    "name, f",
+    [
+        ("jsoftmax.softmax", jsoftmax.softmax),
+        ("jsoftmax.softmax jvp", lambda x: jsoftmax.softmax(x, rule="jvp")),
+        ("jax.nn.softmax", jax.nn.softmax),
+        ("jax.nn.log_softmax", jax.nn.log_softmax),
+    ],
+)
+def test_residual_count_matches_jax_printer(name, f, capsys):
+    x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    assert _timing.residuals(f, x) == _printed_residuals(f, x, capsys=capsys), name
+
+
+def test_residual_count_of_known_functions():
+    x = jax.ShapeDtypeStruct((5, 3), jnp.float32)
+    assert _timing.residuals(jnp.sin, x) == (1, 60)  # cos(x)
+    assert _timing.residuals(lambda x: x * x, x) == (1, 60)  # the argument
+    assert _timing.residuals(lambda x: x + 1.0, x) == (0, 0)  # nothing needed
+    assert _timing.residuals(jsoftmax.softmax, x) == (1, 60)  # the output only
 
 
 # --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ EXPECTED = {
     "softmax_hvp",
     "softmax_jvp",
     "softmax_vjp",
+    "tools",
     "verify",
 }
 
@@ -35,6 +36,10 @@ def test_every_public_name_resolves_and_is_documented():
 
 def test_sharded_submodule_surface():
     assert set(jsoftmax.sharded.__all__) == {"cross_entropy", "log_softmax", "softmax"}
+
+
+def test_tools_subpackage_surface():
+    assert set(jsoftmax.tools.__all__) == {"accuracy", "bench", "verify"}
 
 
 def test_no_stray_public_attributes():

@@ -1,47 +1,58 @@
-"""Tests of the verification harness and `python -m jsoftmax verify`."""
+"""Tests of the verification harness (:mod:`jsoftmax.tools.verify`) and
+`python -m jsoftmax verify`."""
 
+import json
+import re
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jsoftmax
-from jsoftmax import _verify
 from jsoftmax.__main__ import main
+from jsoftmax.tools import verify as verify_module
+
+METHODS = {
+    "jsoftmax.jacobian (explicit)",
+    "jacrev(softmax, rule=vjp)",
+    "jacfwd(softmax, rule=jvp)",
+    "jacrev(softmax, rule=jvp)",
+    "jacfwd(jax.nn.softmax)",
+    "jsoftmax.log_softmax_jacobian",
+    "jsoftmax.softmax_jvp",
+    "jsoftmax.softmax_vjp",
+    "jsoftmax.hessian (explicit)",
+    "hessian(softmax, rule=jvp)",
+    "SoftmaxJacobian @ v",
+    "v @ SoftmaxJacobian",
+    "SoftmaxJacobian.dense()",
+}
 
 
 def test_verify_report_agrees_and_covers_every_method():
     report = jsoftmax.verify(sizes=(2, 17), dtypes=("float32", "float64"), batched=(((3, 5), 0),))
     assert report.ok, report.table()
-    methods = {r.method for r in report.rows}
-    assert {
-        "jsoftmax.jacobian (explicit)",
-        "jacrev(softmax, rule=vjp)",
-        "jacfwd(softmax, rule=jvp)",
-        "jacrev(softmax, rule=jvp)",
-        "jacfwd(jax.nn.softmax)",
-        "jsoftmax.log_softmax_jacobian",
-        "jsoftmax.softmax_jvp",
-        "jsoftmax.softmax_vjp",
-        "jsoftmax.hessian (explicit)",
-        "hessian(softmax, rule=jvp)",
-        "SoftmaxJacobian @ v",
-        "v @ SoftmaxJacobian",
-        "SoftmaxJacobian.dense()",
-    } <= methods
+    assert {r.method for r in report.rows} == METHODS
     assert {r.dtype for r in report.rows} == {"float32", "float64"}
     assert "backend: cpu" in report.table()
 
 
-def test_verify_detects_a_wrong_method(monkeypatch):
-    # The harness must be able to fail: a Jacobian with the classic index slip
-    # (J_ij = p_i(delta_ij - p_i)) is reported out of tolerance.
-    def wrong(x, axis=-1, *, where=None):  # vectors only, as used below
-        p = jsoftmax.softmax(x)
-        return p[:, None] * (jnp.eye(p.shape[0], dtype=p.dtype) - p[:, None])
+def test_top_level_name_is_the_tool():
+    assert jsoftmax.verify is verify_module.verify
+    assert jsoftmax.tools.verify.verify is verify_module.verify
 
-    monkeypatch.setattr(_verify._jacobian, "jacobian", wrong)
+
+def _wrong_jacobian(x, axis=-1, *, where=None):  # vectors only, as used below
+    # The classic index slip: J_ij = p_i (delta_ij - p_i).
+    p = jsoftmax.softmax(x)
+    return p[:, None] * (jnp.eye(p.shape[0], dtype=p.dtype) - p[:, None])
+
+
+def test_verify_detects_a_wrong_method(monkeypatch):
+    # The harness must be able to fail.
+    monkeypatch.setattr(jsoftmax, "jacobian", _wrong_jacobian)
     report = jsoftmax.verify(sizes=(4,), dtypes=("float64",), batched=(), family=False)
     assert not report.ok
     bad = [r for r in report.rows if not r.ok]
@@ -49,16 +60,87 @@ def test_verify_detects_a_wrong_method(monkeypatch):
 
 
 def test_reference_is_independent_numpy():
-    p = _verify._np_softmax(np.array([[0.0, np.log(3.0)]]))
+    p = verify_module._np_softmax(np.array([[0.0, np.log(3.0)]]))
     np.testing.assert_allclose(p, [[0.25, 0.75]], rtol=1e-15)
-    np.testing.assert_allclose(_verify._np_jacobian(p)[0], [[0.1875, -0.1875], [-0.1875, 0.1875]])
+    np.testing.assert_allclose(
+        verify_module._np_jacobian(p)[0], [[0.1875, -0.1875], [-0.1875, 0.1875]]
+    )
 
 
-def test_cli_verify_exit_code_and_table(capsys):
-    rc = main(["verify", "--sizes", "2", "5", "--dtypes", "float32", "--no-batched", "--quiet"])
+# --------------------------------------------------------------------------------------
+# The summary, --full and --json.
+# --------------------------------------------------------------------------------------
+
+ARGS = ["verify", "--sizes", "2", "5", "--dtypes", "float32", "--no-batched", "--quiet"]
+N_ROWS = 2 * len(METHODS)  # two inputs (n = 2, 5 <= 64, so the Hessians too), 13 methods
+
+
+def _table_lines(out: str) -> list[str]:
+    # The lines between the dashed separator and the blank line after the table.
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("---")) + 1
+    end = lines.index("", start)
+    return lines[start:end]
+
+
+def test_cli_default_prints_the_summary(capsys):
+    assert main(ARGS) == 0
     out = capsys.readouterr().out
-    assert rc == 0
-    assert "result: all methods agree" in out and "float32" in out
+    rows = _table_lines(out)
+    # One line per method (the worst of its rows), each method once.
+    assert len(rows) == len(METHODS)
+    for method in METHODS:
+        assert sum(method in re.split(r"\s{2,}", line) for line in rows) == 1, method
+    assert "float32" in out and "eps" in out
+    assert "--full" in out
+    assert out.rstrip().endswith(f"result: all methods agree ({N_ROWS} comparisons)")
+    assert len(out.splitlines()) < 30
+
+
+def test_cli_full_prints_every_comparison(capsys):
+    assert main([*ARGS, "--full"]) == 0
+    out = capsys.readouterr().out
+    rows = _table_lines(out)
+    assert len(rows) == N_ROWS
+    assert sum(line.startswith("H = d2 softmax") for line in rows) == 4
+    assert out.rstrip().endswith(f"result: all methods agree ({N_ROWS} comparisons)")
+
+
+def test_cli_json_writes_every_comparison(tmp_path, capsys):
+    path = tmp_path / "verify.json"
+    assert main([*ARGS, "--json", str(path)]) == 0
+    assert f"wrote {path}" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["ok"] is True and data["backend"] == "cpu"
+    assert len(data["rows"]) == N_ROWS
+    assert {r["method"] for r in data["rows"]} == METHODS
+    for r in data["rows"]:
+        assert r["shape"] in ([2], [5]) and r["axis"] == -1 and r["dtype"] == "float32"
+        assert r["ok"] == (r["max_rel_err"] <= r["tolerance"])
+        assert 0 <= r["max_rel_err"] <= r["tolerance"] or not r["gating"]
+
+
+def test_cli_summary_shows_failures_in_full(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(jsoftmax, "jacobian", _wrong_jacobian)
+    path = tmp_path / "verify.json"
+    args = ["verify", "--sizes", "4", "--dtypes", "float64", "--no-batched", "--no-family"]
+    assert main([*args, "--quiet", "--json", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "out of tolerance:" in out
+    failing = [line for line in out.splitlines() if line.endswith("FAIL")]
+    # Once in the summary (float64 column), once in full below it.
+    assert len(failing) == 2 and all("jsoftmax.jacobian (explicit)" in f for f in failing)
+    assert out.rstrip().endswith("result: 1 comparison(s) out of tolerance (5 comparisons)")
+    data = json.loads(path.read_text())
+    assert data["ok"] is False
+    assert [r["method"] for r in data["rows"] if not r["ok"]] == ["jsoftmax.jacobian (explicit)"]
+
+
+def test_cli_rejects_bad_sizes(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "--sizes", "0"])
+    assert e.value.code == 2
+    assert "--sizes" in capsys.readouterr().err
 
 
 def test_cli_help_and_unknown_command(capsys):
@@ -75,4 +157,4 @@ def test_module_entry_point_help():
         text=True,
         check=True,
     ).stdout
-    assert "float64" in out and "--sizes" in out
+    assert "float64" in out and "--sizes" in out and "--full" in out and "--json" in out

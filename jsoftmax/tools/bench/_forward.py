@@ -1,0 +1,79 @@
+"""Group ``forward``: :func:`jsoftmax.softmax` vs :func:`jax.nn.softmax`, with and without
+``where``, float32 and bfloat16."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import numpy as np
+
+import jsoftmax
+from jsoftmax.tools.bench._timing import (
+    BF16,
+    F32,
+    FORWARD_SHAPES,
+    Case,
+    Ctx,
+    Row,
+    agree,
+    logits,
+    mask,
+    shape_str,
+    time_interleaved,
+    timing_row,
+)
+
+GROUPS = ("forward",)
+TARGET = 0.95  # minimum ratio jax.nn / jsoftmax
+
+
+def forward(ctx: Ctx, shape, dtype, where: bool) -> list[Row]:
+    x = logits(shape, dtype)
+    if where:
+        args = (x, mask(shape))
+        cand = jax.jit(lambda x, m: jsoftmax.softmax(x, where=m))
+        base = jax.jit(lambda x, m: jax.nn.softmax(x, where=m))
+    else:
+        args = (x,)
+        cand = jax.jit(jsoftmax.softmax)
+        base = jax.jit(jax.nn.softmax)
+    note = agree(cand(*args), base(*args), dtype)
+    t = time_interleaved(
+        {"base": lambda: base(*args), "cand": lambda: cand(*args)}, ctx.repeats, ctx.min_sample_s
+    )
+    suffix = ", where" if where else ""
+    return [
+        timing_row(
+            "forward",
+            f"softmax {shape_str(shape)} {np.dtype(dtype).name}{suffix}",
+            "jsoftmax.softmax",
+            "jax.nn.softmax",
+            t["cand"],
+            t["base"],
+            shape=shape,
+            dtype=dtype,
+            target=TARGET,
+            note=note,
+        )
+    ]
+
+
+def cases(quick: bool) -> list[Case]:
+    shapes = FORWARD_SHAPES[:1] if quick else FORWARD_SHAPES
+    plan = [
+        Case("forward", f"softmax {s}", partial(forward, shape=s, dtype=F32, where=False))
+        for s in shapes
+    ]
+    plan.append(
+        Case(
+            "forward",
+            "softmax bfloat16",
+            partial(forward, shape=(4096, 1024), dtype=BF16, where=False),
+        )
+    )
+    plan += [
+        Case("forward", f"softmax {s} where", partial(forward, shape=s, dtype=F32, where=True))
+        for s in shapes
+    ]
+    return plan

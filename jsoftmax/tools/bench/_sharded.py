@@ -1,0 +1,163 @@
+"""Group ``sharded`` (with ``devices``): the vocabulary-sharded loss.
+
+For each device count ``d`` in 1, 2, 4, 8 (up to ``devices``), the class axis of a
+``(batch, vocab)`` float32 logits array is split over a mesh axis of ``d`` devices and
+the mean loss and its gradient are computed with :func:`jsoftmax.sharded.cross_entropy`
+inside :func:`jax.shard_map`. The rows compare it with :func:`jsoftmax.cross_entropy`
+on one device: time per call, the bytes of logits each device holds, and the
+per-device footprint XLA reports for the compiled step (arguments + temporaries +
+outputs). ``ratio`` = unsharded / sharded, about ``d`` for the logits.
+
+On a machine without accelerators the devices are simulated CPU devices sharing the
+host's cores, so time is not expected to improve with ``d``; memory per device is.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jsoftmax
+from jsoftmax.tools.bench._timing import (
+    F32,
+    Case,
+    Ctx,
+    Row,
+    agree,
+    footprint,
+    time_interleaved,
+    timing_row,
+)
+
+GROUPS = ("sharded",)
+DEVICE_COUNTS = (1, 2, 4, 8)
+SHAPE = (512, 32768)
+QUICK_SHAPE = (256, 8192)
+
+
+def prepare_devices(devices: int) -> None:
+    """Makes ``devices`` devices available, simulating CPU devices when needed.
+
+    Must run before the first JAX computation of the process (JAX fixes the number
+    of CPU devices when its backends start).
+
+    Raises:
+      ValueError: ``devices`` is not a positive int.
+      RuntimeError: fewer devices are available, with advice.
+    """
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise ValueError(f"devices must be a positive int, got {devices!r}.")
+    try:
+        if jax.config.jax_num_cpu_devices < devices:
+            jax.config.update("jax_num_cpu_devices", devices)
+    except RuntimeError:
+        pass  # backends already started: use what is there
+    if jax.device_count() < devices:
+        raise RuntimeError(
+            f"--devices {devices} needs {devices} devices but JAX has {jax.device_count()}. "
+            "On CPU, set XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{devices} before starting Python, or request the devices before any "
+            "other JAX computation runs."
+        )
+
+
+def _mean_loss(x, y):
+    return jnp.mean(jsoftmax.cross_entropy(x, y))
+
+
+def _sharded_mean_loss(x, y):
+    return jnp.mean(jsoftmax.sharded.cross_entropy(x, y, "vocab"))
+
+
+def _bytes_row(case, candidate, baseline, cand: float, base: float, shape) -> Row:
+    return Row(
+        group="sharded",
+        case=case,
+        candidate=candidate,
+        baseline=baseline,
+        unit="bytes",
+        candidate_value=float(cand),
+        baseline_value=float(base),
+        ratio=base / cand if cand else None,
+        shape=list(shape),
+        dtype=np.dtype(F32).name,
+    )
+
+
+def sharded(ctx: Ctx, devices: int, shape) -> list[Row]:
+    """The rows of one device count ``devices``."""
+    batch, vocab = shape
+    x_host = 3.0 * np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    y_host = np.random.default_rng(1).integers(0, vocab, size=batch)
+
+    dev0 = jax.devices()[0]
+    x1 = jax.device_put(x_host, dev0)
+    y1 = jax.device_put(y_host, dev0)
+    unsharded = jax.jit(jax.value_and_grad(_mean_loss))
+
+    mesh = jax.make_mesh((devices,), ("vocab",), devices=jax.devices()[:devices])
+    spec = P(None, "vocab")
+    loss = jax.shard_map(_sharded_mean_loss, mesh=mesh, in_specs=(spec, P()), out_specs=P())
+    step = jax.jit(jax.value_and_grad(loss))
+    xd = jax.device_put(x_host, NamedSharding(mesh, spec))
+    yd = jax.device_put(y_host, NamedSharding(mesh, P()))
+
+    note = agree(step(xd, yd), unsharded(x1, y1), F32)
+    t = time_interleaved(
+        {"sharded": lambda: step(xd, yd), "unsharded": lambda: unsharded(x1, y1)},
+        ctx.repeats,
+        ctx.min_sample_s,
+    )
+    on = f"{devices} device{'s' if devices > 1 else ''}"
+    cand = "jsoftmax.sharded.cross_entropy in shard_map"
+    base = "jsoftmax.cross_entropy, 1 device"
+    rows = [
+        timing_row(
+            "sharded",
+            f"cross_entropy value+grad, vocab over {on}",
+            cand,
+            base,
+            t["sharded"],
+            t["unsharded"],
+            shape=shape,
+            dtype=F32,
+            note=note,
+        ),
+        _bytes_row(
+            f"logits bytes per device, {on}",
+            cand,
+            base,
+            xd.addressable_shards[0].data.nbytes,
+            x1.nbytes,
+            shape,
+        ),
+    ]
+    step_bytes = footprint(step.lower(xd, yd).compile())
+    unsharded_bytes = footprint(unsharded.lower(x1, y1).compile())
+    if step_bytes is not None and unsharded_bytes is not None:
+        rows.append(
+            _bytes_row(
+                f"compiled step footprint per device, {on}",
+                cand,
+                base,
+                step_bytes,
+                unsharded_bytes,
+                shape,
+            )
+        )
+    return rows
+
+
+def cases(quick: bool, devices: int) -> list[Case]:
+    """One case per device count in ``DEVICE_COUNTS`` up to ``devices``."""
+    shape = QUICK_SHAPE if quick else SHAPE
+    return [
+        Case("sharded", f"sharded d={d}", partial(sharded, devices=d, shape=shape))
+        for d in DEVICE_COUNTS
+        if d <= devices
+    ]

@@ -1,0 +1,82 @@
+"""Group ``torch`` (only when PyTorch is installed): :func:`torch.softmax` on the CPU as an
+outside reference, forward and forward + backward."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import numpy as np
+
+import jsoftmax
+from jsoftmax.tools.bench._fwd_bwd import value_and_vjp
+from jsoftmax.tools.bench._timing import (
+    F32,
+    FORWARD_SHAPES,
+    Case,
+    Ctx,
+    Row,
+    installed,
+    logits,
+    shape_str,
+    time_interleaved,
+    timing_row,
+)
+
+GROUPS = ("torch",)
+
+
+def torch_softmax(ctx: Ctx, shape, backward: bool) -> list[Row]:
+    import torch
+
+    x = logits(shape, F32)
+    g = logits(shape, F32, seed=1)
+    xt = torch.from_numpy(np.array(x))
+    gt = torch.from_numpy(np.array(g))
+    if backward:
+        cand = value_and_vjp(jsoftmax.softmax)
+
+        def base():
+            xr = xt.detach().requires_grad_(True)
+            y = torch.softmax(xr, dim=-1)
+            y.backward(gt)
+            return y, xr.grad
+
+        def run_cand():
+            return cand(x, g)
+
+    else:
+        cand = jax.jit(jsoftmax.softmax)
+
+        def base():
+            with torch.no_grad():
+                return torch.softmax(xt, dim=-1)
+
+        def run_cand():
+            return cand(x)
+
+    t = time_interleaved({"base": base, "cand": run_cand}, ctx.repeats, ctx.min_sample_s)
+    what = "value + vjp" if backward else "softmax"
+    return [
+        timing_row(
+            "torch",
+            f"{what} {shape_str(shape)} float32",
+            "jsoftmax.softmax",
+            f"torch.softmax (torch {torch.__version__}, CPU)",
+            t["cand"],
+            t["base"],
+            shape=shape,
+            dtype=F32,
+        )
+    ]
+
+
+def cases(quick: bool) -> list[Case]:
+    if not installed("torch"):
+        return []
+    shapes = FORWARD_SHAPES[:1] if quick else FORWARD_SHAPES
+    return [
+        Case("torch", f"torch {s}", partial(torch_softmax, shape=s, backward=backward))
+        for s in shapes
+        for backward in (False, True)
+    ]
