@@ -393,23 +393,23 @@ def log_softmax(
 
 
 def _lse_parts(x, where, axes: Axes):
-    """``(valid, e, total, lse)``: the fused max-exp-sum pass and the row log-sum-exp.
+    """``(e, total, lse)``: the fused max-exp-sum pass and the row log-sum-exp.
 
     ``lse = m + log(total)`` (keepdims, accumulation dtype) by :func:`jsoftmax._merge.lse_of`:
     ``-inf`` for a row without finite entries, ``+inf`` for a row with ``+inf`` (and no
-    NaN), NaN for NaN. ``valid`` marks the entries that take part (not masked, not -inf).
+    NaN), NaN for NaN.
     """
-    shifted, e, total, _, m = _shifted_exp(x, where, None, axes)
-    return shifted > -jnp.inf, e, total, _merge.lse_of(m, total)
+    _, e, total, _, m = _shifted_exp(x, where, None, axes)
+    return e, total, _merge.lse_of(m, total)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _lse_kernel_vjp(x, where, axes: Axes):
-    return _lse_parts(x, where, axes)[3].astype(x.dtype)
+    return _lse_parts(x, where, axes)[2].astype(x.dtype)
 
 
 def _lse_kernel_vjp_fwd(x, where, axes):
-    _, e, total, lse = _lse_parts(x, where, axes)
+    e, total, lse = _lse_parts(x, where, axes)
     # The one residual: the probabilities, in the input's dtype (the gradient itself).
     return lse.astype(x.dtype), (e / _nonzero(total)).astype(x.dtype)
 
@@ -424,15 +424,19 @@ _lse_kernel_vjp.defvjp(_lse_kernel_vjp_fwd, _lse_kernel_vjp_bwd)
 
 @partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _lse_kernel_jvp(x, where, axes: Axes):
-    return _lse_parts(x, where, axes)[3].astype(x.dtype)
+    return _lse_parts(x, where, axes)[2].astype(x.dtype)
 
 
 @_lse_kernel_jvp.defjvp
 def _lse_kernel_jvp_rule(axes, primals, tangents):
     x, where = primals
     x_dot, _ = tangents
-    valid, e, total, lse = _lse_parts(x, where, axes)
+    e, total, lse = _lse_parts(x, where, axes)
     p = e / _nonzero(total)
+    # Masked and -inf entries take no part: their tangents (maybe inf) are dropped. A
+    # NaN or +inf entry keeps its row's tangents, so the row's derivative is NaN in
+    # both modes, as with rule="vjp".
+    valid = x != -jnp.inf if where is None else (x != -jnp.inf) & where
     t = jnp.where(valid, x_dot.astype(p.dtype), jnp.zeros((), p.dtype))
     return lse.astype(x.dtype), _formulas.lse_jvp(p, t, axes).astype(x.dtype)
 
