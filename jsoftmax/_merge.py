@@ -199,8 +199,8 @@ def _count(lse: jax.Array) -> jax.Array:
 
 def _merge_primal(values, lse, axis: int):
     """``(value, lse, (w, o, valid))``, pieces axis kept with size 1."""
-    valid = lse != -jnp.inf  # NaN counts as a (poisoned) piece, +inf too
-    count = valid.astype(lse.dtype)
+    count = _count(lse)
+    valid = count > 0  # NaN counts as a (poisoned) piece, +inf too
     m, total = merge_over(lse, count, axis)
     w = rescale(lse, count, m) / _nonzero(total)
     o = jnp.where(valid, values, jnp.zeros((), values.dtype))  # empty pieces never contribute
