@@ -15,8 +15,10 @@ from jsoftmax._jacobian import softmax_jvp as softmax_jvp
 from jsoftmax._jacobian import softmax_vjp as softmax_vjp
 from jsoftmax._losses import cross_entropy as cross_entropy
 from jsoftmax._losses import cross_entropy_hessian as cross_entropy_hessian
+from jsoftmax._merge import merge_partials as merge_partials
 from jsoftmax._operator import SoftmaxJacobian as SoftmaxJacobian
 from jsoftmax._softmax import log_softmax as log_softmax
+from jsoftmax._softmax import logsumexp as logsumexp
 from jsoftmax._softmax import softmax as softmax
 
 try:
@@ -39,6 +41,8 @@ __all__ = [
     "jacobian_from_probs",
     "log_softmax",
     "log_softmax_jacobian",
+    "logsumexp",
+    "merge_partials",
     "partial_derivative",
     "sharded",
     "softmax",

@@ -200,3 +200,47 @@ def z_loss_term(lse: jax.Array, z_loss: float) -> jax.Array:
 def smoothing_mass(alpha: float, count: jax.Array) -> jax.Array:
     """``k = alpha / m``: the smoothing mass each of the ``m`` valid classes receives."""
     return alpha / count
+
+
+# --------------------------------------------------------------------------------------
+# Log-sum-exp and the merge of partial softmax results.
+# --------------------------------------------------------------------------------------
+
+
+def lse_jvp(p: jax.Array, t: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    r"""``<p, t>``: the JVP of :math:`\log\sum_k e^{z_k}`, whose gradient is ``p = softmax(z)``."""
+    return _dot(p, t, axes)
+
+
+def lse_vjp(p: jax.Array, g: jax.Array) -> jax.Array:
+    """``g * p``: the log-sum-exp VJP for a per-row cotangent ``g`` (size-1 softmax axes)."""
+    return p * g
+
+
+def merge_jvp(
+    w: jax.Array,
+    o: jax.Array,
+    value: jax.Array,
+    o_dot: jax.Array,
+    lse_dot: jax.Array,
+    axes: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array]:
+    r"""Tangents of the merge of partial results over the pieces axis ``axes``.
+
+    For pieces :math:`k` with log-sum-exp :math:`\ell_k` and results :math:`o_k`, the
+    merge is :math:`\ell = \log\sum_k e^{\ell_k}` and :math:`v = \sum_k w_k o_k` with
+    weights :math:`w = \mathrm{softmax}(\ell_\cdot)`, so
+
+    .. math::
+        \dot\ell = \langle w, \dot\ell_\cdot\rangle, \qquad
+        \dot v = \sum_k w_k\,(\dot o_k + o_k\,\dot\ell_k) - v\,\dot\ell .
+
+    ``w`` and ``lse_dot`` carry size-1 axes where ``o`` has its trailing (per-piece
+    result) axes; ``value`` has a size-1 pieces axis. Linear in ``(o_dot, lse_dot)``,
+    so JAX transposes it for reverse mode: the cotangent of :math:`\ell_k` is
+    :math:`w_k(\langle \bar v, o_k - v\rangle + \bar\ell)`, the weight's softmax
+    Jacobian applied to :math:`\langle \bar v, o_k\rangle`.
+    """
+    lse_out_dot = lse_jvp(w, lse_dot, axes)
+    value_dot = _dot(w, o_dot + o * lse_dot, axes) - value * lse_out_dot
+    return value_dot, lse_out_dot

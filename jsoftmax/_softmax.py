@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _formulas
+from jsoftmax import _checks, _formulas, _merge
 
 Axes = tuple[int, ...]
 
@@ -385,3 +385,132 @@ def log_softmax(
       [-2.4076 -1.4076 -0.4076]
     """
     return _dispatch(x, axis, where, rule, temperature, log=True, precision=precision)
+
+
+# --------------------------------------------------------------------------------------
+# logsumexp: the row statistic that softmax normalises by; its gradient is softmax.
+# --------------------------------------------------------------------------------------
+
+
+def _lse_parts(x, where, axes: Axes):
+    """``(e, total, lse)``: the fused max-exp-sum pass and the row log-sum-exp.
+
+    ``lse = m + log(total)`` (keepdims, accumulation dtype) by :func:`jsoftmax._merge.lse_of`:
+    ``-inf`` for a row without finite entries, ``+inf`` for a row with ``+inf`` (and no
+    NaN), NaN for NaN.
+    """
+    _, e, total, _, m = _shifted_exp(x, where, None, axes)
+    return e, total, _merge.lse_of(m, total)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lse_kernel_vjp(x, where, axes: Axes):
+    return _lse_parts(x, where, axes)[2].astype(x.dtype)
+
+
+def _lse_kernel_vjp_fwd(x, where, axes):
+    e, total, lse = _lse_parts(x, where, axes)
+    # The one residual: the probabilities, in the input's dtype (the gradient itself).
+    return lse.astype(x.dtype), (e / _nonzero(total)).astype(x.dtype)
+
+
+def _lse_kernel_vjp_bwd(axes, p, g):
+    cdt = _checks.accumulation_dtype(p.dtype)
+    return _formulas.lse_vjp(p.astype(cdt), g.astype(cdt)).astype(p.dtype), None
+
+
+_lse_kernel_vjp.defvjp(_lse_kernel_vjp_fwd, _lse_kernel_vjp_bwd)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _lse_kernel_jvp(x, where, axes: Axes):
+    return _lse_parts(x, where, axes)[2].astype(x.dtype)
+
+
+@_lse_kernel_jvp.defjvp
+def _lse_kernel_jvp_rule(axes, primals, tangents):
+    x, where = primals
+    x_dot, _ = tangents
+    e, total, lse = _lse_parts(x, where, axes)
+    p = e / _nonzero(total)
+    # Masked and -inf entries take no part: their tangents (maybe inf) are dropped. A
+    # NaN or +inf entry keeps its row's tangents, so the row's derivative is NaN in
+    # both modes, as with rule="vjp".
+    valid = x != -jnp.inf if where is None else (x != -jnp.inf) & where
+    t = jnp.where(valid, x_dot.astype(p.dtype), jnp.zeros((), p.dtype))
+    return lse.astype(x.dtype), _formulas.lse_jvp(p, t, axes).astype(x.dtype)
+
+
+def logsumexp(
+    x: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    *,
+    where: ArrayLike | None = None,
+    keepdims: bool = False,
+    rule: str = "vjp",
+) -> jax.Array:
+    r"""Numerically stable log-sum-exp, whose gradient is :func:`softmax`.
+
+    .. math::
+        \ell = \log\sum_k e^{z_k} = m + \log\sum_k e^{z_k - m}, \qquad
+        m = \max_k z_k, \qquad \frac{\partial \ell}{\partial z_j} = p_j .
+
+    The row maximum is subtracted before ``exp`` (one fused max-exp-sum pass), so
+    nothing overflows. It is the normaliser of :func:`softmax` (``log p = z - ℓ``) and
+    the statistic that :func:`merge_partials` merges: a softmax computed in pieces is
+    put together from each piece's ``logsumexp``.
+
+    Args:
+      x: logits, any rank >= 1. Integer input is promoted to the default float dtype.
+      axis: the axis to reduce (negative counts from the end), or a tuple of axes
+        reduced together.
+      where: optional boolean mask broadcastable to ``x``; ``False`` entries are left
+        out of the sum (gradient 0), whatever they hold.
+      keepdims: keep the reduced axes with size 1.
+      rule: ``"vjp"`` (default): a :func:`jax.custom_vjp` whose forward pass saves one
+        array, the probabilities ``p`` in the dtype of ``x``; the backward pass is
+        :math:`\bar z = \bar\ell\, p`. Reverse mode only (reverse-over-reverse works).
+        ``"jvp"``: a :func:`jax.custom_jvp` with identical values,
+        :math:`\dot\ell = \langle p, \dot z\rangle`, so :func:`jax.jvp`,
+        :func:`jax.jacfwd` and :func:`jax.hessian` work too.
+
+    Returns:
+      The log-sum-exp over ``axis``: the shape of ``x`` without the reduced axes (with
+      size-1 axes if ``keepdims``), in the dtype of ``x`` (float16/bfloat16 inputs are
+      computed in float32 and rounded once).
+
+    Note:
+      * Masked and ``-inf`` entries are ignored. A row with nothing left (every entry
+        masked or ``-inf``) gives ``-inf`` with a zero, never NaN, gradient; an empty
+        axis gives ``-inf``.
+      * ``+inf`` in an unmasked entry gives ``+inf`` (its gradient is NaN, as the
+        softmax of that row); NaN gives NaN.
+      * 100 000 equal float16 logits give ``log(1e5) = 11.51``: the sum is
+        accumulated in float32. A 16-bit result carries the dtype's rounding (a
+        bfloat16 value near 10 is off by up to 0.03); pass float32 logits when the
+        result is to be merged with :func:`merge_partials`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jsoftmax
+      >>> z = jnp.array([[1.0, 2.0, 3.0], [100.0, 100.0, -jnp.inf]], jnp.float32)
+      >>> with jnp.printoptions(precision=4):
+      ...     print(jsoftmax.logsumexp(z))
+      ...     print(jax.grad(lambda z: jsoftmax.logsumexp(z).sum())(z))
+      [  3.4076 100.6931]
+      [[0.09   0.2447 0.6652]
+       [0.5    0.5    0.    ]]
+      >>> print(jsoftmax.logsumexp(z, where=jnp.zeros((2, 3), bool)))
+      [-inf -inf]
+    """
+    x = _checks.as_float_array(x)
+    axes = _checks.canonical_axes(axis, x.ndim)
+    _checks.check_rule(rule)
+    where = _checks.check_where(where, x.shape)
+    if any(x.shape[a] == 0 for a in axes):
+        shape = tuple(1 if k in axes else s for k, s in enumerate(x.shape))
+        out = jnp.full(shape, -jnp.inf, x.dtype)
+    else:
+        kernel = _lse_kernel_vjp if rule == "vjp" else _lse_kernel_jvp
+        out = kernel(x, where, axes)
+    return out if keepdims else jnp.squeeze(out, axes)

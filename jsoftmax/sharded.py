@@ -15,11 +15,14 @@ function                   forward all-reduces (per row)        backward all-red
                            target logit
 =========================  ===================================  ==========================
 
-Every all-reduce carries one scalar per row. Each function is a
-:func:`jax.custom_vjp` that saves one logits-sized array (the local block of
-probabilities, or of log-probabilities) for the backward pass. The rules are the
-single-device ones of :mod:`jsoftmax._formulas` with every sum over the softmax axis
-replaced by a local sum followed by an all-reduce.
+Every all-reduce carries one scalar per row. The forward pass is the merge rule of
+:func:`jsoftmax.merge_partials` applied across devices (:mod:`jsoftmax._merge`): each
+device computes its block's row max and sum of exponentials in one local pass, then
+the maxima are all-reduced and the sums, rescaled to the global max, are all-reduced.
+Each function is a :func:`jax.custom_vjp` that saves one logits-sized array (the local
+block of probabilities, or of log-probabilities) for the backward pass. The backward
+rules are the single-device ones of :mod:`jsoftmax._formulas` with every sum over the
+softmax axis replaced by a local sum followed by an all-reduce.
 
 Outside :func:`jax.shard_map`, :func:`jsoftmax.softmax` and friends already work on
 arrays placed with :class:`jax.sharding.NamedSharding` under :func:`jax.jit`: XLA
@@ -42,7 +45,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _formulas, _softmax
+from jsoftmax import _checks, _formulas, _merge, _softmax
 
 __all__ = ["cross_entropy", "log_softmax", "softmax"]
 
@@ -132,26 +135,25 @@ def _global_dot(a: jax.Array, b: jax.Array, axes: Axes, axis_name: AxisName) -> 
     return lax.psum(_formulas._dot(a, b, axes), axis_name)
 
 
-def _shifted_exp(x, where, axes: Axes, axis_name: AxisName):
-    """``(s - m, exp(s - m), local sum of exp(s - m))`` with the global row max ``m``.
+def _local_stats(x, where, axes: Axes):
+    """``(s - m, exp(s - m), m, sum exp(s - m))`` of this device's block, ``m`` its row max.
 
-    The single-device computation (:func:`jsoftmax._softmax._shifted_exp`: float32 for
-    16-bit input, masked entries ``-inf`` before ``exp``, rows without a finite entry
-    summing to 0, ``+inf``/NaN propagating) with the row maximum all-reduced over
-    ``axis_name``. The caller all-reduces the local sum (with anything else per row).
+    The single-device pass (:func:`jsoftmax._softmax._shifted_exp`: one fused
+    max-exp-sum, float32 for 16-bit input, masked entries ``-inf`` before ``exp``, a
+    block without a finite entry summing to 0, ``+inf``/NaN propagating). No
+    communication: the blocks' statistics are merged by :func:`jsoftmax._merge.merge_across`.
     """
-    shifted, e, local_total, _, _ = _softmax._shifted_exp(
-        x, where, None, axes, row_max=partial(lax.pmax, axis_name=axis_name)
-    )
-    return shifted, e, local_total
+    shifted, e, local_total, _, m = _softmax._shifted_exp(x, where, None, axes)
+    return shifted, e, m, local_total
 
 
 def _values(x, where, axes: Axes, axis_name: AxisName, log: bool):
-    shifted, e, local_total = _shifted_exp(x, where, axes, axis_name)
-    total = _softmax._nonzero(lax.psum(local_total, axis_name))
+    shifted, e, m, local_total = _local_stats(x, where, axes)
+    # All-reduces: the row max, then the sum of the blocks' rescaled sums.
+    m_all, total = _merge.merge_across(m, local_total, axis_name)
     if log:
-        return shifted - jnp.log(total)
-    return e / total
+        return shifted + _merge.log_scale(m, m_all, total)
+    return e * _merge.scale(m, m_all, total)
 
 
 # --------------------------------------------------------------------------------------
@@ -215,9 +217,11 @@ def softmax(
         p_i = \frac{\exp(z_i - m)}{\sum_{d}\sum_{k \in d} \exp(z_k - m)}, \qquad
         m = \max_d \max_{k \in d} z_k,
 
-    where ``d`` runs over the shards along ``axis_name``. The max is all-reduced with
-    :func:`jax.lax.pmax` (on stop-gradient values) and the normaliser with
-    :func:`jax.lax.psum`: two all-reduces of one scalar per row. The backward pass
+    where ``d`` runs over the shards along ``axis_name``. Each shard computes its block's
+    max :math:`m_d` and sum :math:`t_d = \sum_{k\in d}\exp(z_k - m_d)` in one local pass;
+    the max is all-reduced with :func:`jax.lax.pmax` (on stop-gradient values) and the
+    normaliser :math:`\sum_d t_d\, e^{m_d - m}` with :func:`jax.lax.psum` (the merge of
+    :func:`jsoftmax.merge_partials`): two all-reduces of one scalar per row. The backward pass
     :math:`\bar z = p \odot (g - \langle g, p\rangle)` all-reduces one scalar per row,
     :math:`\langle g, p\rangle`, and reuses the saved local probabilities.
 
@@ -323,8 +327,7 @@ def _ce_kernel(x, labels, where, axis: int, axis_name: AxisName, n_classes: int 
 
 
 def _ce_fwd(x, labels, where, axis: int, axis_name: AxisName, n_classes: int | None):
-    axes = (axis,)
-    shifted, e, local_total = _shifted_exp(x, where, axes, axis_name)
+    shifted, e, m, local_total = _local_stats(x, where, (axis,))
     cdt = shifted.dtype
     local = x.shape[axis]
     n_global = local * lax.axis_size(axis_name) if n_classes is None else n_classes
@@ -333,25 +336,29 @@ def _ce_fwd(x, labels, where, axis: int, axis_name: AxisName, n_classes: int | N
     target_here = lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(
         local_label, axis
     )
-    local_target = jnp.sum(jnp.where(target_here, shifted, jnp.zeros((), cdt)), axis=axis)
+
+    def carried(m_all):
+        # Per-row sums that ride in the all-reduce of the rescaled sums of exponentials:
+        # the target logit against the merged max and, with a mask, a flag for a label
+        # on a masked class (it carries no target mass: an "ignore" label).
+        target = jnp.where(target_here, shifted + (m - m_all), jnp.zeros((), cdt))
+        if where is None:
+            return (jnp.sum(target, axis=axis),)
+        return jnp.sum(target, axis=axis), jnp.any(target_here & ~where, axis=axis).astype(cdt)
+
+    m_all, total, sums = _merge.merge_across(m, local_total, axis_name, extra=carried)
+    target = sums[0]
     if where is None:
-        total, target = lax.psum((jnp.squeeze(local_total, axis), local_target), axis_name)
         ignored = jnp.zeros(labels.shape, bool)
         live = jnp.any(target_here, axis=axis)
     else:
-        # A label on a masked class carries no target mass (an "ignore" label).
-        local_ignored = jnp.any(target_here & ~where, axis=axis).astype(cdt)
-        # One all-reduce carries the sum of exponentials, the target logit and the flag.
-        total, target, ignored = lax.psum(
-            (jnp.squeeze(local_total, axis), local_target, local_ignored), axis_name
-        )
-        ignored = ignored > 0
+        ignored = sums[1] > 0
         live = jnp.any(target_here & where, axis=axis)
-    total = _softmax._nonzero(total)  # fully masked rows: p = 0
     valid = (labels >= 0) & (labels < n_global)
     zero, nan = jnp.zeros((), cdt), jnp.full((), jnp.nan, cdt)
-    loss = jnp.where(valid, jnp.where(ignored, zero, jnp.log(total) - target), nan)
-    p = e / jnp.expand_dims(total, axis)
+    log_total = jnp.squeeze(_merge.log_total(total), axis)
+    loss = jnp.where(valid, jnp.where(ignored, zero, log_total - target), nan)
+    p = e * _merge.scale(m, m_all, total)
     # The backward pass subtracts the one-hot only on the shard holding the label, and
     # only if that class is not masked; elsewhere the index is -1 (no match). The
     # per-row scale is 1, 0 for an ignored label, NaN for an out-of-range one.

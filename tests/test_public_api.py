@@ -12,6 +12,8 @@ EXPECTED = {
     "jacobian_from_probs",
     "log_softmax",
     "log_softmax_jacobian",
+    "logsumexp",
+    "merge_partials",
     "partial_derivative",
     "sharded",
     "softmax",

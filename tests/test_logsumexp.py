@@ -1,0 +1,392 @@
+"""Tests of jsoftmax.logsumexp: values, both custom rules, masks, edge cases, errors.
+
+References: float64 NumPy, 50-digit mpmath, jax.nn.logsumexp (values and autodiff), and
+the identity d logsumexp / dz = softmax(z).
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import mpmath
+import numpy as np
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+from jax.test_util import check_grads
+
+import jsoftmax
+
+RULES = ("vjp", "jvp")
+DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64]
+SHAPES = [((7,), -1), ((4, 9), -1), ((4, 9), 0), ((2, 5, 3), 1), ((3, 2, 4, 5), (0, 2))]
+
+
+def _logits(shape, dtype=jnp.float32, seed=0, scale=3.0):
+    x = np.random.default_rng(seed).standard_normal(shape) * scale
+    return jnp.asarray(x, dtype)
+
+
+def _np_logsumexp(x, axis, keepdims=False):
+    """float64 NumPy log-sum-exp (row max shifted out; rows of -inf give -inf)."""
+    x = np.asarray(jnp.asarray(x, jnp.float64))
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        out = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+    return out if keepdims else np.squeeze(out, axis)
+
+
+def _np_softmax(x, axis):
+    x = np.asarray(jnp.asarray(x, jnp.float64))
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _tol(dtype, x, axis):
+    """Absolute error bound: 1 ULP of the result for 16-bit dtypes (float32 accumulation,
+    one rounding); for float32/float64 the rounding of log(sum) (n eps) and of m + log."""
+    eps = float(jnp.finfo(dtype).eps)
+    ref = _np_logsumexp(x, axis)
+    n = np.prod([np.shape(x)[a] for a in np.atleast_1d(axis)])
+    if jnp.finfo(dtype).bits < 32:
+        return eps * np.abs(ref) + 2 * n * 2.0**-23
+    return eps * np.abs(ref) + 4 * n * eps
+
+
+# ------------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_values_match_float64_reference_and_jax_nn(dtype, shape, axis, rule, jit):
+    x = _logits(shape, dtype)
+    f = lambda z: jsoftmax.logsumexp(z, axis, rule=rule)
+    out = jax.jit(f)(x) if jit else f(x)
+    ref = _np_logsumexp(x, axis)
+    assert out.dtype == dtype and out.shape == ref.shape
+    err = np.abs(np.asarray(out, np.float64) - ref)
+    assert np.all(err <= _tol(dtype, x, axis)), err.max()
+    if dtype in (jnp.float32, jnp.float64):
+        chex.assert_trees_all_close(out, jax.nn.logsumexp(x, axis), rtol=4 * jnp.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_keepdims_and_tuple_axis(keepdims):
+    x = _logits((3, 4, 5), jnp.float64)
+    out = jsoftmax.logsumexp(x, axis=(0, 2), keepdims=keepdims)
+    ref = jax.nn.logsumexp(x, axis=(0, 2), keepdims=keepdims)
+    assert out.shape == ref.shape == ((1, 4, 1) if keepdims else (4,))
+    chex.assert_trees_all_close(out, ref, rtol=1e-14)
+    # Equivalent to reducing the flattened axes.
+    flat = jnp.moveaxis(x, 1, 0).reshape(4, -1)
+    chex.assert_trees_all_close(out.reshape(4), jsoftmax.logsumexp(flat), rtol=1e-14)
+
+
+def test_matches_mpmath_within_the_rounding_bound():
+    # Wide, dominant, near-tie and near-overflow rows against 50-digit arithmetic. The
+    # bound: 1/2 ULP of the result plus (2n + 1) eps for log(sum) of n terms.
+    mpmath.mp.dps = 50
+    rng = np.random.default_rng(3)
+    rows = [
+        rng.standard_normal(8) * 1000,
+        np.array([80.0, 0, -1, 3, 2, -5, 1, 0.5]),
+        1.0 + np.arange(8) * 1e-15,
+        np.array([1.7e308, 1.7e308, 1.0e308, 0, -1.7e308, 1, 2, 3]),
+        np.array([-745.0, -746, -744, -800, -700, -710, -720, -730]),
+    ]
+    x = np.stack(rows).astype(np.float64)
+    for rule in RULES:
+        out = np.asarray(jsoftmax.logsumexp(jnp.asarray(x), rule=rule))
+        for r, row in enumerate(x):
+            exact = mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(float(v))) for v in row))
+            err = abs(mpmath.mpf(float(out[r])) - exact)
+            ulp = np.spacing(abs(out[r]))
+            assert err <= 0.5 * ulp + 17 * np.finfo(np.float64).eps, (rule, r, float(err))
+
+
+def test_log_softmax_identity():
+    x = _logits((5, 8), jnp.float64)
+    lse = jsoftmax.logsumexp(x, keepdims=True)
+    chex.assert_trees_all_close(x - lse, jax.nn.log_softmax(x), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_shift_invariance(rule):
+    x = _logits((5, 8), jnp.float64)
+    a = jsoftmax.logsumexp(x, rule=rule)
+    chex.assert_trees_all_close(jsoftmax.logsumexp(x + 123.0, rule=rule), a + 123.0, rtol=1e-14)
+
+
+def test_huge_logits_do_not_overflow():
+    x = jnp.array([[3e38, 3e38, -3e38], [1e4, 1e4 + 1.0, -1e4]], jnp.float32)
+    out = jsoftmax.logsumexp(x)
+    chex.assert_tree_all_finite(out)
+    np.testing.assert_allclose(np.asarray(out, np.float64), _np_logsumexp(x, -1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_vmap_and_jit_match_batched_call(rule):
+    x = _logits((6, 4, 10), jnp.float64)
+    f = lambda z: jsoftmax.logsumexp(z, rule=rule)
+    chex.assert_trees_all_close(jax.vmap(f)(x), f(x), rtol=1e-15)
+    chex.assert_trees_all_close(jax.jit(f)(x), f(x), rtol=1e-15)
+    g = jax.vmap(jax.grad(lambda z: jnp.sum(jnp.sin(f(z)))))(x)
+    ref = jax.vmap(jax.grad(lambda z: jnp.sum(jnp.sin(jax.nn.logsumexp(z, -1)))))(x)
+    chex.assert_trees_all_close(g, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_no_retracing_for_equal_shapes():
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(z):
+        return jsoftmax.logsumexp(z)
+
+    for seed in range(3):
+        f(_logits((4, 7), jnp.float32, seed=seed)).block_until_ready()
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
+@pytest.mark.parametrize("rule", RULES)
+def test_grad_is_softmax_and_matches_jax_nn(shape, axis, rule):
+    x = _logits(shape, jnp.float64)
+    w = _logits(jax.nn.logsumexp(x, axis).shape, jnp.float64, seed=1)
+    loss = lambda f: lambda z: jnp.sum(jnp.sin(f(z)) * w)
+    ours = jax.grad(loss(lambda z: jsoftmax.logsumexp(z, axis, rule=rule)))(x)
+    ref = jax.grad(loss(lambda z: jax.nn.logsumexp(z, axis)))(x)
+    chex.assert_trees_all_close(ours, ref, rtol=1e-12, atol=1e-14)
+    # d/dz sum(logsumexp(z)) is the softmax, exactly the identity.
+    plain = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, axis, rule=rule)))(x)
+    chex.assert_trees_all_close(plain, jax.nn.softmax(x, axis), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
+@pytest.mark.parametrize("rule", RULES)
+def test_grad_dtype_and_accuracy(dtype, rule):
+    x = _logits((4, 16), dtype)
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, rule=rule).astype(jnp.float32)))(x)
+    assert g.dtype == dtype
+    eps = float(jnp.finfo(dtype).eps)
+    p = _np_softmax(x, -1)
+    # p is computed in float32 and rounded to the dtype (the vjp residual), then the
+    # product with the cotangent 1 is rounded again: within 1 ULP.
+    assert np.all(np.abs(np.asarray(g, np.float64) - p) <= eps * p + 2.0**-22)
+
+
+def test_jvp_rule_forward_mode_matches_jax_nn():
+    x = _logits((3, 6), jnp.float64)
+    t = _logits((3, 6), jnp.float64, seed=2)
+    f = lambda z: jsoftmax.logsumexp(z, rule="jvp")
+    out, dout = jax.jvp(f, (x,), (t,))
+    ref, dref = jax.jvp(lambda z: jax.nn.logsumexp(z, -1), (x,), (t,))
+    chex.assert_trees_all_close((out, dout), (ref, dref), rtol=1e-13, atol=1e-14)
+    # <p, t> by the identity
+    chex.assert_trees_all_close(dout, jnp.sum(jax.nn.softmax(x) * t, -1), rtol=1e-13)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_second_derivative_is_the_softmax_jacobian(rule):
+    x = _logits((6,), jnp.float64)
+    f = lambda z: jsoftmax.logsumexp(z, rule=rule)
+    h = jax.hessian(f)(x) if rule == "jvp" else jax.jacrev(jax.grad(f))(x)
+    p = _np_softmax(x, -1)
+    chex.assert_trees_all_close(h, np.diag(p) - np.outer(p, p), rtol=1e-12, atol=1e-15)
+    chex.assert_trees_all_close(h, jax.hessian(jax.nn.logsumexp)(x), rtol=1e-12, atol=1e-15)
+    if rule == "jvp":
+        chex.assert_trees_all_close(jax.jacfwd(f)(x), p, rtol=1e-13)
+
+
+def test_vjp_rule_cannot_be_forward_differentiated():
+    x = _logits((4,), jnp.float64)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jacfwd(lambda z: jsoftmax.logsumexp(z, rule="vjp"))(x)
+    jax.jacfwd(lambda z: jsoftmax.logsumexp(z, rule="jvp"))(x)
+
+
+def test_check_grads_order_2():
+    x = _logits((3, 5), jnp.float64)
+    check_grads(lambda z: jsoftmax.logsumexp(z, rule="vjp"), (x,), order=2, modes=["rev"])
+    check_grads(lambda z: jsoftmax.logsumexp(z, rule="jvp"), (x,), order=2, modes=["fwd", "rev"])
+
+
+def test_check_grads_with_mask_tuple_axis():
+    x = _logits((3, 4, 2), jnp.float64)
+    where = jnp.asarray(np.random.default_rng(4).random((3, 4, 2)) > 0.4).at[:, 0, 0].set(True)
+    for rule, modes in (("vjp", ["rev"]), ("jvp", ["fwd", "rev"])):
+        f = lambda z, rule=rule: jsoftmax.logsumexp(z, (0, 2), where=where, rule=rule)
+        check_grads(f, (x,), order=2, modes=modes)
+
+
+# ---------------------------------------------------------------------------- residuals
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
+def test_vjp_rule_saves_exactly_one_array(dtype):
+    x = _logits((8, 32), dtype)
+    res = saved_residuals(lambda z: jsoftmax.logsumexp(z), x)
+    assert len(res) == 1, res
+    ((aval, _),) = res
+    assert aval.shape == x.shape and aval.dtype == dtype
+    # jax.nn.logsumexp keeps more than that (the exponentials and per-row terms).
+    assert len(saved_residuals(lambda z: jax.nn.logsumexp(z, -1), x)) > 1
+
+
+def test_vjp_rule_with_mask_saves_no_mask():
+    x = _logits((8, 32), jnp.float32)
+    where = jnp.arange(32) < 20
+    res = saved_residuals(lambda z: jsoftmax.logsumexp(z, where=where), x)
+    assert len(res) == 1 and res[0][0].shape == x.shape
+
+
+# -------------------------------------------------------------------------- masks, inf
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_mask_matches_jax_nn_where(rule):
+    x = _logits((3, 6), jnp.float64)
+    where = jnp.array([[True, False, True, True, False, True]] * 3)
+    out = jsoftmax.logsumexp(x, where=where, rule=rule)
+    chex.assert_trees_all_close(out, jax.nn.logsumexp(x, -1, where=where), rtol=1e-14)
+    chex.assert_trees_all_close(out, _np_logsumexp(np.where(where, x, -np.inf), -1), rtol=1e-14)
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, where=where, rule=rule) ** 2))(x)
+    g_ref = jax.grad(lambda z: jnp.sum(jax.nn.logsumexp(jnp.where(where, z, -jnp.inf), -1) ** 2))(x)
+    chex.assert_trees_all_close(g, g_ref, rtol=1e-12, atol=1e-15)
+    assert np.all(np.asarray(g)[~np.asarray(where)] == 0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_large_masked_values_do_not_leak_nan(rule):
+    x = jnp.array([1.0, 2.0, 1e38, jnp.inf, jnp.nan], jnp.float32)
+    where = jnp.array([True, True, False, False, False])
+    out = jsoftmax.logsumexp(x, where=where, rule=rule)
+    np.testing.assert_allclose(out, _np_logsumexp(np.array([1.0, 2.0]), -1), rtol=1e-6)
+    g = jax.grad(lambda z: jsoftmax.logsumexp(z, where=where, rule=rule))(x)
+    chex.assert_tree_all_finite(g)
+    np.testing.assert_allclose(g[:2], _np_softmax(np.array([1.0, 2.0]), -1), rtol=1e-6)
+    assert np.all(np.asarray(g[2:]) == 0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_fully_masked_row_gives_neg_inf_with_zero_gradient(rule):
+    x = _logits((3, 4), jnp.float64)
+    where = jnp.array([[False] * 4, [True, True, False, True], [True] * 4])
+    f = lambda z: jsoftmax.logsumexp(z, where=where, rule=rule)
+    out = f(x)
+    assert out[0] == -jnp.inf
+    chex.assert_trees_all_close(out[1:], jax.nn.logsumexp(x[1:], -1, where=where[1:]))
+    jac = jax.jacrev(f)(x)
+    chex.assert_tree_all_finite(jac)
+    assert np.all(np.asarray(jac[0]) == 0)
+    # The cotangent of -inf is ignored: a loss that multiplies it by 0 stays finite.
+    g = jax.grad(lambda z: jnp.sum(jnp.where(where.any(-1), f(z), 0.0)))(x)
+    chex.assert_tree_all_finite(g)
+    # Second order too.
+    second = (
+        jax.hessian(lambda z: f(z)[0])(x)
+        if rule == "jvp"
+        else jax.jacrev(jax.grad(lambda z: f(z)[0]))(x)
+    )
+    chex.assert_tree_all_finite(second)
+    assert np.all(np.asarray(second) == 0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_neg_inf_entries_behave_as_masked(rule):
+    x = jnp.array([[0.5, -jnp.inf, 1.5, -jnp.inf], [-jnp.inf] * 4], jnp.float64)
+    where = jnp.isfinite(x)
+    f = lambda z: jsoftmax.logsumexp(z, rule=rule)
+    chex.assert_trees_all_close(f(x), jsoftmax.logsumexp(x, where=where))
+    assert f(x)[1] == -jnp.inf
+    chex.assert_trees_all_close(f(x)[0], jnp.float64(np.log(np.exp(0.5) + np.exp(1.5))))
+    jac = jax.jacrev(f)(x)
+    chex.assert_tree_all_finite(jac)
+    assert np.all(np.asarray(jac)[:, ~np.asarray(where)] == 0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_pos_inf_gives_pos_inf_and_nan_gives_nan(rule):
+    x = jnp.array(
+        [[1.0, jnp.inf, 0.0], [1.0, jnp.nan, 0.0], [jnp.inf, jnp.nan, 0.0], [1.0, 2.0, 3.0]],
+        jnp.float32,
+    )
+    out = np.asarray(jsoftmax.logsumexp(x, rule=rule))
+    assert out[0] == np.inf and np.isnan(out[1]) and np.isnan(out[2])
+    np.testing.assert_allclose(out[3], _np_logsumexp(np.array([1.0, 2.0, 3.0]), -1), rtol=1e-6)
+    assert jax.nn.logsumexp(x[0]) == jnp.inf  # the same value as jax.nn
+    g = np.asarray(jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, rule=rule)))(x))
+    # The gradient of a row with +inf or NaN is NaN (its softmax); other rows are
+    # unaffected.
+    assert np.all(np.isnan(g[:3]))
+    np.testing.assert_allclose(g[3], _np_softmax(np.array([1.0, 2.0, 3.0]), -1), rtol=1e-6)
+
+
+def test_n_equals_one():
+    x = jnp.array([[3.0], [-7.0]], jnp.float64)
+    chex.assert_trees_all_close(jsoftmax.logsumexp(x), x[:, 0])
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z)))(x)
+    assert np.all(np.asarray(g) == 1)
+
+
+def test_empty_axis_gives_neg_inf():
+    x = jnp.zeros((3, 0), jnp.float32)
+    out = jsoftmax.logsumexp(x)
+    assert out.shape == (3,) and out.dtype == jnp.float32 and np.all(np.asarray(out) == -np.inf)
+    assert jsoftmax.logsumexp(x, keepdims=True).shape == (3, 1)
+    assert jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z)))(x).shape == (3, 0)
+
+
+def test_integer_input_is_promoted_to_default_float():
+    out = jsoftmax.logsumexp(jnp.array([1, 2, 3], jnp.int32))
+    assert out.dtype == jnp.result_type(float)
+    np.testing.assert_allclose(out, _np_logsumexp(np.array([1.0, 2.0, 3.0]), -1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=str)
+def test_regression_low_precision_accumulates_in_float32(dtype):
+    # A 16-bit sum of 100 000 ones overflows float16 (max 65504) and rounds in bfloat16.
+    x = jnp.zeros((100_000,), dtype)
+    out = jsoftmax.logsumexp(x)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(float(out), np.log(1e5), rtol=float(jnp.finfo(dtype).eps))
+    g = jax.grad(lambda z: jsoftmax.logsumexp(z).astype(jnp.float32))(x)
+    chex.assert_tree_all_finite(g)
+    # 1e-5 is subnormal in float16: its spacing there is the smallest subnormal.
+    fi = jnp.finfo(dtype)
+    tol = dict(rtol=float(fi.eps), atol=float(fi.smallest_subnormal))
+    np.testing.assert_allclose(np.asarray(g, np.float64), 1e-5, **tol)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_error_scalar_input():
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        jsoftmax.logsumexp(jnp.float32(1.0))
+
+
+@pytest.mark.parametrize("axis", [2, -3, (0, 0)])
+def test_error_bad_axis(axis):
+    with pytest.raises(ValueError, match="axis"):
+        jsoftmax.logsumexp(jnp.zeros((2, 3)), axis=axis)
+
+
+def test_error_where():
+    with pytest.raises(ValueError, match=r"where of shape \(4,\) does not broadcast"):
+        jsoftmax.logsumexp(jnp.zeros((2, 3)), where=jnp.ones(4, bool))
+    with pytest.raises(TypeError, match="where must be a boolean mask"):
+        jsoftmax.logsumexp(jnp.zeros((2, 3)), where=jnp.ones(3))
+
+
+def test_error_unknown_rule_and_complex_input():
+    with pytest.raises(ValueError, match="rule must be one of"):
+        jsoftmax.logsumexp(jnp.zeros(3), rule="fwd")
+    with pytest.raises(TypeError, match="x must be real"):
+        jsoftmax.logsumexp(jnp.zeros(3, jnp.complex64))
+
+
+def test_error_raised_before_tracing():
+    with pytest.raises(ValueError, match="axis=5 is out of range"):
+        jax.jit(lambda z: jsoftmax.logsumexp(z, axis=5))(jnp.zeros((2, 3)))
