@@ -13,6 +13,7 @@ from jsoftmax._jacobian import partial_derivative as partial_derivative
 from jsoftmax._jacobian import softmax_hvp as softmax_hvp
 from jsoftmax._jacobian import softmax_jvp as softmax_jvp
 from jsoftmax._jacobian import softmax_vjp as softmax_vjp
+from jsoftmax._linear import linear_cross_entropy as linear_cross_entropy
 from jsoftmax._losses import cross_entropy as cross_entropy
 from jsoftmax._losses import cross_entropy_hessian as cross_entropy_hessian
 from jsoftmax._merge import merge_partials as merge_partials
@@ -39,6 +40,7 @@ __all__ = [
     "jacobian",
     "jacobian_diagonal",
     "jacobian_from_probs",
+    "linear_cross_entropy",
     "log_softmax",
     "log_softmax_jacobian",
     "logsumexp",

@@ -419,18 +419,7 @@ def _check_labels(labels, logits: jax.Array, axis: int, ignore_index) -> jax.Arr
                 f"indices must have the batch shape {batch} (logits {logits.shape} without "
                 f"axis {axis})."
             )
-        if _checks.is_concrete(labels) and labels.size:
-            values = np.asarray(labels)  # numpy: jnp would be staged inside a trace
-            if ignore_index is not None:
-                values = values[values != ignore_index]
-            if values.size:
-                lo, hi = int(values.min()), int(values.max())
-                if lo < 0 or hi >= n:
-                    raise IndexError(
-                        f"labels has entries out of range for {n} classes: got values in "
-                        f"[{lo}, {hi}], valid class indices are 0 to {n - 1}"
-                        + ("." if ignore_index is None else f" (or ignore_index={ignore_index}).")
-                    )
+        check_label_range(labels, n, ignore_index)
         return labels
     if ignore_index is not None:
         raise ValueError(
@@ -444,6 +433,24 @@ def _check_labels(labels, logits: jax.Array, axis: int, ignore_index) -> jax.Arr
             f"{logits.shape}, got {labels.shape}.{hint}"
         )
     return labels
+
+
+def check_label_range(labels, n: int, ignore_index) -> None:
+    """Raises ``IndexError`` for concrete integer labels outside ``[0, n)`` other than
+    ``ignore_index`` (traced labels cannot be checked: those rows become NaN)."""
+    if not (_checks.is_concrete(labels) and labels.size):
+        return
+    values = np.asarray(labels)  # numpy: jnp would be staged inside a trace
+    if ignore_index is not None:
+        values = values[values != ignore_index]
+    if values.size:
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi >= n:
+            raise IndexError(
+                f"labels has entries out of range for {n} classes: got values in "
+                f"[{lo}, {hi}], valid class indices are 0 to {n - 1}"
+                + ("." if ignore_index is None else f" (or ignore_index={ignore_index}).")
+            )
 
 
 def _static_number(value, name: str, what: str) -> float:
@@ -712,9 +719,12 @@ def cross_entropy(
     return reduce_rows(per_row, row_ok, row_w, reduction)
 
 
-def _row_weights(labels, where, example_mask, weights, ignore_index, axis: int, n: int):
+def _row_weights(
+    labels, where, example_mask, weights, ignore_index, axis: int, n: int, label_ok=None
+):
     """``(row_ok, row_w)``: which rows count (None: all) and, for integer labels with
-    class weights, each row's weight ``w[label]`` (None: 1)."""
+    class weights, each row's weight ``w[label]`` (None: 1). ``label_ok``, if given,
+    says per row whether the label's class is valid (instead of reading ``where``)."""
     row_ok = example_mask
     row_w = None
 
@@ -724,6 +734,8 @@ def _row_weights(labels, where, example_mask, weights, ignore_index, axis: int, 
     if _is_integer(labels):
         if ignore_index is not None:
             row_ok = both(row_ok, labels != ignore_index)
+        if label_ok is not None:
+            row_ok = both(row_ok, label_ok)
         if where is not None or weights is not None:
             idx, _ = _label_index(labels, n, axis)
             if where is not None:

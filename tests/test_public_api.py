@@ -10,6 +10,7 @@ EXPECTED = {
     "jacobian",
     "jacobian_diagonal",
     "jacobian_from_probs",
+    "linear_cross_entropy",
     "log_softmax",
     "log_softmax_jacobian",
     "logsumexp",

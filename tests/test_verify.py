@@ -28,6 +28,8 @@ METHODS = {
     "SoftmaxJacobian @ v",
     "v @ SoftmaxJacobian",
     "SoftmaxJacobian.dense()",
+    "jsoftmax.linear_cross_entropy (chunked)",
+    "jsoftmax.cross_entropy(h @ w) (dense)",
 }
 
 
@@ -37,6 +39,18 @@ def test_verify_report_agrees_and_covers_every_method():
     assert {r.method for r in report.rows} == METHODS
     assert {r.dtype for r in report.rows} == {"float32", "float64"}
     assert "backend: cpu" in report.table()
+
+
+def test_a_wrong_linear_cross_entropy_fails(monkeypatch):
+    real = jsoftmax.linear_cross_entropy
+
+    def off_by_a_bit(h, w, labels, **kw):
+        return 1.001 * real(h, w, labels, **kw)
+
+    monkeypatch.setattr(jsoftmax, "linear_cross_entropy", off_by_a_bit)
+    report = jsoftmax.verify(sizes=(17,), dtypes=("float32",), batched=())
+    bad = {r.method for r in report.rows if r.gating and not r.ok}
+    assert not report.ok and bad == {"jsoftmax.linear_cross_entropy (chunked)"}
 
 
 def test_top_level_name_is_the_tool():
@@ -72,7 +86,9 @@ def test_reference_is_independent_numpy():
 # --------------------------------------------------------------------------------------
 
 ARGS = ["verify", "--sizes", "2", "5", "--dtypes", "float32", "--no-batched", "--quiet"]
-N_ROWS = 2 * len(METHODS)  # two inputs (n = 2, 5 <= 64, so the Hessians too), 13 methods
+# Two inputs (n = 2, 5 <= 64, so the Hessians too), one row per method, three (loss,
+# d/dh, d/dw) for the two linear cross-entropy methods.
+N_ROWS = 2 * (len(METHODS) + 4)
 
 
 def _table_lines(out: str) -> list[str]:

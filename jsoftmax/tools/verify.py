@@ -347,6 +347,57 @@ def _check_hessian(c: _Input) -> None:
     c.add("H = d2 softmax", "hessian(softmax, rule=jvp)", autodiff, h_ref)
 
 
+def _check_linear_cross_entropy(c: _Input) -> None:
+    """:func:`jsoftmax.linear_cross_entropy` (vocabulary in chunks that do not divide it)
+    and the dense path ``cross_entropy(h @ w)``: the loss and its gradients with respect
+    to ``h`` and ``w``, against float64 NumPy. The classes are the input's softmax axis;
+    hidden states ``h`` (16 features) and ``w`` are drawn per input."""
+    n = c.shape[c.axis]
+    rows = int(np.prod(c.shape)) // n
+    if n < 2 or rows > 4096:
+        return
+    k1, k2, k3 = jax.random.split(jax.random.key(n + rows), 3)
+    dt = c.x.dtype
+    h = jax.random.normal(k1, (rows, 16), jnp.float32).astype(dt)
+    w = (jax.random.normal(k2, (16, n), jnp.float32) / 2).astype(dt)
+    labels = jax.random.randint(k3, (rows,), 0, n)
+    h64, w64, lab = _to_float64(h), _to_float64(w), np.asarray(labels)
+    z = h64 @ w64
+    p = _np_softmax(z)
+    zmax = z.max(-1, keepdims=True)
+    lse = (zmax + np.log(np.exp(z - zmax).sum(-1, keepdims=True)))[:, 0]
+    loss_ref = np.mean(lse - z[np.arange(rows), lab])
+    d = p.copy()
+    d[np.arange(rows), lab] -= 1
+    d /= rows
+    refs = (np.asarray(loss_ref), d @ w64.T, h64.T @ d)
+    chunk = max(1, n // 3 + 1)
+
+    def fused(h, w):
+        return jsoftmax.linear_cross_entropy(h, w, labels, reduction="mean", chunk_size=chunk)
+
+    def dense(h, w):
+        return jsoftmax.cross_entropy(h @ w, labels, reduction="mean")
+
+    for name, fn, gating in (
+        ("jsoftmax.linear_cross_entropy (chunked)", fused, True),
+        ("jsoftmax.cross_entropy(h @ w) (dense)", dense, not _is_16bit(dt)),
+    ):
+        value, (gh, gw) = jax.jit(jax.value_and_grad(fn, (0, 1)))(h, w)
+        for quantity, result, ref in zip(
+            ("linear CE, d/dh, d/dw",) * 3,
+            (value, gh, gw),
+            refs,
+            strict=True,
+        ):
+            scale = max(float(np.abs(ref).max()), 1.0 / rows)
+            c.add(quantity, name, result, ref, gating=gating, scale=scale)
+
+
+def _is_16bit(dtype) -> bool:
+    return jnp.finfo(dtype).bits < 32
+
+
 # The checks run on every input; with ``family=False`` only the first.
 _CHECKS: tuple[Callable[[_Input], None], ...] = (
     _check_jacobians,
@@ -354,6 +405,7 @@ _CHECKS: tuple[Callable[[_Input], None], ...] = (
     _check_products,
     _check_operator,
     _check_hessian,
+    _check_linear_cross_entropy,
 )
 
 

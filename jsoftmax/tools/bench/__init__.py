@@ -14,6 +14,10 @@ Groups of rows (``GROUPS``):
   ``where``, float32 and bfloat16.
 * ``fwd+bwd (a)``: value and VJP with the value returned (``jax.vjp``), as when the
   output feeds the next layer; ``fwd+bwd (b)``: ``jax.value_and_grad`` of a scalar loss.
+* ``cross-entropy``: ``jax.value_and_grad`` of the mean :func:`jsoftmax.cross_entropy`
+  with integer labels vs optax; ``ce options``: each training option (ignore_index,
+  weights, label smoothing, z-loss, soft-capping, temperature, ``reduction="sum"``)
+  against the plain call (target: at most 1.15x its time).
 * ``jacobian``: :func:`jsoftmax.jacobian` vs ``jax.jacfwd`` / ``jax.jacrev`` of
   :func:`jax.nn.softmax`, and vs the *write bound*: one elementwise pass that writes an
   array of the same size and dtype (the outer product ``x[:, None] * x[None, :]`` of
@@ -23,6 +27,10 @@ Groups of rows (``GROUPS``):
 * ``memory``: bytes saved for the backward pass (the residuals of ``jax.vjp``) and the
   compiled footprint (arguments + outputs + temporaries) of a training-like step; the
   cross-entropy rows need optax.
+* ``linear-ce``: :func:`jsoftmax.linear_cross_entropy` vs the dense
+  ``optax.softmax_cross_entropy_with_integer_labels(x @ w, labels)`` and a
+  token-chunked ``lax.scan`` with ``jax.checkpoint``: time and compiled temporary memory
+  of ``value_and_grad``; ``linear-ce scaling``: the same against the vocabulary size.
 * ``bandwidth`` (accelerators only): fraction of the memory-bandwidth bound reached by
   forward + backward.
 * ``torch`` (only when PyTorch is importable): ``torch.softmax`` as an outside reference.

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 
 from jsoftmax.tools.bench import (
     _bandwidth,
+    _cross_entropy,
     _forward,
     _fwd_bwd,
     _jacobians,
+    _linear_ce,
     _memory,
     _sharded,
     _torch,
@@ -17,7 +19,16 @@ from jsoftmax.tools.bench import (
 from jsoftmax.tools.bench._timing import Case
 
 # Single-device groups, in the order they run.
-_MODULES = (_forward, _fwd_bwd, _jacobians, _memory, _bandwidth, _torch)
+_MODULES = (
+    _forward,
+    _fwd_bwd,
+    _cross_entropy,
+    _jacobians,
+    _memory,
+    _linear_ce,
+    _bandwidth,
+    _torch,
+)
 SHARDED = _sharded.GROUPS[0]
 GROUPS: tuple[str, ...] = tuple(g for m in _MODULES for g in m.GROUPS) + _sharded.GROUPS
 

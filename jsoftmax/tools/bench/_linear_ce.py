@@ -1,0 +1,210 @@
+"""Groups ``linear-ce`` and ``linear-ce scaling``: :func:`jsoftmax.linear_cross_entropy`
+(the output layer and the loss fused, logits never built) against the dense path a user
+writes today, ``optax.softmax_cross_entropy_with_integer_labels(x @ w, labels)``, and a
+token-chunked :func:`jax.lax.scan` with :func:`jax.checkpoint` (what MaxText-style code
+does). :func:`jax.value_and_grad` of the mean with respect to ``x`` and ``w``; memory is
+the compiled temporary bytes (``memory_analysis().temp_size_in_bytes``: inputs, ``dw``
+and ``dx`` excluded, since every variant has them)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsoftmax
+from jsoftmax.tools.bench._timing import (
+    F32,
+    Case,
+    Ctx,
+    Row,
+    agree,
+    optional,
+    time_interleaved,
+    timing_row,
+)
+
+GROUPS = ("linear-ce", "linear-ce scaling")
+SHAPE = (2048, 256, 32768)  # (N, H, V)
+TIME_TARGET = 1.1  # minimum ratio dense / fused
+MEMORY_TARGET = 10.0
+# V from 8k to 256k at fixed N * H (= 2048 * 256); timed up to TIMED_MAX_V.
+SCALING = tuple((2048, 256, v) for v in (8192, 32768, 131072, 262144))
+TIMED_MAX_V = 131072
+TOKEN_CHUNK = 256
+
+
+def _inputs(n, h, v, dtype=F32):
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, h), dtype=F32).astype(dtype)
+    w = (jax.random.normal(jax.random.PRNGKey(1), (h, v), dtype=F32) / np.sqrt(h)).astype(dtype)
+    labels = jax.random.randint(jax.random.PRNGKey(2), (n,), 0, v)
+    return x, w, labels
+
+
+def _steps(optax, labels, n):
+    def fused(x, w):
+        return jsoftmax.linear_cross_entropy(x, w, labels, reduction="mean")
+
+    def dense(x, w):
+        return optax.softmax_cross_entropy_with_integer_labels(x @ w, labels).mean()
+
+    def token_scan(x, w):
+        xs = x.reshape(-1, TOKEN_CHUNK, x.shape[-1])
+        ys = labels.reshape(-1, TOKEN_CHUNK)
+
+        @jax.checkpoint
+        def chunk_loss(xc, yc):
+            z = jnp.dot(xc, w, preferred_element_type=jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(z, yc).sum()
+
+        total, _ = jax.lax.scan(lambda c, a: (c + chunk_loss(*a), None), 0.0, (xs, ys))
+        return total / n
+
+    make = lambda f: jax.jit(jax.value_and_grad(f, (0, 1)))  # noqa: E731
+    return {"fused": make(fused), "dense": make(dense), "token-scan": make(token_scan)}
+
+
+def _temp(step, *args) -> int:
+    return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def _memory_row(group, case, candidate, baseline, cand, base, *, shape, dtype, target=None):
+    ratio = base / cand if cand else None
+    return Row(
+        group=group,
+        case=case,
+        candidate=candidate,
+        baseline=baseline,
+        unit="bytes",
+        candidate_value=float(cand),
+        baseline_value=float(base),
+        ratio=ratio,
+        shape=list(shape),
+        dtype=np.dtype(dtype).name,
+        target=target,
+        met=None if target is None or ratio is None else bool(ratio >= target),
+        note="compiled temporaries of value_and_grad w.r.t. x and w",
+    )
+
+
+def headline(ctx: Ctx, shape, dtype=F32) -> list[Row]:
+    optax = optional("optax")
+    if optax is None:
+        return []
+    n, h, v = shape
+    x, w, labels = _inputs(n, h, v, dtype)
+    steps = _steps(optax, labels, n)
+    note = agree(steps["fused"](x, w), steps["dense"](x, w), dtype)
+    temps = {k: _temp(f, x, w) for k, f in steps.items()}
+    t = time_interleaved(
+        {k: (lambda f=f: f(x, w)) for k, f in steps.items()}, ctx.repeats, ctx.min_sample_s
+    )
+    desc = f"(N, H, V) = {tuple(shape)}"
+    # The targets are set for the headline size only (the quick run is a smoke test).
+    target_t, target_m = (TIME_TARGET, MEMORY_TARGET) if tuple(shape) == SHAPE else (None, None)
+    cand = "jsoftmax.linear_cross_entropy"
+    dense = "optax CE of x @ w (dense)"
+    scan = f"token-chunked scan + checkpoint ({TOKEN_CHUNK} rows)"
+    return [
+        timing_row(
+            "linear-ce",
+            f"value_and_grad {desc}",
+            cand,
+            dense,
+            t["fused"],
+            t["dense"],
+            shape=shape,
+            dtype=dtype,
+            target=TIME_TARGET,
+            note=note,
+        ),
+        timing_row(
+            "linear-ce",
+            f"value_and_grad {desc}",
+            cand,
+            scan,
+            t["fused"],
+            t["token-scan"],
+            shape=shape,
+            dtype=dtype,
+        ),
+        _memory_row(
+            "linear-ce",
+            f"temp memory {desc}",
+            cand,
+            dense,
+            temps["fused"],
+            temps["dense"],
+            shape=shape,
+            dtype=dtype,
+            target=MEMORY_TARGET,
+        ),
+        _memory_row(
+            "linear-ce",
+            f"temp memory {desc}",
+            cand,
+            scan,
+            temps["fused"],
+            temps["token-scan"],
+            shape=shape,
+            dtype=dtype,
+        ),
+    ]
+
+
+def scaling(ctx: Ctx, shape) -> list[Row]:
+    optax = optional("optax")
+    if optax is None:
+        return []
+    n, h, v = shape
+    desc = f"V = {v}, (N, H) = ({n}, {h})"
+    x = jax.ShapeDtypeStruct((n, h), F32)
+    w = jax.ShapeDtypeStruct((h, v), F32)
+    labels = jnp.zeros((n,), jnp.int32)
+    steps = _steps(optax, labels, n)
+    rows = [
+        _memory_row(
+            "linear-ce scaling",
+            f"temp memory {desc}",
+            "jsoftmax.linear_cross_entropy",
+            "optax CE of x @ w (dense)",
+            _temp(steps["fused"], x, w),
+            _temp(steps["dense"], x, w),
+            shape=shape,
+            dtype=F32,
+        )
+    ]
+    if v <= TIMED_MAX_V:
+        xa, wa, labels = _inputs(n, h, v)
+        steps = _steps(optax, labels, n)
+        t = time_interleaved(
+            {k: (lambda f=f: f(xa, wa)) for k in ("fused", "dense") for f in [steps[k]]},
+            max(ctx.repeats // 3, 2),
+            ctx.min_sample_s,
+        )
+        rows.append(
+            timing_row(
+                "linear-ce scaling",
+                f"value_and_grad {desc}",
+                "jsoftmax.linear_cross_entropy",
+                "optax CE of x @ w (dense)",
+                t["fused"],
+                t["dense"],
+                shape=shape,
+                dtype=F32,
+            )
+        )
+    return rows
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [
+            Case("linear-ce", "linear-ce (256, 64, 4096)", partial(headline, shape=(256, 64, 4096)))
+        ]
+    return [Case("linear-ce", f"linear-ce {SHAPE}", partial(headline, shape=SHAPE))] + [
+        Case("linear-ce scaling", f"linear-ce scaling V={s[2]}", partial(scaling, shape=s))
+        for s in SCALING
+    ]
