@@ -1,5 +1,6 @@
 """Group ``forward``: :func:`jsoftmax.softmax` vs :func:`jax.nn.softmax`, with and without
-``where``, float32 and bfloat16."""
+``where``, float32 and bfloat16, and :func:`jsoftmax.log_softmax` vs
+:func:`jax.nn.log_softmax`."""
 
 from __future__ import annotations
 
@@ -28,16 +29,17 @@ GROUPS = ("forward",)
 TARGET = 0.95  # minimum ratio jax.nn / jsoftmax
 
 
-def forward(ctx: Ctx, shape, dtype, where: bool) -> list[Row]:
+def forward(ctx: Ctx, shape, dtype, where: bool, name: str = "softmax") -> list[Row]:
     x = logits(shape, dtype)
+    ours, theirs = getattr(jsoftmax, name), getattr(jax.nn, name)
     if where:
         args = (x, mask(shape))
-        cand = jax.jit(lambda x, m: jsoftmax.softmax(x, where=m))
-        base = jax.jit(lambda x, m: jax.nn.softmax(x, where=m))
+        cand = jax.jit(lambda x, m: ours(x, where=m))
+        base = jax.jit(lambda x, m: theirs(x, where=m))
     else:
         args = (x,)
-        cand = jax.jit(jsoftmax.softmax)
-        base = jax.jit(jax.nn.softmax)
+        cand = jax.jit(ours)
+        base = jax.jit(theirs)
     note = agree(cand(*args), base(*args), dtype)
     t = time_interleaved(
         {"base": lambda: base(*args), "cand": lambda: cand(*args)}, ctx.repeats, ctx.min_sample_s
@@ -46,9 +48,9 @@ def forward(ctx: Ctx, shape, dtype, where: bool) -> list[Row]:
     return [
         timing_row(
             "forward",
-            f"softmax {shape_str(shape)} {np.dtype(dtype).name}{suffix}",
-            "jsoftmax.softmax",
-            "jax.nn.softmax",
+            f"{name} {shape_str(shape)} {np.dtype(dtype).name}{suffix}",
+            f"jsoftmax.{name}",
+            f"jax.nn.{name}",
             t["cand"],
             t["base"],
             shape=shape,
@@ -74,6 +76,14 @@ def cases(quick: bool) -> list[Case]:
     )
     plan += [
         Case("forward", f"softmax {s} where", partial(forward, shape=s, dtype=F32, where=True))
+        for s in shapes
+    ]
+    plan += [
+        Case(
+            "forward",
+            f"log_softmax {s}",
+            partial(forward, shape=s, dtype=F32, where=False, name="log_softmax"),
+        )
         for s in shapes
     ]
     return plan
