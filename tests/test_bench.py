@@ -306,3 +306,24 @@ def test_compile_counter_sees_a_compilation():
     with _CompileCounter() as counter:
         jax.jit(lambda x: x * 3)(jnp.ones((7, 3), jnp.float32)).block_until_ready()
     assert counter.count >= 1
+
+
+def test_plot_scaling_writes_the_linear_ce_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from jsoftmax.tools.bench._report import plot_scaling
+
+    def row(unit, v, cand, base):
+        return {
+            "group": "linear-ce scaling",
+            "unit": unit,
+            "shape": [8, 4, v],
+            "candidate_value": cand,
+            "baseline_value": base,
+        }
+
+    rows = [row("bytes", 64, 1e6, 2e6), row("bytes", 128, 1e6, 4e6), row("s", 64, 0.1, 0.2)]
+    result = {"meta": {"device": "cpu", "jax": "x"}, "rows": rows}
+    path = tmp_path / "scaling.png"
+    assert plot_scaling(result, str(path)) and path.stat().st_size > 1000
+    assert not plot_scaling({"meta": result["meta"], "rows": []}, str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()

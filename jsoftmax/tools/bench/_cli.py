@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from jsoftmax.tools.bench._plan import GROUPS, check_groups
-from jsoftmax.tools.bench._report import format_table, plot, require_matplotlib
+from jsoftmax.tools.bench._report import format_table, plot, plot_scaling, require_matplotlib
 from jsoftmax.tools.bench._run import run
 from jsoftmax.tools.bench._sharded import prepare_devices
 
@@ -89,4 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
+        scaling = args.plot.removesuffix(".png") + "-scaling.png"
+        if plot_scaling(result, scaling):
+            print(f"wrote {scaling}")
     return 0

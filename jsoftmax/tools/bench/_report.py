@@ -158,3 +158,38 @@ def plot(result: Mapping[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_scaling(result: Mapping[str, Any], path: str) -> bool:
+    """Writes a PNG of the ``linear-ce scaling`` rows: compiled temporary memory and time
+    of the fused and the dense loss against the vocabulary size (log-log). Returns False
+    (and writes nothing) when the result has no such rows. Needs matplotlib."""
+    rows = [r for r in result["rows"] if r["group"] == "linear-ce scaling"]
+    if not rows:
+        return False
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, unit, scale, label in (
+        (axes[0], "bytes", 2**20, "compiled temporaries (MiB)"),
+        (axes[1], "s", 1.0, "value_and_grad time (s)"),
+    ):
+        sel = [r for r in rows if r["unit"] == unit]
+        v = [r["shape"][2] for r in sel]
+        ax.plot(v, [r["candidate_value"] / scale for r in sel], "o-", label="fused (jsoftmax)")
+        ax.plot(v, [r["baseline_value"] / scale for r in sel], "s--", label="dense (x @ w, optax)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    n, h = rows[0]["shape"][:2]
+    meta = result["meta"]
+    fig.suptitle(
+        f"linear_cross_entropy vs dense, (N, H) = ({n}, {h}): {meta['device']}, jax {meta['jax']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
