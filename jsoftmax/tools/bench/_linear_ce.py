@@ -117,7 +117,7 @@ def headline(ctx: Ctx, shape, dtype=F32) -> list[Row]:
             t["dense"],
             shape=shape,
             dtype=dtype,
-            target=TIME_TARGET,
+            target=target_t,
             note=note,
         ),
         timing_row(
@@ -139,7 +139,7 @@ def headline(ctx: Ctx, shape, dtype=F32) -> list[Row]:
             temps["dense"],
             shape=shape,
             dtype=dtype,
-            target=MEMORY_TARGET,
+            target=target_m,
         ),
         _memory_row(
             "linear-ce",
