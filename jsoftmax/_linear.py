@@ -123,6 +123,21 @@ def _smoothing_totals(weights, bias, vocab: int, alpha: float, cdt):
     return _formulas.smoothing_mass(alpha, count), total_w
 
 
+def _varying_axes(a) -> frozenset:
+    """The mesh axes ``a`` varies over inside :func:`jax.shard_map` (empty outside)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _vary_like(tree, ref):
+    """``tree`` cast to vary over the mesh axes ``ref`` varies over inside
+    :func:`jax.shard_map` (the carries of a scan over one shard's columns); unchanged
+    elsewhere."""
+    axes = tuple(sorted(_varying_axes(ref)))
+    return lax.pcast(tree, axes, to="varying") if axes else tree
+
+
 def _compute_dtype(x, w) -> np.dtype:
     return np.dtype(_checks.accumulation_dtype(jnp.promote_types(x.dtype, w.dtype)))
 
@@ -159,10 +174,8 @@ def forward_stats(x, w, bias, weights, centre, opts, chunk: int, va: int, cdt, l
             centred = centred + _losses.smoothing_sum(u, centre, valid, w_c, 1)
         return (running, centred), None
 
-    start_stats = _merge.empty_stats((rows, 1), cdt)
-    ((m, total), centred), _ = lax.scan(
-        body, (start_stats, jnp.zeros((rows, 1), cdt)), jnp.arange(n_chunks)
-    )
+    init = _vary_like((_merge.empty_stats((rows, 1), cdt), jnp.zeros((rows, 1), cdt)), w)
+    ((m, total), centred), _ = lax.scan(body, init, jnp.arange(n_chunks))
     return m, total, centred
 
 
@@ -269,7 +282,7 @@ def backward_sums(
         jnp.zeros(w.shape, w.dtype),
         None if bias is None else jnp.zeros(bias.shape, bias.dtype),
     )
-    (dx, dw, db), _ = lax.scan(body, init, jnp.arange(n_chunks))
+    (dx, dw, db), _ = lax.scan(body, _vary_like(init, w), jnp.arange(n_chunks))
     return dx, dw, db
 
 

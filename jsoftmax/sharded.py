@@ -46,9 +46,9 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _formulas, _losses, _merge, _softmax
+from jsoftmax import _checks, _formulas, _linear, _losses, _merge, _softmax
 
-__all__ = ["cross_entropy", "log_softmax", "softmax"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "log_softmax", "softmax"]
 
 Axes = tuple[int, ...]
 AxisName = str | tuple[str, ...]
@@ -642,3 +642,261 @@ def cross_entropy(
         x, labels, where, temperature, weights, ex_ok, opts, axis_name, num_classes
     )
     return _reduce(per_row, weight, reduction, data_axis_name)
+
+
+# --------------------------------------------------------------------------------------
+# linear_cross_entropy: the output layer and the loss fused, vocabulary split by device.
+# --------------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _lce_kernel(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes):
+    return _lce_fwd(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes)[0]
+
+
+def _lce_layout(labels, local: int, axis_name, n_classes):
+    """``(local label, label here, limit, n_global)`` for this shard's block of columns."""
+    offset = lax.axis_index(axis_name) * local
+    local_label = labels - offset
+    here = (local_label >= 0) & (local_label < local)
+    limit = None if n_classes is None else n_classes - offset
+    n_global = local * lax.axis_size(axis_name) if n_classes is None else n_classes
+    return local_label, here, limit, n_global
+
+
+def _lce_fwd(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes):
+    cdt = _linear._compute_dtype(x, w)
+    local = w.shape[1]
+    local_label, here, limit, n_global = _lce_layout(labels, local, axis_name, n_classes)
+    idx = jnp.clip(local_label, 0, local - 1)
+    # This shard's column at the (clipped) label: the target logit on the shard holding
+    # the label, elsewhere a finite centre for the smoothing sum.
+    s_c = _linear._target_logit(x, w, bias, idx, 1, opts, cdt)
+    centre = jnp.where(jnp.abs(s_c) < jnp.inf, s_c, jnp.zeros((), cdt))
+    m, total, centred = _linear.forward_stats(
+        x, w, bias, weights, centre, opts, chunk, 1, cdt, limit
+    )
+    here_k = here[:, None]
+    zero = jnp.zeros((), cdt)
+
+    def carried(m_all):
+        sums = {"target": jnp.where(here_k, s_c - m_all, zero)}
+        excluded = None
+        if limit is not None:
+            excluded = local_label >= limit
+        if bias is not None:
+            padded = bias[idx] == -jnp.inf
+            excluded = padded if excluded is None else excluded | padded
+        if excluded is not None:  # a label on an excluded column: the row does not count
+            sums["bad"] = jnp.where(here & excluded, 1, 0).astype(cdt)[:, None]
+        if weights is not None:
+            sums["w_y"] = jnp.where(here, weights[idx].astype(cdt), zero)[:, None]
+        if opts.alpha:
+            count, total_w = _linear._valid_totals(weights, bias, local, cdt, limit)
+            # sum_valid w_i (s_i - M) = sum_valid w_i (s_i - centre) + W (centre - M)
+            sums["centred"] = centred + total_w * (centre - m_all)
+            sums["count"] = count
+            if weights is not None:
+                sums["W"] = total_w
+        return sums
+
+    in_range = ((labels >= 0) & (labels < n_global))[:, None]
+    ok = None if ex_ok is None else ex_ok[:, None]
+    loss, (m_all, total), row_ok, row_w, kw = _merge_and_loss(
+        m, total, axis_name, carried, in_range, ok, n_global, opts
+    )
+    weight = _row_weight(row_ok, row_w, loss.shape, cdt)
+    residuals = (x, w, bias, labels, weights, row_ok, row_w, m_all, total, kw)
+    return (loss[:, 0], weight[:, 0]), residuals
+
+
+def _lce_kernel_fwd(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes):
+    return _lce_fwd(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes)
+
+
+def _lce_kernel_bwd(opts, axis_name, chunk, n_classes, residuals, g):
+    # dw and db stay on their shard; dx, a sum over the vocabulary, is this shard's part
+    # (summed over the shards by the transpose of the varying cast in the caller).
+    x, w, bias, labels, weights, row_ok, row_w, m, total, kw = residuals
+    cdt = _linear._compute_dtype(x, w)
+    local = w.shape[1]
+    local_label, here, limit, n_global = _lce_layout(labels, local, axis_name, n_classes)
+    idx = jnp.where(here, local_label, -1)[:, None]
+    in_range = ((labels >= 0) & (labels < n_global))[:, None]
+    g = _losses._mask_rows(g[0].astype(cdt)[:, None], row_ok)
+    dx, dw, db = _linear.backward_sums(
+        x,
+        w,
+        bias,
+        weights,
+        idx,
+        in_range,
+        row_w,
+        g,
+        row_ok,
+        m,
+        total,
+        kw,
+        opts,
+        chunk,
+        1,
+        cdt,
+        limit,
+    )
+    return dx.astype(x.dtype), dw, db, None, None, None
+
+
+_lce_kernel.defvjp(_lce_kernel_fwd, _lce_kernel_bwd)
+
+
+def _varying_axes(a) -> frozenset:
+    """The mesh axes ``a`` varies over inside :func:`jax.shard_map`."""
+    return frozenset(_linear._varying_axes(a))
+
+
+def _varying(arrays, axis_names):
+    """Casts the arrays to vary over the mesh axes any of them (or ``axis_names``) varies
+    over, so the kernel's cotangents have its inputs' types; autodiff then sums each
+    cotangent over the axes its input was cast along (``dx`` over the vocabulary axis,
+    ``dw`` over data axes), one all-reduce each."""
+    axes = set(axis_names)
+    for a in arrays:
+        if a is not None:
+            axes |= _varying_axes(a)
+    out = []
+    for a in arrays:
+        if a is not None:
+            missing = tuple(sorted(axes - _varying_axes(a)))
+            if missing:
+                a = lax.pcast(a, missing, to="varying")
+        out.append(a)
+    return out
+
+
+def linear_cross_entropy(
+    x: ArrayLike,
+    w_shard: ArrayLike,
+    labels: ArrayLike,
+    axis_name: AxisName,
+    *,
+    bias_shard: ArrayLike | None = None,
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
+    weights: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+    chunk_size: int | None = None,
+    data_axis_name: AxisName | None = None,
+) -> jax.Array:
+    r"""The output layer and the cross-entropy fused, vocabulary split over devices; call
+    inside :func:`jax.shard_map`.
+
+    :func:`jsoftmax.linear_cross_entropy` in the vocab-parallel (Megatron) layout: the
+    kernel ``w`` of shape ``(H, V)`` is split along ``V`` over ``axis_name`` (and
+    ``bias``, ``weights`` alike); every shard holds the same rows of ``x``. Each device
+    runs the chunked loop of :func:`jsoftmax.linear_cross_entropy` over its own columns
+    (its block of logits is never built either), reducing them to per-row statistics;
+    the devices then exchange only per-row numbers, merged by the log-sum-exp merge of
+    :func:`jsoftmax.merge_partials`:
+
+    .. math::
+        M = \max_d m_d, \qquad T = \sum_d t_d\, e^{m_d - M}, \qquad
+        \ell = \sum_i q_i\,(M + \log T - s_i) + c\,(M + \log T)^2,
+
+    with :math:`s = \mathrm{softcap}(x w + b)` and :math:`q` as in
+    :func:`jsoftmax.cross_entropy`. Forward: one all-reduce of the row maxima, then one
+    carrying the rescaled sums of exponentials with the target logit (from the shard
+    holding the label) and the per-row numbers the options need. Backward: each shard
+    recomputes its chunks' logits and accumulates ``dw`` and ``db`` for its own columns
+    (they stay on their shard) and its part of ``dx``, which is summed over
+    ``axis_name`` in one all-reduce of ``N * H`` values. Nothing of size ``N * V`` is
+    built or communicated.
+
+    Args:
+      x: hidden states, shape ``(..., H)``, the same on every shard of ``axis_name``
+        (rows may be split over other mesh axes).
+      w_shard: this shard's block of the kernel, shape ``(H, V_local)``: columns
+        ``i * V_local ... (i + 1) * V_local - 1`` on shard ``i`` along ``axis_name``
+        (``in_specs`` ``P(None, axis_name)``).
+      labels: integer **global** class indices, shape ``x.shape[:-1]``.
+      axis_name: the mesh axis name(s) the vocabulary is split over.
+      bias_shard: optional ``(V_local,)``, split like ``w``; ``-inf`` entries mark
+        excluded classes as in :func:`jsoftmax.linear_cross_entropy`.
+      num_classes: the true vocabulary size when ``V`` was padded at the end to a
+        multiple of the shard count; columns with a global index ``>= num_classes``
+        are excluded (their values do not matter; their gradients are 0).
+      ignore_index, label_smoothing, z_loss, logit_softcap: as in
+        :func:`jsoftmax.cross_entropy`.
+      weights: per-class weights of this shard's columns, shape ``(V_local,)``.
+      reduction, data_axis_name: as in :func:`cross_entropy`: ``"mean"`` is over the
+        rows of this ``shard_map`` block, or over every row of ``data_axis_name``.
+      chunk_size: vocabulary columns per chunk of the local loop (default
+        :func:`jsoftmax.default_chunk_size` of the rows and the local vocabulary).
+
+    Returns:
+      The loss per row (shape ``x.shape[:-1]``), or its sum or mean; the same on every
+      shard of ``axis_name``. float32 for 16-bit inputs. Gradients come back in the
+      dtypes of ``x``, ``w_shard`` and ``bias_shard``.
+
+    Note:
+      * Labels are traced inside :func:`jax.shard_map`: an out-of-range label other
+        than ``ignore_index`` gives a NaN row (loss and gradients), never an error.
+      * A label on an excluded class (padding, ``-inf`` bias) makes the row not
+        count (loss 0, zero gradients, not in the ``"mean"`` denominator).
+      * Needs :func:`jax.shard_map`'s default ``check_vma=True``: the sums of ``dx``
+        over ``axis_name`` (and of ``dw`` over data axes) are derived from it.
+      * ``weights`` and ``labels`` are not differentiated.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> import jsoftmax
+      >>> from jsoftmax import sharded
+      >>> mesh = jax.make_mesh((1,), ("vocab",))
+      >>> x = jax.random.normal(jax.random.key(0), (4, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 1000)) / 3
+      >>> labels = jnp.array([3, 999, 0, 512])
+      >>> w_split = jax.device_put(w, jax.NamedSharding(mesh, P(None, "vocab")))
+      >>> f = jax.shard_map(
+      ...     lambda x, w, y: sharded.linear_cross_entropy(x, w, y, "vocab", reduction="mean"),
+      ...     mesh=mesh, in_specs=(P(), P(None, "vocab"), P()), out_specs=P())
+      >>> fused = f(x, w_split, labels)
+      >>> dense = jsoftmax.cross_entropy(x @ w, labels, reduction="mean")
+      >>> print(bool(jnp.allclose(fused, dense, rtol=1e-6)))
+      True
+    """
+    axis_name = _check_axis_name(axis_name)
+    x, w, labels, bias, _ = _linear._check_inputs(x, w_shard, labels, bias_shard, 1)
+    reduction = _losses._check_reduction(reduction)
+    ignore_index = _losses._check_ignore_index(ignore_index)
+    opts = _losses._Options(
+        1,
+        _losses._check_label_smoothing(label_smoothing),
+        _losses._check_z_loss(z_loss),
+        _losses._check_softcap(logit_softcap),
+    )
+    shards = _num_shards(axis_name, "linear_cross_entropy")
+    data_axis_name = _check_data_axis_name(data_axis_name, axis_name)
+    local = w.shape[1]
+    if local == 0:
+        raise ValueError("w_shard has no columns; cross-entropy is undefined.")
+    num_classes = _check_num_classes(num_classes, local, shards)
+    weights = _check_shard_weights(weights, local)
+    batch = x.shape[:-1]
+    rows = int(np.prod(batch, dtype=np.int64))
+    chunk = _linear._check_chunk_size(chunk_size, rows, local)
+    x2 = x.reshape(rows, x.shape[-1])
+    lab = labels.reshape(rows).astype(jnp.int32)
+    ex_ok = None if ignore_index is None else lab != ignore_index
+    x2, w, bias = _varying((x2, w, bias), _axis_tuple(axis_name))
+    per_row, weight = _lce_kernel(
+        x2, w, bias, lab, weights, ex_ok, opts, axis_name, chunk, num_classes
+    )
+    out = _reduce(per_row, weight, reduction, data_axis_name)
+    return out.reshape(batch) if reduction == "none" else out
+
+
+def _axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)

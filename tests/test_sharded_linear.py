@@ -1,0 +1,163 @@
+"""jsoftmax.sharded.linear_cross_entropy: the fused output layer + loss, vocabulary split.
+
+Runs on the eight simulated CPU devices of conftest.py, on a vocabulary-only mesh (8,)
+and a (data, vocab) mesh (2, 4). References: the dense float64 loss
+``jsoftmax.cross_entropy(x @ w + b, ...)`` and its autodiff gradients, and the one-device
+``jsoftmax.linear_cross_entropy``. Collectives are counted in the compiled HLO.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jsoftmax
+from jsoftmax import sharded
+from tests.test_sharded import _collectives, _hlo
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices (conftest.py simulates 8 CPU devices)"
+)
+
+F64 = dict(rtol=1e-11, atol=1e-11)
+ROWS, H, V = 12, 8, 64
+MESHES = {"8": ((8,), ("v",), None), "2x4": ((2, 4), ("d", "v"), "d")}
+
+CASES = {
+    "plain": {},
+    "all": dict(
+        label_smoothing=0.2,
+        z_loss=1e-2,
+        logit_softcap=3.0,
+        ignore_index=-100,
+        weights=True,
+        bias=True,
+    ),
+    "smoothing+bias": dict(label_smoothing=0.1, bias=True),
+    "padded": dict(num_classes=59, label_smoothing=0.1, weights=True, bias=True),
+}
+
+
+def _data(case, seed=0):
+    rng = np.random.default_rng(seed)
+    n = case.get("num_classes", V)
+    x = rng.normal(size=(ROWS, H))
+    w = rng.normal(size=(H, V)) / 2
+    y = rng.integers(0, n, size=ROWS)
+    b = rng.normal(size=V) if case.get("bias") else None
+    wt = rng.random(V) + 0.5 if case.get("weights") else None
+    if b is not None:
+        b[[5, 40]] = -np.inf  # excluded classes
+        y[2] = 40  # a label on one: the row does not count
+    if case.get("ignore_index") is not None:
+        y[[4, 7]] = case["ignore_index"]
+    return x, w, y, b, wt
+
+
+def _dense(x, w, y, b, wt, n, reduction, opts):
+    """The dense float64 loss over the first n classes (jsoftmax.cross_entropy)."""
+    z = x @ w[:, :n] + (0.0 if b is None else b[None, :n])
+    live = None if b is None else jnp.asarray(b[:n] > -np.inf)
+    where = None if b is None else live[None, :]
+    weights = None if wt is None else wt[:n]
+    yy = jnp.asarray(y)
+    if where is not None:  # a label on an excluded class counts as ignored
+        ig = opts.get("ignore_index", -1)
+        yy = jnp.where((yy >= 0) & ~live[jnp.clip(yy, 0, n - 1)], ig, yy)
+        opts = dict(opts, ignore_index=ig)
+    return jsoftmax.cross_entropy(z, yy, where=where, weights=weights, reduction=reduction, **opts)
+
+
+def _run(mesh_name, case, reduction, chunk_size=5, hlo=False):
+    shape, names, data = MESHES[mesh_name]
+    mesh = jax.make_mesh(shape, names)
+    opts = {k: v for k, v in case.items() if k not in ("weights", "bias", "num_classes")}
+    n = case.get("num_classes", V)
+    x, w, y, b, wt = _data(case)
+    rows = P(data)
+    args = [x, w, y] + [a for a in (b, wt) if a is not None]
+    specs = [P(data, None), P(None, "v"), rows] + [P("v")] * (len(args) - 3)
+
+    def body(x, w, y, *rest):
+        rest = list(rest)
+        bias = rest.pop(0) if b is not None else None
+        weights = rest.pop(0) if wt is not None else None
+        return sharded.linear_cross_entropy(
+            x, w, y, "v", bias_shard=bias, weights=weights, reduction=reduction,
+            chunk_size=chunk_size, num_classes=case.get("num_classes"),
+            data_axis_name=data if reduction != "none" else None, **opts,
+        )  # fmt: skip
+
+    f = jax.shard_map(
+        body, mesh=mesh, in_specs=tuple(specs), out_specs=rows if reduction == "none" else P()
+    )
+    placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs, strict=True)]
+    cot = np.linspace(0.5, 2.0, ROWS) if reduction == "none" else 1.0
+    argnums = (0, 1) + ((3,) if b is not None else ())
+    with jax.set_mesh(mesh):
+        loss = jax.jit(f)(*placed)
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=argnums))(*placed)
+        if hlo:
+            hlo = {
+                "forward": _hlo(f, *placed),
+                "grad": _hlo(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=argnums), *placed),
+            }
+    return (x, w, y, b, wt, n, opts, cot), loss, grads, hlo, mesh
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_values_and_gradients_match_dense_and_one_device(mesh_name, case, reduction):
+    (x, w, y, b, wt, n, opts, cot), loss, grads, _, _ = _run(mesh_name, CASES[case], reduction)
+
+    def dense(x, w, b):
+        return jnp.sum(_dense(x, w, y, b, wt, n, reduction, opts) * cot)
+
+    argnums = (0, 1) + ((2,) if b is not None else ())
+    ref = _dense(x, w, y, b, wt, n, reduction, opts)
+    ref_grads = jax.grad(dense, argnums=argnums)(jnp.asarray(x), jnp.asarray(w), b)
+    np.testing.assert_allclose(np.asarray(loss), ref, **F64)
+    assert np.all(np.isfinite(np.asarray(loss)))
+    for g, r in zip(grads, ref_grads, strict=True):
+        g = np.asarray(g)
+        np.testing.assert_allclose(g[..., :n], np.asarray(r)[..., :n], **F64)
+        assert np.all(g[..., n:] == 0.0)  # padded columns
+    if case == "plain":  # the one-device fused loss, too
+        one = jsoftmax.linear_cross_entropy(x, w, y, reduction=reduction, chunk_size=7)
+        np.testing.assert_allclose(np.asarray(loss), one, **F64)
+        one_g = jax.grad(
+            lambda x, w: jnp.sum(jsoftmax.linear_cross_entropy(x, w, y, reduction=reduction) * cot),
+            argnums=(0, 1),
+        )(x, w)
+        for g, r in zip(grads, one_g, strict=True):
+            np.testing.assert_allclose(np.asarray(g), r, **F64)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("case", ["plain", "all"])
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_collectives_are_per_row_scalars_and_one_dx_sum(mesh_name, case, reduction):
+    """Forward: one all-reduce of the row maxima and one of the other per-row numbers
+    (plus, for a mean over a data axis, one of two scalars). Backward: the sum of dx
+    over the vocabulary axis (N_local * H values) and, with a data axis, the usual sum of
+    dw (and db) over it; nothing of the size of the logits."""
+    shape, names, data = MESHES[mesh_name]
+    *_, hlo, _ = _run(mesh_name, CASES[case], reduction, hlo=True)
+    rows = ROWS // (shape[0] if data else 1)
+    v_local = V // shape[-1]
+    fwd, grad = _collectives(hlo["forward"]), _collectives(hlo["grad"])
+    assert all(op == "all-reduce" for op, _ in fwd + grad), (fwd, grad)
+    big = lambda found: sorted(s for _, sizes in found for s in sizes if s > rows)  # noqa: E731
+    scalar_rounds = lambda found: sum(all(s <= rows for s in sz) for _, sz in found)  # noqa: E731
+    data_mean = data is not None and reduction == "mean"
+    assert big(fwd) == [] and scalar_rounds(fwd) == 2 + data_mean, fwd
+    expect = [rows * H]
+    if data is not None:  # dw (and db) of the shard's columns, summed over the data axis
+        expect += [H * v_local] + ([v_local] if CASES[case].get("bias") else [])
+    assert big(grad) == sorted(expect), grad
+    assert scalar_rounds(grad) <= 3, grad
