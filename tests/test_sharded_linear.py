@@ -161,3 +161,23 @@ def test_collectives_are_per_row_scalars_and_one_dx_sum(mesh_name, case, reducti
         expect += [H * v_local] + ([v_local] if CASES[case].get("bias") else [])
     assert big(grad) == sorted(expect), grad
     assert scalar_rounds(grad) <= 3, grad
+
+
+def test_bench_rows_for_the_fused_sharded_loss():
+    from jsoftmax.tools.bench import _sharded
+    from jsoftmax.tools.bench._timing import Ctx
+
+    shape = (1024, 16, 8192)  # 2048 columns per device, chunks of 1024
+    rows = _sharded.fused(Ctx(repeats=1, min_sample_s=0.0), devices=4, shape=shape)
+    assert [r.baseline for r in rows] == [
+        "x @ w_shard + jsoftmax.sharded.cross_entropy",
+        "jsoftmax.linear_cross_entropy, 1 device",
+    ]
+    for r in rows:
+        assert r.group == "sharded" and r.unit == "bytes" and r.shape == list(shape)
+        assert r.case == "fused loss temporaries per device, vocab over 4 devices"
+        assert r.note == ""  # the fused sharded loss and gradients agree with one device
+        assert r.ratio == pytest.approx(r.baseline_value / r.candidate_value)
+    # The sharded dense loss holds at least its block of logits (N * V / 4 float32) in
+    # temporaries; the fused one holds one chunk of it.
+    assert rows[0].baseline_value >= 1024 * 8192 // 4 * 4 > rows[0].candidate_value
