@@ -6,23 +6,29 @@ model whose output layer is split by vocabulary ("vocab-parallel"). Each device 
 a contiguous block of classes; the functions communicate only per-row scalars with
 JAX's own collectives (:func:`jax.lax.pmax`, :func:`jax.lax.psum`), never the logits:
 
-=========================  ===================================  ==========================
-function                   forward all-reduces (per row)        backward all-reduces
-=========================  ===================================  ==========================
-``softmax``                max, sum of exponentials             :math:`\langle g, p\rangle`
-``log_softmax``            max, sum of exponentials             :math:`\sum_i g_i`
-``cross_entropy``          max, sum of exponentials,            none: :math:`p - y` is local
-                           target logit
-=========================  ===================================  ==========================
+==========================  ===================================  ===========================
+function                    forward all-reduces (per row)        backward all-reduces
+==========================  ===================================  ===========================
+``softmax``                 max, sum of exponentials             :math:`\langle g, p\rangle`
+``log_softmax``             max, sum of exponentials             :math:`\sum_i g_i`
+``cross_entropy``           max, sum of exponentials with the    none (the cotangent
+                            target logit (and the options'       :math:`(\sum q)p - q` is
+                            per-row sums)                        local)
+``linear_cross_entropy``    the same                             ``dx`` (``N * H`` values)
+==========================  ===================================  ===========================
 
-Every all-reduce carries one scalar per row. The forward pass is the merge rule of
-:func:`jsoftmax.merge_partials` applied across devices (:mod:`jsoftmax._merge`): each
-device computes its block's row max and sum of exponentials in one local pass, then
-the maxima are all-reduced and the sums, rescaled to the global max, are all-reduced.
-Each function is a :func:`jax.custom_vjp` that saves one logits-sized array (the local
-block of probabilities, or of log-probabilities) for the backward pass. The backward
-rules are the single-device ones of :mod:`jsoftmax._formulas` with every sum over the
-softmax axis replaced by a local sum followed by an all-reduce.
+Every forward all-reduce carries one scalar per row. The forward pass is the merge
+rule of :func:`jsoftmax.merge_partials` applied across devices (:mod:`jsoftmax._merge`):
+each device computes its block's row max and sum of exponentials in one local pass,
+then the maxima are all-reduced and the sums, rescaled to the global max, are
+all-reduced (with any other per-row sum riding in the same all-reduce). ``softmax``
+and ``log_softmax`` are :func:`jax.custom_vjp` rules that save one logits-sized array
+(the local block of probabilities, or of log-probabilities) for the backward pass;
+their backward rules are the single-device ones of :mod:`jsoftmax._formulas` with every
+sum over the softmax axis replaced by a local sum followed by an all-reduce. The
+losses use the per-row formulas of :mod:`jsoftmax._losses` (the same options as
+:func:`jsoftmax.cross_entropy`) on the merged statistics; ``cross_entropy`` saves its
+block of logits, ``linear_cross_entropy`` its inputs, plus a few numbers per row.
 
 Outside :func:`jax.shard_map`, :func:`jsoftmax.softmax` and friends already work on
 arrays placed with :class:`jax.sharding.NamedSharding` under :func:`jax.jit`: XLA
@@ -469,7 +475,7 @@ def _reduce(per_row, weight, reduction: str, data_axis_name):
     return _losses.reduce_rows(sums[0], None, sums[1], reduction)
 
 
-def _check_data_axis_name(data_axis_name, axis_name):
+def _check_data_axis_name(data_axis_name, axis_name, fname: str):
     if data_axis_name is None:
         return None
     name = _check_axis_name(data_axis_name)
@@ -480,7 +486,7 @@ def _check_data_axis_name(data_axis_name, axis_name):
             f"data_axis_name={data_axis_name!r} must name mesh axes that the rows are split "
             f"over, not the class axis_name={axis_name!r}."
         )
-    _num_shards(name, "cross_entropy")
+    _num_shards(name, fname)
     return name
 
 
@@ -488,8 +494,14 @@ def _check_shard_weights(weights, local: int):
     """Class weights of this shard's block of classes, shape ``(local,)``."""
     if weights is None:
         return None
-    w = _losses._check_weights(weights, local)
-    return w
+    try:
+        return _losses._check_weights(weights, local)
+    except ValueError:
+        raise ValueError(
+            f"weights must hold this shard's block of class weights, shape ({local},) (the "
+            f"full vector split like the classes, e.g. in_specs P(axis_name)), got shape "
+            f"{jnp.shape(weights)}."
+        ) from None
 
 
 def cross_entropy(
@@ -626,7 +638,7 @@ def cross_entropy(
     )
     where, example_mask = _losses._split_where(where, x.shape, (axis,))
     shards = _num_shards(axis_name, "cross_entropy")
-    data_axis_name = _check_data_axis_name(data_axis_name, axis_name)
+    data_axis_name = _check_data_axis_name(data_axis_name, axis_name, "cross_entropy")
     if x.shape[axis] == 0:
         raise ValueError("logits_shard has an empty class axis; cross-entropy is undefined.")
     num_classes = _check_num_classes(num_classes, x.shape[axis], shards)
@@ -878,7 +890,7 @@ def linear_cross_entropy(
         _losses._check_softcap(logit_softcap),
     )
     shards = _num_shards(axis_name, "linear_cross_entropy")
-    data_axis_name = _check_data_axis_name(data_axis_name, axis_name)
+    data_axis_name = _check_data_axis_name(data_axis_name, axis_name, "linear_cross_entropy")
     local = w.shape[1]
     if local == 0:
         raise ValueError("w_shard has no columns; cross-entropy is undefined.")

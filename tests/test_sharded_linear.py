@@ -181,3 +181,51 @@ def test_bench_rows_for_the_fused_sharded_loss():
     # The sharded dense loss holds at least its block of logits (N * V / 4 float32) in
     # temporaries; the fused one holds one chunk of it.
     assert rows[0].baseline_value >= 1024 * 8192 // 4 * 4 > rows[0].candidate_value
+
+
+def _mesh8():
+    return jax.make_mesh((8,), ("v",))
+
+
+def _call(mesh, x, w, y, **kw):
+    f = jax.shard_map(
+        lambda x, w, y: sharded.linear_cross_entropy(x, w, y, "v", **kw),
+        mesh=mesh,
+        in_specs=(P(), P(None, "v"), P()),
+        out_specs=P(),
+    )
+    with jax.set_mesh(mesh):
+        return f(x, jax.device_put(w, NamedSharding(mesh, P(None, "v"))), y)
+
+
+def test_out_of_range_labels_give_nan_rows_and_low_precision_is_float32():
+    mesh = _mesh8()
+    x, w, y, _, _ = _data({}, seed=3)
+    y[:2] = [-1, V]
+    loss = np.asarray(_call(mesh, x, w, y))
+    assert np.all(np.isnan(loss[:2]))
+    ref = jsoftmax.cross_entropy(x[2:] @ w, y[2:])
+    np.testing.assert_allclose(loss[2:], ref, **F64)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    y_ok = np.abs(y) % V
+    lb = _call(mesh, xb, wb, y_ok)
+    assert lb.dtype == jnp.float32
+    one = jsoftmax.linear_cross_entropy(xb, wb, y_ok)
+    np.testing.assert_allclose(np.asarray(lb), np.asarray(one), rtol=1e-5, atol=1e-5)
+
+
+def test_argument_errors():
+    mesh = _mesh8()
+    x, w, y, _, _ = _data({})
+    with pytest.raises(TypeError, match="labels must be integer"):
+        _call(mesh, x, w, y.astype(float))
+    with pytest.raises(ValueError, match="H = x.shape"):
+        _call(mesh, x[:, :3], w, y)
+    with pytest.raises(ValueError, match="this shard's block"):
+        _call(mesh, x, w, y, weights=jnp.ones(V))
+    with pytest.raises(ValueError, match="num_classes=65"):
+        _call(mesh, x, w, y, num_classes=65)
+    with pytest.raises(ValueError, match="data_axis_name"):
+        _call(mesh, x, w, y, reduction="mean", data_axis_name="v")
+    with pytest.raises(ValueError, match="shard_map"):
+        sharded.linear_cross_entropy(x, w, y, "v")
