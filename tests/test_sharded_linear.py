@@ -229,3 +229,26 @@ def test_argument_errors():
         _call(mesh, x, w, y, reduction="mean", data_axis_name="v")
     with pytest.raises(ValueError, match="shard_map"):
         sharded.linear_cross_entropy(x, w, y, "v")
+
+
+def test_batch_dims_and_vocabulary_over_two_mesh_axes():
+    mesh = jax.make_mesh((2, 4), ("a", "v"))
+    x, w, y, _, _ = _data({}, seed=4)
+    x3, y3 = x.reshape(3, 4, H), y.reshape(3, 4)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3)
+    f = jax.shard_map(
+        lambda x, w, y: sharded.linear_cross_entropy(x, w, y, ("a", "v"), chunk_size=3, **opts),
+        mesh=mesh,
+        in_specs=(P(), P(None, ("a", "v")), P()),
+        out_specs=P(),
+    )
+    wd = jax.device_put(w, NamedSharding(mesh, P(None, ("a", "v"))))
+    cot = np.linspace(0.5, 2.0, ROWS).reshape(3, 4)
+    with jax.set_mesh(mesh):
+        loss = jax.jit(f)(x3, wd, y3)
+        gx, gw = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w, y3) * cot), (0, 1)))(x3, wd)
+    dense = lambda x, w: jsoftmax.cross_entropy(x @ w, y3, **opts)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(loss), dense(x3, w), **F64)
+    rx, rw = jax.grad(lambda x, w: jnp.sum(dense(x, w) * cot), (0, 1))(x3, w)
+    np.testing.assert_allclose(np.asarray(gx), rx, **F64)
+    np.testing.assert_allclose(np.asarray(gw), rw, **F64)
