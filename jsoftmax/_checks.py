@@ -113,8 +113,12 @@ def check_where(where: ArrayLike | None, shape: tuple[int, ...], name: str = "wh
 
 
 def is_concrete(x) -> bool:
-    """True when ``x`` holds values known at trace time (not a tracer)."""
-    return not isinstance(x, jax.core.Tracer)
+    """True when ``x`` holds values known at trace time (not a tracer) that this process
+    can read: a global array spanning several processes counts as not concrete, so no
+    argument check fetches data held by another process."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return bool(getattr(x, "is_fully_addressable", True))
 
 
 def check_index(i, n: int, name: str) -> jax.Array | int:

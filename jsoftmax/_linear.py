@@ -71,8 +71,12 @@ def _chunk_logits(x, w, bias, start, chunk: int, va: int, opts, cdt):
     return z if opts.softcap is None else _formulas.softcap(z, opts.softcap)
 
 
-def _chunk_valid(bias, fresh, start, chunk: int):
-    """Columns that count in this chunk: fresh ones whose bias is not ``-inf``."""
+def _chunk_valid(bias, fresh, start, chunk: int, limit=None):
+    """Columns that count in this chunk: fresh ones whose bias is not ``-inf`` (and, with
+    ``limit``, whose index is below it: the padding of a sharded vocabulary)."""
+    if limit is not None:
+        cols = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+        fresh = fresh & (cols < limit)
     if bias is None:
         return fresh
     return fresh & (_slice(bias, start, chunk, 0) > -jnp.inf)[None, :]
@@ -97,17 +101,41 @@ def _target_logit(x, w, bias, idx, va: int, opts, cdt):
     return z if opts.softcap is None else _formulas.softcap(z, opts.softcap)
 
 
+def _valid_totals(weights, bias, vocab: int, cdt, limit=None):
+    """``(count, W)``: the number of valid columns (bias not ``-inf``, index below
+    ``limit``) and their total class weight (``count`` without weights)."""
+    valid = None if bias is None else bias > -jnp.inf
+    if limit is not None:
+        below = jnp.arange(vocab) < limit
+        valid = below if valid is None else valid & below
+    count = jnp.asarray(vocab, cdt) if valid is None else jnp.sum(valid).astype(cdt)
+    if weights is None:
+        return count, count
+    w = weights.astype(cdt)
+    return count, jnp.sum(w if valid is None else jnp.where(valid, w, 0))
+
+
 def _smoothing_totals(weights, bias, vocab: int, alpha: float, cdt):
     """``(k, W)`` of :func:`jsoftmax._losses.integer_loss` over the whole vocabulary."""
-    valid = None if bias is None else bias > -jnp.inf
-    count = jnp.asarray(vocab, cdt) if valid is None else jnp.maximum(jnp.sum(valid), 1)
-    count = count.astype(cdt)
-    if weights is None:
-        total_w = count
-    else:
-        w = weights.astype(cdt)
-        total_w = jnp.sum(w if valid is None else jnp.where(valid, w, 0))
+    count, total_w = _valid_totals(weights, bias, vocab, cdt)
+    count = jnp.maximum(count, 1)
+    total_w = count if weights is None else total_w
     return _formulas.smoothing_mass(alpha, count), total_w
+
+
+def _varying_axes(a) -> frozenset:
+    """The mesh axes ``a`` varies over inside :func:`jax.shard_map` (empty outside)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _vary_like(tree, ref):
+    """``tree`` cast to vary over the mesh axes ``ref`` varies over inside
+    :func:`jax.shard_map` (the carries of a scan over one shard's columns); unchanged
+    elsewhere."""
+    axes = tuple(sorted(_varying_axes(ref)))
+    return lax.pcast(tree, axes, to="varying") if axes else tree
 
 
 def _compute_dtype(x, w) -> np.dtype:
@@ -119,33 +147,45 @@ def _lce(x, w, bias, labels, weights, row_ok, row_w, opts, chunk: int, va: int):
     return _lce_fwd(x, w, bias, labels, weights, row_ok, row_w, opts, chunk, va)[0]
 
 
-def _lce_fwd(x, w, bias, labels, weights, row_ok, row_w, opts, chunk, va):
-    cdt = _compute_dtype(x, w)
+def forward_stats(x, w, bias, weights, centre, opts, chunk: int, va: int, cdt, limit=None):
+    """Per-row ``(m, total, centred)`` over ``w``'s columns, one chunk at a time.
+
+    ``m`` and ``total`` are the row maximum and sum of exponentials of the (soft-capped)
+    logits of the valid columns, merged across chunks by
+    :func:`jsoftmax._merge.merge_running`; with label smoothing ``centred`` is
+    :func:`jsoftmax._losses.smoothing_sum` centred on the per-row ``centre`` (else 0).
+    ``w`` may be one shard of a vocabulary split over devices: ``limit`` then excludes
+    its columns at or past it (padding). All ``(rows, 1)``.
+    """
     rows, vocab = x.shape[0], w.shape[va]
     n_chunks, chunk = _chunks(vocab, chunk)
-    idx, in_range = _losses._label_index(labels, vocab, 1)
-    s_label = _target_logit(x, w, bias, idx[:, 0], va, opts, cdt)
-    row_w_k = None if row_w is None else row_w[:, None].astype(cdt)
 
     def body(carry, k):
         running, centred = carry
         start, _, fresh = _columns(k, vocab, chunk)
         u = _chunk_logits(x, w, bias, start, chunk, va, opts, cdt)
-        valid = _chunk_valid(bias, fresh, start, chunk)
+        valid = _chunk_valid(bias, fresh, start, chunk, limit)
         s = jnp.where(valid, u, -jnp.inf)
         m = jnp.max(s, axis=1, keepdims=True, initial=jnp.finfo(cdt).min)
         total = jnp.sum(jnp.exp(s - m), axis=1, keepdims=True)
         running = _merge.merge_running(running, (lax.stop_gradient(m), total))
         if opts.alpha:
             w_c = None if weights is None else _chunk_weights(weights, valid, start, chunk, cdt)
-            centred = centred + _losses.smoothing_sum(u, s_label, valid, w_c, 1)
+            centred = centred + _losses.smoothing_sum(u, centre, valid, w_c, 1)
         return (running, centred), None
 
-    start_stats = _merge.empty_stats((rows, 1), cdt)
-    (stats, centred), _ = lax.scan(
-        body, (start_stats, jnp.zeros((rows, 1), cdt)), jnp.arange(n_chunks)
-    )
-    m, total = stats
+    init = _vary_like((_merge.empty_stats((rows, 1), cdt), jnp.zeros((rows, 1), cdt)), w)
+    ((m, total), centred), _ = lax.scan(body, init, jnp.arange(n_chunks))
+    return m, total, centred
+
+
+def _lce_fwd(x, w, bias, labels, weights, row_ok, row_w, opts, chunk, va):
+    cdt = _compute_dtype(x, w)
+    vocab = w.shape[va]
+    idx, in_range = _losses._label_index(labels, vocab, 1)
+    s_label = _target_logit(x, w, bias, idx[:, 0], va, opts, cdt)
+    row_w_k = None if row_w is None else row_w[:, None].astype(cdt)
+    m, total, centred = forward_stats(x, w, bias, weights, s_label, opts, chunk, va, cdt)
     log_total = jnp.log(_nonzero(total))
     smooth = None
     if opts.alpha:
@@ -165,26 +205,58 @@ def _lce_bwd(opts, chunk, va, residuals, g):
     x, w, bias, labels, weights, row_ok, row_w, m, total = residuals
     cdt = _compute_dtype(x, w)
     vocab = w.shape[va]
-    n_chunks, chunk = _chunks(vocab, chunk)
     idx, in_range = _losses._label_index(labels, vocab, 1)
     row_w_k = None if row_w is None else row_w[:, None].astype(cdt)
-    lse = m + jnp.log(_nonzero(total)) if opts.z_loss else None
-    inv_total = 1 / _nonzero(total)
     g = _losses._mask_rows(g.astype(cdt), row_ok)[:, None]
     ok = None if row_ok is None else row_ok[:, None]
     k_w = _smoothing_totals(weights, bias, vocab, opts.alpha, cdt) if opts.alpha else None
+    dx, dw, db = backward_sums(
+        x, w, bias, weights, idx, in_range, row_w_k, g, ok, m, total, k_w, opts, chunk, va, cdt
+    )
+    return dx.astype(x.dtype), dw, db, None, None, None, None
+
+
+def backward_sums(
+    x,
+    w,
+    bias,
+    weights,
+    idx,
+    in_range,
+    row_w,
+    g,
+    ok,
+    m,
+    total,
+    k_w,
+    opts,
+    chunk,
+    va,
+    cdt,
+    limit=None,
+):
+    """``(dx, dw, db)`` accumulated over ``w``'s columns, one chunk at a time, from the
+    fused cotangent :func:`jsoftmax._losses.integer_cotangent` with the row statistics
+    ``m``, ``total`` (of the whole vocabulary) and the label's column ``idx`` in this
+    ``w`` (-1: none). ``dx`` is in ``cdt``: for a shard of a split vocabulary it is this
+    shard's part, to be summed over the shards. All per-row arguments are ``(rows, 1)``;
+    ``g`` is the loss's cotangent, 0 where the row does not count (``ok``)."""
+    vocab = w.shape[va]
+    n_chunks, chunk = _chunks(vocab, chunk)
+    lse = m + jnp.log(_nonzero(total)) if opts.z_loss else None
+    inv_total = 1 / _nonzero(total)
 
     def body(carry, k):
         dx, dw, db = carry
         start, cols, fresh = _columns(k, vocab, chunk)
         u = _chunk_logits(x, w, bias, start, chunk, va, opts, cdt)
-        valid = _chunk_valid(bias, fresh, start, chunk)
+        valid = _chunk_valid(bias, fresh, start, chunk, limit)
         p = jnp.exp(jnp.where(valid, u, -jnp.inf) - m) * inv_total
         onehot = (cols == idx) & fresh
         smooth = None
         if opts.alpha:
             smooth = (k_w[0], k_w[1], _chunk_weights(weights, valid, start, chunk, cdt))
-        g_s = _losses.integer_cotangent(p, onehot, in_range, row_w_k, smooth, lse, opts) * g
+        g_s = _losses.integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts) * g
         # Selects: skipped columns, and rows that do not count, get exactly 0.
         g_s = jnp.where(valid, g_s, jnp.zeros((), cdt))
         g_s = _losses._mask_rows(g_s, ok)
@@ -210,8 +282,8 @@ def _lce_bwd(opts, chunk, va, residuals, g):
         jnp.zeros(w.shape, w.dtype),
         None if bias is None else jnp.zeros(bias.shape, bias.dtype),
     )
-    (dx, dw, db), _ = lax.scan(body, init, jnp.arange(n_chunks))
-    return dx.astype(x.dtype), dw, db, None, None, None, None
+    (dx, dw, db), _ = lax.scan(body, _vary_like(init, w), jnp.arange(n_chunks))
+    return dx, dw, db
 
 
 _lce.defvjp(_lce_fwd, _lce_bwd)

@@ -6,23 +6,29 @@ model whose output layer is split by vocabulary ("vocab-parallel"). Each device 
 a contiguous block of classes; the functions communicate only per-row scalars with
 JAX's own collectives (:func:`jax.lax.pmax`, :func:`jax.lax.psum`), never the logits:
 
-=========================  ===================================  ==========================
-function                   forward all-reduces (per row)        backward all-reduces
-=========================  ===================================  ==========================
-``softmax``                max, sum of exponentials             :math:`\langle g, p\rangle`
-``log_softmax``            max, sum of exponentials             :math:`\sum_i g_i`
-``cross_entropy``          max, sum of exponentials,            none: :math:`p - y` is local
-                           target logit
-=========================  ===================================  ==========================
+==========================  ===================================  ===========================
+function                    forward all-reduces (per row)        backward all-reduces
+==========================  ===================================  ===========================
+``softmax``                 max, sum of exponentials             :math:`\langle g, p\rangle`
+``log_softmax``             max, sum of exponentials             :math:`\sum_i g_i`
+``cross_entropy``           max, sum of exponentials with the    none (the cotangent
+                            target logit (and the options'       :math:`(\sum q)p - q` is
+                            per-row sums)                        local)
+``linear_cross_entropy``    the same                             ``dx`` (``N * H`` values)
+==========================  ===================================  ===========================
 
-Every all-reduce carries one scalar per row. The forward pass is the merge rule of
-:func:`jsoftmax.merge_partials` applied across devices (:mod:`jsoftmax._merge`): each
-device computes its block's row max and sum of exponentials in one local pass, then
-the maxima are all-reduced and the sums, rescaled to the global max, are all-reduced.
-Each function is a :func:`jax.custom_vjp` that saves one logits-sized array (the local
-block of probabilities, or of log-probabilities) for the backward pass. The backward
-rules are the single-device ones of :mod:`jsoftmax._formulas` with every sum over the
-softmax axis replaced by a local sum followed by an all-reduce.
+Every forward all-reduce carries one scalar per row. The forward pass is the merge
+rule of :func:`jsoftmax.merge_partials` applied across devices (:mod:`jsoftmax._merge`):
+each device computes its block's row max and sum of exponentials in one local pass,
+then the maxima are all-reduced and the sums, rescaled to the global max, are
+all-reduced (with any other per-row sum riding in the same all-reduce). ``softmax``
+and ``log_softmax`` are :func:`jax.custom_vjp` rules that save one logits-sized array
+(the local block of probabilities, or of log-probabilities) for the backward pass;
+their backward rules are the single-device ones of :mod:`jsoftmax._formulas` with every
+sum over the softmax axis replaced by a local sum followed by an all-reduce. The
+losses use the per-row formulas of :mod:`jsoftmax._losses` (the same options as
+:func:`jsoftmax.cross_entropy`) on the merged statistics; ``cross_entropy`` saves its
+block of logits, ``linear_cross_entropy`` its inputs, plus a few numbers per row.
 
 Outside :func:`jax.shard_map`, :func:`jsoftmax.softmax` and friends already work on
 arrays placed with :class:`jax.sharding.NamedSharding` under :func:`jax.jit`: XLA
@@ -38,6 +44,7 @@ target). Without padding, :func:`jax.shard_map` raises before anything is comput
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +52,9 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _formulas, _merge, _softmax
+from jsoftmax import _checks, _formulas, _linear, _losses, _merge, _softmax
 
-__all__ = ["cross_entropy", "log_softmax", "softmax"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "log_softmax", "softmax"]
 
 Axes = tuple[int, ...]
 AxisName = str | tuple[str, ...]
@@ -317,74 +324,184 @@ def log_softmax(
 
 
 # --------------------------------------------------------------------------------------
-# cross_entropy: Megatron-style vocab-parallel loss; backward p - onehot, no psum.
+# cross_entropy: Megatron-style vocab-parallel loss with the options of
+# jsoftmax.cross_entropy. Each shard reduces its block of classes to per-row numbers;
+# one pmax and one psum merge them; the per-row loss is jsoftmax._losses.integer_loss.
 # --------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _ce_kernel(x, labels, where, axis: int, axis_name: AxisName, n_classes: int | None):
-    return _ce_fwd(x, labels, where, axis, axis_name, n_classes)[0]
+def _target_mask(labels, shape, axis: int, axis_name: AxisName) -> jax.Array:
+    """``True`` at the label's entry of this shard's block (nowhere on the other shards)."""
+    local_label = labels - lax.axis_index(axis_name) * shape[axis]
+    return lax.broadcasted_iota(jnp.int32, shape, axis) == jnp.expand_dims(local_label, axis)
 
 
-def _ce_fwd(x, labels, where, axis: int, axis_name: AxisName, n_classes: int | None):
-    shifted, e, m, local_total = _local_stats(x, where, (axis,))
-    cdt = shifted.dtype
-    local = x.shape[axis]
-    n_global = local * lax.axis_size(axis_name) if n_classes is None else n_classes
-    # The target logit lives on exactly one shard; the others contribute 0.
-    local_label = labels - lax.axis_index(axis_name) * local  # in [0, local) on one shard
-    target_here = lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(
-        local_label, axis
-    )
+def _pick_local(a, target_here, axis: int):
+    """This shard's share of ``a`` at the label (0 on the shards without it), keepdims."""
+    a = jnp.broadcast_to(a, target_here.shape)
+    return jnp.sum(jnp.where(target_here, a, jnp.zeros((), a.dtype)), axis, keepdims=True)
+
+
+def _merge_and_loss(m, total, axis_name, carried, in_range, ex_ok, n_valid, opts):
+    r"""Merges this shard's per-row statistics and returns ``(loss, row_ok, row_w, kw)``.
+
+    ``carried(m_all)`` gives this shard's share of the per-row sums (a dict): ``"target"``
+    (:math:`s_y - M` at the label, 0 elsewhere), optionally ``"bad"`` (the label's class
+    is excluded), ``"w_y"`` (the label's class weight), and with label smoothing
+    ``"centred"`` (:math:`\sum_\mathrm{valid} w_i (s_i - M)`), ``"count"`` and ``"W"`` (the
+    number and total weight of valid classes). They ride in the all-reduce of the sums
+    of exponentials (:func:`jsoftmax._merge.merge_across`). ``n_valid`` is the static
+    number of valid classes when no ``"count"`` is carried. All keepdims.
+    """
+    m_all, total, sums = _merge.merge_across(m, total, axis_name, extra=carried)
+    cdt = total.dtype
+    target = sums["target"]
+    row_ok = ex_ok
+    if "bad" in sums:
+        good = (sums["bad"] == 0) | ~in_range  # out of range: NaN, not ignored
+        row_ok = good if row_ok is None else row_ok & good
+    row_w = sums.get("w_y")
+    smooth = kw = None
+    if opts.alpha:
+        count = sums.get("count", jnp.asarray(n_valid, cdt))
+        count = jnp.maximum(count, 1)
+        total_w = sums.get("W", count)
+        k = _formulas.smoothing_mass(opts.alpha, count)
+        # sum_valid w_i (s_i - s_y) = sum_valid w_i (s_i - M) - W (s_y - M)
+        centred = sums["centred"] - total_w * target
+        smooth, kw = (k, total_w, centred), (k, total_w)
+    log_total = jnp.log(_losses._nonzero(total))
+    loss = _losses.integer_loss(log_total, m_all, m_all + target, in_range, row_w, smooth, opts)
+    loss = _losses._mask_rows(loss, row_ok)
+    return loss, (m_all, total), row_ok, row_w, kw
+
+
+def _row_weight(row_ok, row_w, shape, dtype):
+    """The weight of each row in the ``"mean"`` denominator (0 for rows that do not count)."""
+    w = jnp.ones(shape, dtype) if row_w is None else row_w.astype(dtype)
+    return lax.stop_gradient(_losses._mask_rows(w, row_ok))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _ce_kernel(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
+    return _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes)[0]
+
+
+def _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
+    axis = opts.axis
+    cdt = np.dtype(_checks.accumulation_dtype(x.dtype))
+    fp = _losses._forward_pass(x, where, temperature, opts, cdt)
+    n_global = x.shape[axis] * lax.axis_size(axis_name) if n_classes is None else n_classes
+    target_here = _target_mask(labels, x.shape, axis, axis_name)
+    w_b = _losses._class_weights(weights, where, axis, x.ndim, cdt)
 
     def carried(m_all):
-        # Per-row sums that ride in the all-reduce of the rescaled sums of exponentials:
-        # the target logit against the merged max and, with a mask, a flag for a label
-        # on a masked class (it carries no target mass: an "ignore" label).
-        target = jnp.where(target_here, shifted + (m - m_all), jnp.zeros((), cdt))
-        if where is None:
-            return (jnp.sum(target, axis=axis),)
-        return jnp.sum(target, axis=axis), jnp.any(target_here & ~where, axis=axis).astype(cdt)
+        # Per-row sums riding in the all-reduce of the rescaled sums of exponentials.
+        sums = {"target": _pick_local(fp.shifted + (fp.m - m_all), target_here, axis)}
+        if where is not None:  # a label on an excluded class: the row does not count
+            sums["bad"] = _pick_local((~where).astype(cdt), target_here, axis)
+        if weights is not None:
+            raw = _losses._class_weights(weights, None, axis, x.ndim, cdt)
+            sums["w_y"] = _pick_local(raw, target_here, axis)
+        if opts.alpha:
+            valid = where
+            sums["centred"] = _losses.smoothing_sum(fp.shifted, m_all - fp.m, valid, w_b, axis)
+            if where is not None:
+                sums["count"] = jnp.sum(where, axis, keepdims=True, dtype=cdt)
+            if w_b is not None:
+                sums["W"] = jnp.sum(jnp.broadcast_to(w_b, x.shape), axis, keepdims=True)
+        return sums
 
-    m_all, total, sums = _merge.merge_across(m, local_total, axis_name, extra=carried)
-    target = sums[0]
-    if where is None:
-        ignored = jnp.zeros(labels.shape, bool)
-        live = jnp.any(target_here, axis=axis)
+    in_range = jnp.expand_dims((labels >= 0) & (labels < n_global), axis)
+    ok = None if ex_ok is None else jnp.expand_dims(ex_ok, axis)
+    loss, (m_all, total), row_ok, row_w, kw = _merge_and_loss(
+        fp.m, fp.total, axis_name, carried, in_range, ok, n_global, opts
+    )
+    weight = _row_weight(row_ok, row_w, loss.shape, cdt)
+    out = (jnp.squeeze(loss, axis).astype(x.dtype), jnp.squeeze(weight, axis))
+    residuals = (x, labels, where, temperature, weights, row_ok, row_w, m_all, total, kw)
+    return out, residuals
+
+
+def _ce_kernel_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
+    return _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes)
+
+
+def _ce_kernel_bwd(opts, axis_name, n_classes, residuals, g):
+    # d loss / d s = (sum q + 2 c lse) p - q: local, from the merged per-row statistics.
+    # Only the temperature's derivative (a sum over the classes) needs an all-reduce.
+    x, labels, where, temperature, weights, row_ok, row_w, m, total, kw = residuals
+    axis = opts.axis
+    cdt = total.dtype
+    z = x.astype(cdt)
+    shifted = _softmax._scaled_logits(_losses._capped(z, opts), where, temperature) - m
+    if cdt == x.dtype:
+        p = jnp.exp(shifted) * (1 / _losses._nonzero(total))
     else:
-        ignored = sums[1] > 0
-        live = jnp.any(target_here & where, axis=axis)
-    valid = (labels >= 0) & (labels < n_global)
-    zero, nan = jnp.zeros((), cdt), jnp.full((), jnp.nan, cdt)
-    log_total = jnp.squeeze(_merge.log_total(total), axis)
-    loss = jnp.where(valid, jnp.where(ignored, zero, log_total - target), nan)
-    p = e * _merge.scale(m, m_all, total)
-    # The backward pass subtracts the one-hot only on the shard holding the label, and
-    # only if that class is not masked; elsewhere the index is -1 (no match). The
-    # per-row scale is 1, 0 for an ignored label, NaN for an out-of-range one.
-    onehot_index = jnp.where(live, local_label, -1)
-    scale = jnp.where(valid, jnp.where(ignored, zero, jnp.ones((), cdt)), nan)
-    return loss.astype(x.dtype), (p.astype(x.dtype), onehot_index, scale)
-
-
-def _ce_kernel_fwd(x, labels, where, axis, axis_name, n_classes):
-    return _ce_fwd(x, labels, where, axis, axis_name, n_classes)
-
-
-def _ce_kernel_bwd(axis, axis_name, n_classes, residuals, g):
-    # d loss / d z = p - onehot(label): purely local, no communication. The residuals
-    # are the local block of probabilities plus two batch-sized arrays.
-    del axis_name, n_classes
-    p, onehot_index, scale = residuals
-    cdt = _checks.accumulation_dtype(p.dtype)
-    iota = lax.broadcasted_iota(jnp.int32, p.shape, axis)
-    onehot = (iota == jnp.expand_dims(onehot_index, axis)).astype(cdt)
-    g = g.astype(cdt) * scale
-    grad = (p.astype(cdt) - onehot) * jnp.expand_dims(g, axis)
-    return grad.astype(p.dtype), None, None
+        p = jnp.exp(shifted - jnp.log(_losses._nonzero(total)))
+    u = None
+    if opts.softcap is not None:
+        u = _losses._capped(lax.optimization_barrier(z), opts)  # as jsoftmax.cross_entropy
+    fp = _losses._Pass(z, u, shifted, None, total, m)
+    n_global = x.shape[axis] * lax.axis_size(axis_name) if n_classes is None else n_classes
+    in_range = jnp.expand_dims((labels >= 0) & (labels < n_global), axis)
+    onehot = _target_mask(labels, x.shape, axis, axis_name)
+    smooth = None
+    if opts.alpha:
+        smooth = kw + (_losses._class_weights(weights, where, axis, x.ndim, cdt),)
+    lse = m + jnp.log(_losses._nonzero(total)) if opts.z_loss else None
+    g_s = _losses.integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts)
+    g_s = _losses._mask_rows(g_s * jnp.expand_dims(g[0].astype(cdt), axis), row_ok)
+    if where is not None:
+        g_s = jnp.where(where, g_s, jnp.zeros((), cdt))
+    g_z, g_t = _losses._chain_to_logits(fp, g_s, temperature, opts)
+    g_z = _losses._mask_rows(g_z, row_ok)
+    if g_t is not None:
+        g_t = lax.psum(g_t, axis_name).astype(temperature.dtype)
+    return g_z.astype(x.dtype), None, None, g_t, None, None
 
 
 _ce_kernel.defvjp(_ce_kernel_fwd, _ce_kernel_bwd)
+
+
+def _reduce(per_row, weight, reduction: str, data_axis_name):
+    """``reduction`` of the per-row losses; over every row of ``data_axis_name`` too."""
+    if reduction == "none":
+        return per_row
+    if data_axis_name is None:
+        return _losses.reduce_rows(per_row, None, weight, reduction)
+    # One all-reduce of two scalars: this block's sum and its total row weight.
+    sums = lax.psum((jnp.sum(per_row)[None], jnp.sum(weight)[None]), data_axis_name)
+    return _losses.reduce_rows(sums[0], None, sums[1], reduction)
+
+
+def _check_data_axis_name(data_axis_name, axis_name, fname: str):
+    if data_axis_name is None:
+        return None
+    name = _check_axis_name(data_axis_name)
+    names = set(name if isinstance(name, tuple) else (name,))
+    split = set(axis_name if isinstance(axis_name, tuple) else (axis_name,))
+    if names & split:
+        raise ValueError(
+            f"data_axis_name={data_axis_name!r} must name mesh axes that the rows are split "
+            f"over, not the class axis_name={axis_name!r}."
+        )
+    _num_shards(name, fname)
+    return name
+
+
+def _check_shard_weights(weights, local: int):
+    """Class weights of this shard's block of classes, shape ``(local,)``."""
+    if weights is None:
+        return None
+    try:
+        return _losses._check_weights(weights, local)
+    except ValueError:
+        raise ValueError(
+            f"weights must hold this shard's block of class weights, shape ({local},) (the "
+            f"full vector split like the classes, e.g. in_specs P(axis_name)), got shape "
+            f"{jnp.shape(weights)}."
+        ) from None
 
 
 def cross_entropy(
@@ -395,19 +512,35 @@ def cross_entropy(
     *,
     where: ArrayLike | None = None,
     num_classes: int | None = None,
+    label_smoothing: float = 0.0,
+    temperature: ArrayLike = 1.0,
+    ignore_index: int | None = None,
+    weights: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+    data_axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Vocab-parallel softmax cross-entropy with integer labels; call inside :func:`jax.shard_map`.
 
-    .. math::
-        \ell = \log\sum_d\sum_{k\in d} \exp(z_k - m) - (z_y - m), \qquad
-        \frac{\partial \ell}{\partial z} = p - e_y,
+    The loss of :func:`jsoftmax.cross_entropy` (same options, same formulas) with the
+    class axis split over ``axis_name``:
 
-    with :math:`m` the global row max and :math:`y` the label, a **global** class index.
-    Shard ``i`` along ``axis_name`` holds classes ``i * n_local ... (i + 1) * n_local - 1``;
-    the shard holding :math:`y` contributes :math:`z_y - m`, the others 0. Forward:
-    all-reduces of the row max, of the sum of exponentials and of the target logit (one
-    scalar per row each). Backward: :math:`g\,(p - e_y)` from the saved local block of
-    probabilities, with **no communication**.
+    .. math::
+        \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,\mathrm{lse}^2, \qquad
+        \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,\mathrm{lse}\Bigr)\,p - q,
+
+    with :math:`s = \mathrm{softcap}(z)/T`, :math:`q = w_y(1-\alpha)e_y +
+    \frac{\alpha}{m}w` and :math:`y` a **global** class index. Shard ``i`` along
+    ``axis_name`` holds classes ``i * n_local ... (i + 1) * n_local - 1``. Forward: one
+    all-reduce of the row max, then one all-reduce carrying, per row, the sum of
+    exponentials, the target logit (from the shard holding :math:`y`, 0 from the
+    others) and whatever the options need (a flag for a label on a masked class, the
+    label's class weight, the smoothing sum :math:`\sum_i w_i (s_i - M)`, the number
+    and weight of valid classes). Backward: :math:`g\,\partial\ell/\partial s` from the
+    merged row statistics, with **no communication** (with a ``temperature``, one
+    all-reduce of :math:`\langle \partial\ell/\partial s, s\rangle` per row for its
+    derivative).
 
     Args:
       logits_shard: this device's contiguous block of logits, any rank >= 1.
@@ -416,27 +549,49 @@ def cross_entropy(
         ``axis_name``).
       axis_name: the mesh axis name(s) the class axis is split over.
       axis: the local class axis (an int).
-      where: optional boolean mask broadcastable to ``logits_shard``; masked classes
-        are left out of the normaliser and get gradient 0.
+      where: optional boolean mask. Broadcastable to ``logits_shard``: masked classes
+        are left out of the normaliser, get gradient 0 and no target mass. With exactly
+        the batch shape (rank lower than the logits'): a per-example mask, masked
+        examples behave like ``ignore_index``.
       num_classes: the true class count when the class axis was padded at the end to a
         multiple of the shard count; padded classes are masked.
+      label_smoothing, temperature, ignore_index, z_loss, logit_softcap: as in
+        :func:`jsoftmax.cross_entropy`.
+      weights: per-class weights of **this shard's block** of classes, shape
+        ``(n_local,)`` (a ``(n,)`` vector sharded like the class axis, e.g. with
+        ``in_specs`` ``P(axis_name)``). Not differentiated.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"`` (weighted, as in
+        :func:`jsoftmax.cross_entropy`) over the rows of this ``shard_map`` block. When
+        the rows are also split over a data axis, pass it as ``data_axis_name`` to sum
+        (and average) over every row of that axis; without it each data shard gets the
+        mean of its own rows, and the global mean is the ``psum`` over the data axis of
+        the sums divided by the ``psum`` of the counted rows' weights (not the mean of
+        the means).
+      data_axis_name: ``None`` or the mesh axis name(s) the rows are split over; used by
+        ``"sum"`` and ``"mean"`` only (one more all-reduce of two scalars). The result is
+        then the same on every device.
 
     Returns:
       Per-example losses, shape of ``logits_shard`` without ``axis``, dtype of the
-      logits (16-bit input is computed in float32). They are equal on every shard of
-      ``axis_name``, so an ``out_specs`` that does not mention ``axis_name`` fits.
+      logits (computed in float32 for 16-bit input), or their sum or mean (a scalar).
+      They are equal on every shard of ``axis_name``, so an ``out_specs`` that does not
+      mention ``axis_name`` fits.
 
     Note:
       * A label outside ``[0, C)`` (``C`` = ``num_classes``, or the global size of the
-        split axis) gives a NaN loss and NaN gradient for that row, never a silently
-        wrong loss (labels are traced inside :func:`jax.shard_map`, so they cannot be
-        checked eagerly).
+        split axis) other than ``ignore_index`` gives a NaN loss and NaN gradient for
+        that row, never a silently wrong loss (labels are traced inside
+        :func:`jax.shard_map`, so they cannot be checked eagerly).
       * As in :func:`jsoftmax.cross_entropy`: a label on a masked (or padded) class
         carries no target mass, so the row's loss is 0 with zero gradient (an "ignore"
-        label); a fully masked row therefore gives 0. A label on an unmasked ``-inf``
-        logit gives loss ``+inf`` with the finite gradient :math:`g\,(p - e_y)`.
-      * ``+inf`` or NaN among the unmasked logits of a row gives NaN.
-      * The saved residual is the local block of probabilities in the logits' dtype.
+        label), and it is left out of the ``"mean"`` denominator; a fully masked row
+        therefore gives 0. A label on an unmasked ``-inf`` logit gives loss ``+inf``
+        with a finite gradient.
+      * ``+inf`` or NaN among the unmasked logits of a counted row gives NaN.
+      * Reverse mode only. The saved residuals are the local block of logits and a few
+        numbers per row; the backward pass recomputes the probabilities.
+      * Probability (float) labels are not supported; use
+        :func:`jsoftmax.sharded.log_softmax` for them.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -451,6 +606,12 @@ def cross_entropy(
       >>> with jnp.printoptions(precision=4):
       ...     print(f(z, y))
       [2.0794 2.0794]
+      >>> g = jax.shard_map(
+      ...     lambda z, y: sharded.cross_entropy(z, y, "vocab", label_smoothing=0.1,
+      ...                                        z_loss=1e-2, reduction="mean"),
+      ...     mesh=mesh, in_specs=(P(None, "vocab"), P()), out_specs=P())
+      >>> print(f"{g(z, y):.4f}")
+      2.1227
     """
     axis_name = _check_axis_name(axis_name)
     x = _checks.as_float_array(logits_shard, "logits_shard")
@@ -467,10 +628,287 @@ def cross_entropy(
             f"labels must have the shape of logits_shard without axis {axis}, i.e. "
             f"{batch}; got {labels.shape}."
         )
-    where = _checks.check_where(where, x.shape)
+    reduction = _losses._check_reduction(reduction)
+    ignore_index = _losses._check_ignore_index(ignore_index)
+    opts = _losses._Options(
+        axis,
+        _losses._check_label_smoothing(label_smoothing),
+        _losses._check_z_loss(z_loss),
+        _losses._check_softcap(logit_softcap),
+    )
+    where, example_mask = _losses._split_where(where, x.shape, (axis,))
     shards = _num_shards(axis_name, "cross_entropy")
+    data_axis_name = _check_data_axis_name(data_axis_name, axis_name, "cross_entropy")
     if x.shape[axis] == 0:
         raise ValueError("logits_shard has an empty class axis; cross-entropy is undefined.")
     num_classes = _check_num_classes(num_classes, x.shape[axis], shards)
+    weights = _check_shard_weights(weights, x.shape[axis])
+    temperature = _checks.prepare_temperature(temperature, x.shape, (axis,))
     where = _mask(x.shape, axis, axis_name, where, num_classes)
-    return _ce_kernel(x, labels.astype(jnp.int32), where, axis, axis_name, num_classes)
+    labels = labels.astype(jnp.int32)
+    ex_ok = example_mask
+    if ignore_index is not None:
+        keep = labels != ignore_index
+        ex_ok = keep if ex_ok is None else ex_ok & keep
+    per_row, weight = _ce_kernel(
+        x, labels, where, temperature, weights, ex_ok, opts, axis_name, num_classes
+    )
+    return _reduce(per_row, weight, reduction, data_axis_name)
+
+
+# --------------------------------------------------------------------------------------
+# linear_cross_entropy: the output layer and the loss fused, vocabulary split by device.
+# --------------------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _lce_kernel(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes):
+    return _lce_fwd(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes)[0]
+
+
+def _lce_layout(labels, local: int, axis_name, n_classes):
+    """``(local label, label here, limit, n_global)`` for this shard's block of columns."""
+    offset = lax.axis_index(axis_name) * local
+    local_label = labels - offset
+    here = (local_label >= 0) & (local_label < local)
+    limit = None if n_classes is None else n_classes - offset
+    n_global = local * lax.axis_size(axis_name) if n_classes is None else n_classes
+    return local_label, here, limit, n_global
+
+
+def _lce_fwd(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes):
+    cdt = _linear._compute_dtype(x, w)
+    local = w.shape[1]
+    local_label, here, limit, n_global = _lce_layout(labels, local, axis_name, n_classes)
+    idx = jnp.clip(local_label, 0, local - 1)
+    # This shard's column at the (clipped) label: the target logit on the shard holding
+    # the label, elsewhere a finite centre for the smoothing sum.
+    s_c = _linear._target_logit(x, w, bias, idx, 1, opts, cdt)
+    centre = jnp.where(jnp.abs(s_c) < jnp.inf, s_c, jnp.zeros((), cdt))
+    m, total, centred = _linear.forward_stats(
+        x, w, bias, weights, centre, opts, chunk, 1, cdt, limit
+    )
+    here_k = here[:, None]
+    zero = jnp.zeros((), cdt)
+
+    def carried(m_all):
+        sums = {"target": jnp.where(here_k, s_c - m_all, zero)}
+        excluded = None
+        if limit is not None:
+            excluded = local_label >= limit
+        if bias is not None:
+            padded = bias[idx] == -jnp.inf
+            excluded = padded if excluded is None else excluded | padded
+        if excluded is not None:  # a label on an excluded column: the row does not count
+            sums["bad"] = jnp.where(here & excluded, 1, 0).astype(cdt)[:, None]
+        if weights is not None:
+            sums["w_y"] = jnp.where(here, weights[idx].astype(cdt), zero)[:, None]
+        if opts.alpha:
+            count, total_w = _linear._valid_totals(weights, bias, local, cdt, limit)
+            # sum_valid w_i (s_i - M) = sum_valid w_i (s_i - centre) + W (centre - M)
+            sums["centred"] = centred + total_w * (centre - m_all)
+            sums["count"] = count
+            if weights is not None:
+                sums["W"] = total_w
+        return sums
+
+    in_range = ((labels >= 0) & (labels < n_global))[:, None]
+    ok = None if ex_ok is None else ex_ok[:, None]
+    loss, (m_all, total), row_ok, row_w, kw = _merge_and_loss(
+        m, total, axis_name, carried, in_range, ok, n_global, opts
+    )
+    weight = _row_weight(row_ok, row_w, loss.shape, cdt)
+    residuals = (x, w, bias, labels, weights, row_ok, row_w, m_all, total, kw)
+    return (loss[:, 0], weight[:, 0]), residuals
+
+
+def _lce_kernel_fwd(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes):
+    return _lce_fwd(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes)
+
+
+def _lce_kernel_bwd(opts, axis_name, chunk, n_classes, residuals, g):
+    # dw and db stay on their shard; dx, a sum over the vocabulary, is this shard's part
+    # (summed over the shards by the transpose of the varying cast in the caller).
+    x, w, bias, labels, weights, row_ok, row_w, m, total, kw = residuals
+    cdt = _linear._compute_dtype(x, w)
+    local = w.shape[1]
+    local_label, here, limit, n_global = _lce_layout(labels, local, axis_name, n_classes)
+    idx = jnp.where(here, local_label, -1)[:, None]
+    in_range = ((labels >= 0) & (labels < n_global))[:, None]
+    g = _losses._mask_rows(g[0].astype(cdt)[:, None], row_ok)
+    dx, dw, db = _linear.backward_sums(
+        x,
+        w,
+        bias,
+        weights,
+        idx,
+        in_range,
+        row_w,
+        g,
+        row_ok,
+        m,
+        total,
+        kw,
+        opts,
+        chunk,
+        1,
+        cdt,
+        limit,
+    )
+    return dx.astype(x.dtype), dw, db, None, None, None
+
+
+_lce_kernel.defvjp(_lce_kernel_fwd, _lce_kernel_bwd)
+
+
+def _varying_axes(a) -> frozenset:
+    """The mesh axes ``a`` varies over inside :func:`jax.shard_map`."""
+    return frozenset(_linear._varying_axes(a))
+
+
+def _varying(arrays, axis_names):
+    """Casts the arrays to vary over the mesh axes any of them (or ``axis_names``) varies
+    over, so the kernel's cotangents have its inputs' types; autodiff then sums each
+    cotangent over the axes its input was cast along (``dx`` over the vocabulary axis,
+    ``dw`` over data axes), one all-reduce each."""
+    axes = set(axis_names)
+    for a in arrays:
+        if a is not None:
+            axes |= _varying_axes(a)
+    out = []
+    for a in arrays:
+        if a is not None:
+            missing = tuple(sorted(axes - _varying_axes(a)))
+            if missing:
+                a = lax.pcast(a, missing, to="varying")
+        out.append(a)
+    return out
+
+
+def linear_cross_entropy(
+    x: ArrayLike,
+    w_shard: ArrayLike,
+    labels: ArrayLike,
+    axis_name: AxisName,
+    *,
+    bias_shard: ArrayLike | None = None,
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
+    weights: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+    chunk_size: int | None = None,
+    data_axis_name: AxisName | None = None,
+) -> jax.Array:
+    r"""The output layer and the cross-entropy fused, vocabulary split over devices; call
+    inside :func:`jax.shard_map`.
+
+    :func:`jsoftmax.linear_cross_entropy` in the vocab-parallel (Megatron) layout: the
+    kernel ``w`` of shape ``(H, V)`` is split along ``V`` over ``axis_name`` (and
+    ``bias``, ``weights`` alike); every shard holds the same rows of ``x``. Each device
+    runs the chunked loop of :func:`jsoftmax.linear_cross_entropy` over its own columns
+    (its block of logits is never built either), reducing them to per-row statistics;
+    the devices then exchange only per-row numbers, merged by the log-sum-exp merge of
+    :func:`jsoftmax.merge_partials`:
+
+    .. math::
+        M = \max_d m_d, \qquad T = \sum_d t_d\, e^{m_d - M}, \qquad
+        \ell = \sum_i q_i\,(M + \log T - s_i) + c\,(M + \log T)^2,
+
+    with :math:`s = \mathrm{softcap}(x w + b)` and :math:`q` as in
+    :func:`jsoftmax.cross_entropy`. Forward: one all-reduce of the row maxima, then one
+    carrying the rescaled sums of exponentials with the target logit (from the shard
+    holding the label) and the per-row numbers the options need. Backward: each shard
+    recomputes its chunks' logits and accumulates ``dw`` and ``db`` for its own columns
+    (they stay on their shard) and its part of ``dx``, which is summed over
+    ``axis_name`` in one all-reduce of ``N * H`` values. Nothing of size ``N * V`` is
+    built or communicated.
+
+    Args:
+      x: hidden states, shape ``(..., H)``, the same on every shard of ``axis_name``
+        (rows may be split over other mesh axes).
+      w_shard: this shard's block of the kernel, shape ``(H, V_local)``: columns
+        ``i * V_local ... (i + 1) * V_local - 1`` on shard ``i`` along ``axis_name``
+        (``in_specs`` ``P(None, axis_name)``).
+      labels: integer **global** class indices, shape ``x.shape[:-1]``.
+      axis_name: the mesh axis name(s) the vocabulary is split over.
+      bias_shard: optional ``(V_local,)``, split like ``w``; ``-inf`` entries mark
+        excluded classes as in :func:`jsoftmax.linear_cross_entropy`.
+      num_classes: the true vocabulary size when ``V`` was padded at the end to a
+        multiple of the shard count; columns with a global index ``>= num_classes``
+        are excluded (their values do not matter; their gradients are 0).
+      ignore_index, label_smoothing, z_loss, logit_softcap: as in
+        :func:`jsoftmax.cross_entropy`.
+      weights: per-class weights of this shard's columns, shape ``(V_local,)``.
+      reduction, data_axis_name: as in :func:`cross_entropy`: ``"mean"`` is over the
+        rows of this ``shard_map`` block, or over every row of ``data_axis_name``.
+      chunk_size: vocabulary columns per chunk of the local loop (default
+        :func:`jsoftmax.default_chunk_size` of the rows and the local vocabulary).
+
+    Returns:
+      The loss per row (shape ``x.shape[:-1]``), or its sum or mean; the same on every
+      shard of ``axis_name``. float32 for 16-bit inputs. Gradients come back in the
+      dtypes of ``x``, ``w_shard`` and ``bias_shard``.
+
+    Note:
+      * Labels are traced inside :func:`jax.shard_map`: an out-of-range label other
+        than ``ignore_index`` gives a NaN row (loss and gradients), never an error.
+      * A label on an excluded class (padding, ``-inf`` bias) makes the row not
+        count (loss 0, zero gradients, not in the ``"mean"`` denominator).
+      * Needs :func:`jax.shard_map`'s default ``check_vma=True``: the sums of ``dx``
+        over ``axis_name`` (and of ``dw`` over data axes) are derived from it.
+      * ``weights`` and ``labels`` are not differentiated.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> import jsoftmax
+      >>> from jsoftmax import sharded
+      >>> mesh = jax.make_mesh((1,), ("vocab",))
+      >>> x = jax.random.normal(jax.random.key(0), (4, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 1000)) / 3
+      >>> labels = jnp.array([3, 999, 0, 512])
+      >>> w_split = jax.device_put(w, jax.NamedSharding(mesh, P(None, "vocab")))
+      >>> f = jax.shard_map(
+      ...     lambda x, w, y: sharded.linear_cross_entropy(x, w, y, "vocab", reduction="mean"),
+      ...     mesh=mesh, in_specs=(P(), P(None, "vocab"), P()), out_specs=P())
+      >>> fused = f(x, w_split, labels)
+      >>> dense = jsoftmax.cross_entropy(x @ w, labels, reduction="mean")
+      >>> print(bool(jnp.allclose(fused, dense, rtol=1e-6)))
+      True
+    """
+    axis_name = _check_axis_name(axis_name)
+    x, w, labels, bias, _ = _linear._check_inputs(x, w_shard, labels, bias_shard, 1)
+    reduction = _losses._check_reduction(reduction)
+    ignore_index = _losses._check_ignore_index(ignore_index)
+    opts = _losses._Options(
+        1,
+        _losses._check_label_smoothing(label_smoothing),
+        _losses._check_z_loss(z_loss),
+        _losses._check_softcap(logit_softcap),
+    )
+    shards = _num_shards(axis_name, "linear_cross_entropy")
+    data_axis_name = _check_data_axis_name(data_axis_name, axis_name, "linear_cross_entropy")
+    local = w.shape[1]
+    if local == 0:
+        raise ValueError("w_shard has no columns; cross-entropy is undefined.")
+    num_classes = _check_num_classes(num_classes, local, shards)
+    weights = _check_shard_weights(weights, local)
+    batch = x.shape[:-1]
+    rows = int(np.prod(batch, dtype=np.int64))
+    chunk = _linear._check_chunk_size(chunk_size, rows, local)
+    x2 = x.reshape(rows, x.shape[-1])
+    lab = labels.reshape(rows).astype(jnp.int32)
+    ex_ok = None if ignore_index is None else lab != ignore_index
+    x2, w, bias = _varying((x2, w, bias), _axis_tuple(axis_name))
+    per_row, weight = _lce_kernel(
+        x2, w, bias, lab, weights, ex_ok, opts, axis_name, chunk, num_classes
+    )
+    out = _reduce(per_row, weight, reduction, data_axis_name)
+    return out.reshape(batch) if reduction == "none" else out
+
+
+def _axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)

@@ -38,7 +38,12 @@ def test_every_public_name_resolves_and_is_documented():
 
 
 def test_sharded_submodule_surface():
-    assert set(jsoftmax.sharded.__all__) == {"cross_entropy", "log_softmax", "softmax"}
+    assert set(jsoftmax.sharded.__all__) == {
+        "cross_entropy",
+        "linear_cross_entropy",
+        "log_softmax",
+        "softmax",
+    }
 
 
 def test_tools_subpackage_surface():

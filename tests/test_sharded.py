@@ -397,8 +397,9 @@ def test_one_output_sized_residual():
             res = saved_residuals(_sm(fn, mesh, spec, "c", False), x)
             assert [r[0].size for r in res] == [B * N]
         res = saved_residuals(_ce_sm(mesh, spec, "c"), x, y)
-    # the probabilities, plus the per-row one-hot position and label validity
-    assert sorted(r[0].size for r in res) == sorted([B * N, B * 4, B])
+    # the logits block (the backward pass recomputes p), the labels and the merged
+    # per-row max and sum of exponentials
+    assert sorted(r[0].size for r in res) == sorted([B * N, B, B, B])
 
 
 # --------------------------------------------------------------------------------------
@@ -588,3 +589,116 @@ def test_example_sharded_vocab_head_runs_and_matches():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sharded and unsharded losses match" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------
+# cross_entropy's options: equal to the single-device jsoftmax.cross_entropy.
+# --------------------------------------------------------------------------------------
+
+OPTION_CASES = {
+    "smoothing": dict(label_smoothing=0.1),
+    "temperature": dict(temperature="rows"),
+    "ignore_index": dict(ignore_index=-100),
+    "weights": dict(weights=True),
+    "z_loss": dict(z_loss=1e-2),
+    "softcap": dict(logit_softcap=4.0),
+    "all+mask": dict(
+        label_smoothing=0.2,
+        temperature="rows",
+        ignore_index=-100,
+        weights=True,
+        z_loss=1e-2,
+        logit_softcap=4.0,
+        where=True,
+    ),
+    "smoothing+weights+mask": dict(label_smoothing=0.3, weights=True, where=True),
+    "example-mask": dict(where="rows", label_smoothing=0.1),
+}
+OPTION_MESHES = [((8,), ("c",), None), ((2, 4), ("b", "c"), "b")]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("mesh_shape, names, rows_axis", OPTION_MESHES, ids=["8", "2x4"])
+@pytest.mark.parametrize("case", list(OPTION_CASES), ids=list(OPTION_CASES))
+def test_sharded_cross_entropy_options(case, mesh_shape, names, rows_axis, reduction):
+    """Values and gradients (logits, temperature) equal jsoftmax.cross_entropy's."""
+    opts = dict(OPTION_CASES[case])
+    mesh = _mesh(mesh_shape, names)
+    rng = np.random.default_rng(30)
+    xh = _logits(31)
+    yh = rng.integers(0, N, size=B)
+    spec, rows = P(rows_axis, "c"), P(rows_axis)
+    args = {"x": xh, "t": 0.5 + rng.random(B)}
+    kw = {}
+    if opts.pop("temperature", None):
+        kw["temperature"] = None  # filled with the traced argument below
+    if opts.get("ignore_index") is not None:
+        yh[[1, 5]] = opts["ignore_index"]
+    if opts.pop("weights", None):
+        args["w"] = rng.random(N) + 0.5
+    where = opts.pop("where", None)
+    if where is True:
+        args["m"] = _mask(32)
+        args["m"][:, 0] = True  # row labels below land on live classes or class 0
+        yh[3] = np.flatnonzero(~args["m"][3])[0]  # a label on a masked class
+    elif where == "rows":
+        args["m"] = np.arange(B) % 3 != 1
+    args["y"] = yh
+    specs = {"x": spec, "t": rows, "w": P("c"), "m": spec if where is True else rows, "y": rows}
+    names_ = list(args)
+
+    def body(*a):
+        d = dict(zip(names_, a, strict=True))
+        extra = dict(weights=d.get("w"), where=d.get("m"))
+        if "temperature" in kw:
+            extra["temperature"] = d["t"]
+        data = rows_axis if reduction != "none" else None
+        return sharded.cross_entropy(
+            d["x"], d["y"], "c", reduction=reduction, data_axis_name=data, **extra, **opts
+        )
+
+    out_spec = rows if reduction == "none" else P()
+    f = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs[k] for k in names_), out_specs=out_spec)
+    placed = [_put(args[k], mesh, specs[k]) for k in names_]
+    cot = np.linspace(0.5, 2.0, B) if reduction == "none" else 1.0
+    diff = [i for i, k in enumerate(names_) if k == "x" or (k == "t" and "temperature" in kw)]
+    with jax.set_mesh(mesh):
+        loss = jax.jit(f)(*placed)
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=diff))(*placed)
+
+    def single(*a):
+        d = dict(zip(names_, a, strict=True))
+        extra = dict(weights=d.get("w"), where=d.get("m"))
+        if "temperature" in kw:
+            extra["temperature"] = d["t"]
+        return jsoftmax.cross_entropy(d["x"], d["y"], reduction=reduction, **extra, **opts)
+
+    host = [jnp.asarray(args[k]) for k in names_]
+    ref = single(*host)
+    ref_grads = jax.grad(lambda *a: jnp.sum(single(*a) * cot), argnums=diff)(*host)
+    assert np.all(np.isfinite(_host(loss)))
+    np.testing.assert_allclose(_host(loss), ref, **F64)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(_host(g), r, **F64)
+    if opts.get("ignore_index") is not None and reduction == "none":
+        assert np.all(_host(loss)[[1, 5]] == 0.0) and np.all(_host(grads[0])[[1, 5]] == 0.0)
+
+
+def test_padded_classes_get_no_smoothing_mass_or_weight():
+    n_real = 27
+    mesh, spec = _mesh8()
+    xh = _logits(33, shape=(B, n_real))
+    yh = np.array([0, 26, 5, 13, 20, 26, 1, 8])
+    wh = np.random.default_rng(34).random(n_real) + 0.5
+    pad = lambda a, v: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, N - n_real)], constant_values=v)
+    opts = dict(label_smoothing=0.2, z_loss=1e-2, reduction="mean")
+    body = lambda x, y, w: sharded.cross_entropy(x, y, "c", num_classes=n_real, weights=w, **opts)
+    f = jax.shard_map(body, mesh=mesh, in_specs=(spec, P(), P("c")), out_specs=P())
+    args = (_put(pad(xh, 1e30), mesh, spec), _put(yh, mesh, P()), _put(pad(wh, 7.0), mesh, P("c")))
+    with jax.set_mesh(mesh):
+        loss = jax.jit(f)(*args)
+        grad = jax.jit(jax.grad(f))(*args)
+    single = lambda x: jsoftmax.cross_entropy(x, yh, weights=wh, **opts)
+    np.testing.assert_allclose(_host(loss), single(xh), **F64)
+    np.testing.assert_allclose(_host(grad)[:, :n_real], jax.grad(single)(xh), **F64)
+    assert np.all(_host(grad)[:, n_real:] == 0.0)

@@ -10,10 +10,19 @@ outputs). ``ratio`` = unsharded / sharded, about ``d`` for the logits.
 
 On a machine without accelerators the devices are simulated CPU devices sharing the
 host's cores, so time is not expected to improve with ``d``; memory per device is.
+
+The fused rows (``fused loss temporaries``) do the same for the output layer and the
+loss, ``(N, H, V)`` with ``w`` of shape ``(H, V)`` split by vocabulary:
+:func:`jsoftmax.sharded.linear_cross_entropy` against the sharded dense loss
+(``x @ w_shard`` then :func:`jsoftmax.sharded.cross_entropy`) and against the
+one-device :func:`jsoftmax.linear_cross_entropy`: the compiled temporary bytes per
+device of the mean loss's value and gradient with respect to ``x`` and ``w``
+(``memory_analysis().temp_size_in_bytes``; inputs and outputs excluded).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -38,6 +47,8 @@ GROUPS = ("sharded",)
 DEVICE_COUNTS = (1, 2, 4, 8)
 SHAPE = (512, 32768)
 QUICK_SHAPE = (256, 8192)
+FUSED_SHAPE = (2048, 256, 32768)  # (N, H, V)
+QUICK_FUSED_SHAPE = (256, 64, 8192)
 
 
 def prepare_devices(devices: int) -> None:
@@ -153,11 +164,69 @@ def sharded(ctx: Ctx, devices: int, shape) -> list[Row]:
     return rows
 
 
+def _temp(step, *args) -> int:
+    return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def fused(ctx: Ctx, devices: int, shape) -> list[Row]:
+    """The fused rows of one device count ``devices``."""
+    del ctx  # structural figures only: nothing is timed
+    n, h, v = shape
+    rng = np.random.default_rng(0)
+    x_host = rng.standard_normal((n, h), dtype=np.float32)
+    w_host = rng.standard_normal((h, v), dtype=np.float32) / np.float32(np.sqrt(h))
+    y_host = rng.integers(0, v, size=n)
+
+    def one_device(x, w, y):
+        return jsoftmax.linear_cross_entropy(x, w, y, reduction="mean")
+
+    def fused_shard(x, w, y):
+        return jsoftmax.sharded.linear_cross_entropy(x, w, y, "vocab", reduction="mean")
+
+    def dense_shard(x, w, y):
+        z = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return jsoftmax.sharded.cross_entropy(z, y, "vocab", reduction="mean")
+
+    mesh = jax.make_mesh((devices,), ("vocab",), devices=jax.devices()[:devices])
+    specs = (P(), P(None, "vocab"), P())
+    grad = lambda f: jax.jit(jax.value_and_grad(f, (0, 1)))  # noqa: E731
+    wrap = lambda f: jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P())  # noqa: E731
+    steps = {"fused": grad(wrap(fused_shard)), "dense": grad(wrap(dense_shard))}
+    placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(
+        (x_host, w_host, y_host), specs, strict=True)]  # fmt: skip
+    dev0 = jax.devices()[0]
+    single = [jax.device_put(a, dev0) for a in (x_host, w_host, y_host)]
+    one = grad(one_device)
+    note = agree(steps["fused"](*placed), one(*single), F32)
+    cand_bytes = _temp(steps["fused"], *placed)
+    on = f"{devices} device{'s' if devices > 1 else ''}"
+    cand = "jsoftmax.sharded.linear_cross_entropy in shard_map"
+    rows = []
+    for base, base_bytes in [
+        ("x @ w_shard + jsoftmax.sharded.cross_entropy", _temp(steps["dense"], *placed)),
+        ("jsoftmax.linear_cross_entropy, 1 device", _temp(one, *single)),
+    ]:
+        row = _bytes_row(
+            f"fused loss temporaries per device, vocab over {on}",
+            cand,
+            base,
+            cand_bytes,
+            base_bytes,
+            shape,
+        )
+        rows.append(dataclasses.replace(row, note=note))
+    return rows
+
+
 def cases(quick: bool, devices: int) -> list[Case]:
-    """One case per device count in ``DEVICE_COUNTS`` up to ``devices``."""
+    """Per device count in ``DEVICE_COUNTS`` up to ``devices``: the sharded loss, then
+    the fused one."""
     shape = QUICK_SHAPE if quick else SHAPE
-    return [
-        Case("sharded", f"sharded d={d}", partial(sharded, devices=d, shape=shape))
-        for d in DEVICE_COUNTS
-        if d <= devices
-    ]
+    fused_shape = QUICK_FUSED_SHAPE if quick else FUSED_SHAPE
+    out = []
+    for d in DEVICE_COUNTS:
+        if d <= devices:
+            out.append(Case("sharded", f"sharded d={d}", partial(sharded, devices=d, shape=shape)))
+            fused_d = partial(fused, devices=d, shape=fused_shape)
+            out.append(Case("sharded", f"sharded fused d={d}", fused_d))
+    return out
