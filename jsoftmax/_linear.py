@@ -24,6 +24,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _formulas, _losses, _merge
+from jsoftmax._softmax import _nonzero  # a row without any valid column: p = 0, loss +inf
 
 # Elements of one chunk's logits: 2**20 float32 values (4 MiB), see _default_chunk.
 _CHUNK_ELEMENTS = 1 << 20
@@ -194,11 +195,6 @@ def _lce_fwd(x, w, bias, labels, weights, row_ok, row_w, opts, chunk, va):
     loss = _losses.integer_loss(log_total, m, s_label, in_range, row_w_k, smooth, opts)
     out = _losses._mask_rows(loss[:, 0], row_ok)
     return out, (x, w, bias, labels, weights, row_ok, row_w, m, total)
-
-
-def _nonzero(total):
-    # A row without any valid column (every bias -inf) gives p = 0 and loss +inf.
-    return jnp.maximum(total, jnp.finfo(total.dtype).tiny)
 
 
 def _lce_bwd(opts, chunk, va, residuals, g):

@@ -97,13 +97,17 @@ def _class_weights(weights, where, axis: int, ndim: int, cdt):
     return w
 
 
+def _valid_count(where, n: int, axis: int, cdt):
+    """``m``: the number of unmasked classes per row (keepdims; at least 1)."""
+    if where is None:
+        return jnp.asarray(n, cdt)
+    return jnp.maximum(jnp.sum(where, axis=axis, keepdims=True), 1).astype(cdt)
+
+
 def _smoothing(where, w, n: int, axis: int, alpha: float, cdt):
     """``(k, W)``: the per-row smoothing mass ``alpha / m`` of each of the ``m`` valid
     classes and the total class weight ``W = sum_valid w`` (``m`` without weights)."""
-    if where is None:
-        count = jnp.asarray(n, cdt)
-    else:
-        count = jnp.maximum(jnp.sum(where, axis=axis, keepdims=True), 1).astype(cdt)
+    count = _valid_count(where, n, axis, cdt)
     total_w = count if w is None else jnp.sum(w, axis=axis, keepdims=True)
     return _formulas.smoothing_mass(alpha, count), total_w
 
@@ -225,10 +229,7 @@ def _prob_targets(labels, where, w, n: int, axis: int, alpha: float, cdt):
     """``q = w * ((1 - alpha) y + alpha / m) * valid`` for probability labels."""
     y = labels.astype(cdt)
     if alpha:
-        if where is None:
-            count = jnp.asarray(n, cdt)
-        else:
-            count = jnp.maximum(jnp.sum(where, axis=axis, keepdims=True), 1).astype(cdt)
+        count = _valid_count(where, n, axis, cdt)
         y = (1 - alpha) * y + _formulas.smoothing_mass(alpha, count)
     return y if w is None else w * y
 
