@@ -1,14 +1,21 @@
 """Test-session configuration.
 
-* Eight simulated CPU devices, so the sharding tests run on any machine. The flag must
-  be set before JAX initialises its backends; it does not change single-device
+* Eight simulated CPU devices, so the sharding tests run on any machine (the sharding
+  tests build their meshes from the CPU devices, also where a GPU is the default). The
+  flag must be set before JAX initialises its backends; it does not change single-device
   computations, which run on device 0 as usual.
 * float64 enabled, so every test can build a float64 reference. Tests pass explicit
-  dtypes everywhere.
+  dtypes everywhere. ``JSOFTMAX_TEST_X64=0`` runs the suite in JAX's default
+  configuration instead (float64 off, as users run it): the cases that need float64
+  inputs (a ``float64`` parameter, or the ``x64`` marker) are skipped there, and the
+  rest compare against NumPy float64 references.
 * Implicit rank promotion raises, so the library never relies on it.
 """
 
 import os
+
+import numpy as np
+import pytest
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -16,5 +23,26 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 import jax  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)
+X64 = os.environ.get("JSOFTMAX_TEST_X64", "1") != "0"
+jax.config.update("jax_enable_x64", X64)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def _is_float64(value) -> bool:
+    if isinstance(value, str):
+        return value == "float64"
+    try:
+        return np.dtype(value) == np.float64 and value is not float
+    except TypeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if X64:
+        return
+    skip = pytest.mark.skip(reason="needs float64 (JSOFTMAX_TEST_X64=0: JAX's default config)")
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.get_closest_marker("x64") or any(_is_float64(v) for v in params.values()):
+            item.add_marker(skip)
+

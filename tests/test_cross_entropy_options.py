@@ -17,6 +17,8 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import jsoftmax
 
+from helpers import make_logits
+
 B, N = 6, 5
 
 
@@ -30,10 +32,6 @@ def saved_residuals(f, *args):
         dims = re.match(r"\w+\[([\d,]*)\]", line).group(1)
         out.append((tuple(int(d) for d in dims.split(",") if d), line))
     return out
-
-
-def _logits(shape=(B, N), dtype=jnp.float64, seed=0):
-    return (jax.random.normal(jax.random.key(seed), shape, jnp.float64) * 2).astype(dtype)
 
 
 def reference(
@@ -159,7 +157,7 @@ def _assert_close(a, b, rtol, atol):
 @pytest.mark.parametrize("combo", list(COMBOS))
 def test_integer_labels_match_reference(combo, reduction):
     opts = COMBOS[combo]
-    z = _logits()
+    z = make_logits((B, N), jnp.float64)
     lab = _labels_for(opts)
     kw = _ours_kwargs(opts)
     jit = combo.startswith(("w", "s", "a"))  # about half of the cases jitted
@@ -199,8 +197,8 @@ def test_integer_labels_match_reference(combo, reduction):
 )
 def test_probability_labels_match_reference(combo, reduction):
     opts = {k: v for k, v in COMBOS[combo].items() if k != "ignore_index"}
-    z = _logits()
-    y = jax.nn.softmax(_logits(seed=1))
+    z = make_logits((B, N), jnp.float64)
+    y = jax.nn.softmax(make_logits((B, N), jnp.float64, seed=1))
     kw = _ours_kwargs(opts)
 
     def ours(z, y):
@@ -220,7 +218,7 @@ def test_probability_labels_match_reference(combo, reduction):
 @pytest.mark.parametrize("combo", ["weights_smoothing_ignore", "z_loss_softcap_temperature", "all"])
 def test_jvp_rule_forward_mode_and_hessian(combo):
     opts = COMBOS[combo]
-    z = _logits()
+    z = make_logits((B, N), jnp.float64)
     lab = _labels_for(opts)
     kw = _ours_kwargs(opts)
 
@@ -268,7 +266,7 @@ def _small(opts):
 @pytest.mark.parametrize("rule", ["vjp", "jvp"])
 def test_low_precision_with_options(dtype, rule):
     opts = COMBOS["all"]
-    z = _logits(dtype=dtype)
+    z = make_logits((B, N), dtype=dtype)
     kw = _ours_kwargs(opts)
     f = jax.jit(lambda z: jsoftmax.cross_entropy(z, LABELS, rule=rule, reduction="mean", **kw))
     out = f(z)
@@ -302,7 +300,7 @@ def test_bfloat16_loss_is_not_quantised():
 
 @pytest.mark.parametrize("rule", ["vjp", "jvp"])
 def test_all_rows_ignored_mean_is_zero_with_zero_gradient(rule):
-    z = _logits()
+    z = make_logits((B, N), jnp.float64)
     lab = jnp.full((B,), -100)
 
     def f(z):
@@ -332,7 +330,7 @@ def test_weighted_mean_denominator_by_hand():
 
 
 def test_ignore_index_inside_the_class_range():
-    z = _logits()
+    z = make_logits((B, N), jnp.float64)
     lab = jnp.array([0, 1, 2, 0, 3, 0])
     out = jsoftmax.cross_entropy(z, lab, ignore_index=0)
     ref = optax.softmax_cross_entropy_with_integer_labels(z, lab)
@@ -340,7 +338,7 @@ def test_ignore_index_inside_the_class_range():
 
 
 def test_ignored_and_masked_rows_stay_zero_with_nan_logits():
-    z = _logits().at[3].set(jnp.nan).at[2, 1].set(jnp.inf)
+    z = make_logits((B, N), jnp.float64).at[3].set(jnp.nan).at[2, 1].set(jnp.inf)
     lab = LABELS  # row 3 ignored; row 2 masked per example
     f = lambda z: jsoftmax.cross_entropy(  # noqa: E731
         z,
@@ -374,7 +372,7 @@ def test_ignored_and_masked_rows_stay_zero_with_nan_logits():
 
 
 def test_out_of_range_labels_other_than_ignore_index():
-    z = _logits()
+    z = make_logits((B, N), jnp.float64)
     with pytest.raises(IndexError, match="or ignore_index=-100"):
         jsoftmax.cross_entropy(z, LABELS.at[0].set(5), ignore_index=-100)
     # Under jit: NaN for that row only, and the mean is NaN.
@@ -384,7 +382,7 @@ def test_out_of_range_labels_other_than_ignore_index():
 
 
 def test_softcap_keeps_neg_inf_excluded():
-    z = _logits().at[:, 4].set(-jnp.inf)
+    z = make_logits((B, N), jnp.float64).at[:, 4].set(-jnp.inf)
     lab = jnp.array([0, 1, 2, 3, 1, 0])
     out = jsoftmax.cross_entropy(z, lab, logit_softcap=2.0)
     ref = reference(z[:, :4], lab, cap=2.0)
@@ -394,7 +392,7 @@ def test_softcap_keeps_neg_inf_excluded():
 
 
 def test_tuple_axis_matches_optax():
-    z = _logits((3, 2, 4))
+    z = make_logits((3, 2, 4), jnp.float64)
     lab = jnp.array([0, 7, 5])
     out = jsoftmax.cross_entropy(z, lab, axis=(1, 2))
     ref = optax.softmax_cross_entropy_with_integer_labels(z, lab, axis=(1, 2))
@@ -406,14 +404,14 @@ def test_tuple_axis_matches_optax():
     _assert_close(g, g_ref, 1e-12, 1e-12)
     # Non-adjacent class axes and probability labels.
     zt = jnp.moveaxis(z, 1, 0)  # (2, 3, 4): classes on axes 0 and 2
-    y = jax.nn.softmax(_logits((3, 2, 4), seed=2).reshape(3, 8)).reshape(3, 2, 4)
+    y = jax.nn.softmax(make_logits((3, 2, 4), jnp.float64, seed=2).reshape(3, 8)).reshape(3, 2, 4)
     yt = jnp.moveaxis(y, 1, 0)
     out = jsoftmax.cross_entropy(zt, yt, axis=(0, 2))
     _assert_close(out, optax.softmax_cross_entropy(z, y, axis=(1, 2)), 1e-12, 1e-12)
 
 
 def test_example_where_equals_ignore_index():
-    z = _logits()
+    z = make_logits((B, N), jnp.float64)
     lab = LABELS.at[3].set(2)
     a = jsoftmax.cross_entropy(z, lab, where=EXAMPLE_MASK, reduction="mean")
     b = jsoftmax.cross_entropy(
@@ -431,14 +429,14 @@ def test_empty_batch_and_single_class():
     for reduction in ("sum", "mean"):
         out = jsoftmax.cross_entropy(z, lab, reduction=reduction, ignore_index=-100)
         assert out.shape == () and float(out) == 0.0
-    one = _logits((B, 1))
+    one = make_logits((B, 1), jnp.float64)
     out = jsoftmax.cross_entropy(one, jnp.zeros((B,), jnp.int32), z_loss=0.1, reduction="mean")
     ref = reference(one, jnp.zeros((B,), jnp.int32), z_loss=0.1, reduction="mean")
     _assert_close(out, ref, 1e-12, 1e-12)
 
 
 def test_no_new_logits_sized_residual_with_every_option():
-    z = _logits((8, 6))
+    z = make_logits((8, 6), jnp.float64)
     lab = jnp.array([0, 1, 2, 3, 4, 5, -1, 2])
     w = jnp.linspace(0.5, 2.0, 6)
     t = jnp.full((8,), 1.5)
@@ -468,7 +466,7 @@ def test_no_new_logits_sized_residual_with_every_option():
 
 
 def test_errors_name_the_argument():
-    z = _logits()
+    z = make_logits((B, N), jnp.float64)
     lab = LABELS.at[3].set(0)
     y = jax.nn.softmax(z)
     with pytest.raises(ValueError, match=r"weights must have one entry per class, shape \(5,\)"):
@@ -492,7 +490,7 @@ def test_errors_name_the_argument():
 
 
 def test_no_retracing_with_options():
-    z = _logits()
+    z = make_logits((B, N), jnp.float64)
     lab = LABELS
 
     @jax.jit

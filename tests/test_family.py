@@ -6,26 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.ad_checkpoint import saved_residuals
 from jax.test_util import check_grads
 
 import jsoftmax
 
-TOL = {jnp.float32: 2e-6, jnp.float64: 1e-12}
+from helpers import close, make_logits, saved_residuals
+
 RULE_MODES = {"vjp": ["rev"], "jvp": ["fwd", "rev"]}
-
-
-def _close(a, b, dtype, scale=1.0):
-    np.testing.assert_allclose(
-        np.asarray(a, np.float64),
-        np.asarray(b, np.float64),
-        rtol=TOL[dtype] * scale,
-        atol=TOL[dtype] * scale,
-    )
-
-
-def _logits(shape, dtype=jnp.float64, seed=0):
-    return jax.random.normal(jax.random.key(seed), shape, dtype) * 2
 
 
 def _plain_log_softmax(x, axis=-1, t=1.0):
@@ -54,31 +41,31 @@ def _plain_softmax(x, axis=-1, t=1.0):
     ],
 )
 def test_log_softmax_values(shape, axis, dtype, rule):
-    x = _logits(shape, dtype)
+    x = make_logits(shape, dtype)
     out = jsoftmax.log_softmax(x, axis, rule=rule)
     assert out.shape == shape and out.dtype == dtype
-    _close(out, jax.nn.log_softmax(x.astype(jnp.float64), axis), dtype, 4)
-    _close(out, jax.nn.log_softmax(x, axis), dtype, 4)
+    close(out, jax.nn.log_softmax(x.astype(jnp.float64), axis), dtype, 4)
+    close(out, jax.nn.log_softmax(x, axis), dtype, 4)
     jitted = jax.jit(lambda x: jsoftmax.log_softmax(x, axis, rule=rule))(x)
-    _close(jitted, out, dtype, 2)
+    close(jitted, out, dtype, 2)
     if len(shape) > 1:
         vmapped = jax.vmap(lambda r: jsoftmax.log_softmax(r, axis - 1 if axis > 0 else axis))(x)
         if axis != 0:
-            _close(vmapped, out, dtype, 2)
+            close(vmapped, out, dtype, 2)
 
 
 @pytest.mark.parametrize("rule,axis", [("vjp", -1), ("jvp", -1), ("vjp", 0), ("jvp", 0)])
 def test_log_softmax_derivatives(rule, axis):
-    x = _logits((3, 4))
-    w = _logits((3, 4), seed=1)
+    x = make_logits((3, 4), jnp.float64)
+    w = make_logits((3, 4), jnp.float64, seed=1)
     ours = lambda x: jnp.sum(w * jsoftmax.log_softmax(x, axis, rule=rule))  # noqa: E731
     ref = lambda x: jnp.sum(w * _plain_log_softmax(x, axis))  # noqa: E731
-    _close(jax.grad(ours)(x), jax.grad(ref)(x), jnp.float64)
-    _close(jax.grad(jax.jit(ours))(x), jax.grad(ref)(x), jnp.float64)
+    close(jax.grad(ours)(x), jax.grad(ref)(x), jnp.float64)
+    close(jax.grad(jax.jit(ours))(x), jax.grad(ref)(x), jnp.float64)
     if rule == "jvp":
-        t = _logits((3, 4), seed=2)
+        t = make_logits((3, 4), jnp.float64, seed=2)
         f = lambda x: jsoftmax.log_softmax(x, axis, rule=rule)  # noqa: E731
-        _close(
+        close(
             jax.jvp(f, (x,), (t,))[1],
             jax.jvp(lambda x: _plain_log_softmax(x, axis), (x,), (t,))[1],
             jnp.float64,
@@ -89,7 +76,7 @@ def test_log_softmax_derivatives(rule, axis):
 
 
 def test_log_softmax_residual_is_one_output_sized_array():
-    x = _logits((8, 6))
+    x = make_logits((8, 6), jnp.float64)
     for t in (1.0, 2.0):
         res = saved_residuals(lambda x, t=t: jsoftmax.log_softmax(x, temperature=t).sum(), x)
         big = [r for r in res if r[0].shape == (8, 6) and "from the argument" not in r[1]]
@@ -98,16 +85,16 @@ def test_log_softmax_residual_is_one_output_sized_array():
 
 def test_log_softmax_jacobian_vs_autodiff():
     for shape, axis in [((5,), 0), ((3, 4), -1), ((3, 4, 2), 1)]:
-        x = _logits(shape)
+        x = make_logits(shape, jnp.float64)
         J = jsoftmax.log_softmax_jacobian(x, axis)
         xl = jnp.moveaxis(x, axis, -1)
         f = lambda r: jax.nn.log_softmax(r)  # noqa: E731
         flat = xl.reshape(-1, xl.shape[-1])
         for jac in (jax.jacfwd, jax.jacrev):
             ref = jax.jit(jax.vmap(jac(f)))(flat).reshape(J.shape)
-            _close(J, ref, jnp.float64)
-    x32 = _logits((3, 4), jnp.float32)
-    _close(
+            close(J, ref, jnp.float64)
+    x32 = make_logits((3, 4), jnp.float32)
+    close(
         jsoftmax.log_softmax_jacobian(x32),
         jax.vmap(jax.jacfwd(jax.nn.log_softmax))(x32.astype(jnp.float64)),
         jnp.float32,
@@ -117,7 +104,7 @@ def test_log_softmax_jacobian_vs_autodiff():
     where = jnp.array([True, False, True])
     J = jsoftmax.log_softmax_jacobian(jnp.array([0.5, 3.0, -1.0]), where=where)
     sub = jax.jacfwd(jax.nn.log_softmax)(jnp.array([0.5, -1.0]))
-    _close(J[jnp.ix_(jnp.array([0, 2]), jnp.array([0, 2]))], sub, jnp.float64)
+    close(J[jnp.ix_(jnp.array([0, 2]), jnp.array([0, 2]))], sub, jnp.float64)
     assert np.all(np.asarray(J[1]) == 0) and np.all(np.asarray(J[:, 1]) == 0)
 
 
@@ -131,8 +118,8 @@ def test_log_softmax_jacobian_vs_autodiff():
     [(False, "vjp", False), (True, "jvp", True), (False, "jvp", True), (True, "vjp", False)],
 )
 def test_temperature(log, rule, per_row):
-    x = _logits((3, 5))
-    w = _logits((3, 5), seed=1)
+    x = make_logits((3, 5), jnp.float64)
+    w = make_logits((3, 5), jnp.float64, seed=1)
     t = jnp.array([0.5, 1.0, 2.5]) if per_row else jnp.asarray(1.7)
     fn = jsoftmax.log_softmax if log else jsoftmax.softmax
     plain = _plain_log_softmax if log else _plain_softmax
@@ -144,20 +131,22 @@ def test_temperature(log, rule, per_row):
     def ref(x, t):
         return jnp.sum(w * plain(x, -1, t[:, None] if per_row else t))
 
-    _close(fn(x, temperature=t, rule=rule), plain(x, -1, tt), jnp.float64, 4)
+    close(fn(x, temperature=t, rule=rule), plain(x, -1, tt), jnp.float64, 4)
     for arg in (0, 1):
-        _close(jax.grad(ours, arg)(x, t), jax.grad(ref, arg)(x, t), jnp.float64, 10)
+        close(jax.grad(ours, arg)(x, t), jax.grad(ref, arg)(x, t), jnp.float64, 10)
     if rule == "jvp":
-        dx, dt = _logits((3, 5), seed=2), jnp.ones_like(t) * 0.3
+        dx, dt = make_logits((3, 5), jnp.float64, seed=2), jnp.ones_like(t) * 0.3
         a = jax.jvp(ours, (x, t), (dx, dt))[1]
-        _close(a, jax.jvp(ref, (x, t), (dx, dt))[1], jnp.float64, 10)
+        close(a, jax.jvp(ref, (x, t), (dx, dt))[1], jnp.float64, 10)
     check_grads(jax.jit(ours), (x, t), 2, RULE_MODES[rule])
 
 
 @pytest.mark.parametrize("t", [1e-3, 1e3])
 def test_temperature_limits(t):
-    x = _logits((2, 6)) * t  # x / t of order 1: the derivatives are not underflow noise
-    w = _logits((2, 6), seed=1)
+    x = (
+        make_logits((2, 6), jnp.float64) * t
+    )  # x / t of order 1: derivatives are not underflow noise
+    w = make_logits((2, 6), jnp.float64, seed=1)
     for fn, plain in (
         (jsoftmax.softmax, jax.nn.softmax),
         (jsoftmax.log_softmax, jax.nn.log_softmax),
@@ -165,7 +154,7 @@ def test_temperature_limits(t):
         for rule in ("vjp", "jvp"):
             ours = lambda x, t, fn=fn, rule=rule: jnp.sum(w * fn(x, temperature=t, rule=rule))  # noqa: E731
             ref = lambda x, t, plain=plain: jnp.sum(w * plain(x / t))  # noqa: E731
-            _close(fn(x, temperature=t, rule=rule), plain(x / t), jnp.float64, 10)
+            close(fn(x, temperature=t, rule=rule), plain(x / t), jnp.float64, 10)
             for arg in (0, 1):
                 a, b = jax.grad(ours, arg)(x, t), jax.grad(ref, arg)(x, t)
                 chex.assert_tree_all_finite(a)
@@ -191,7 +180,7 @@ def test_temperature_errors():
 
 def test_hessian_vs_autodiff():
     for shape, axis in [((4,), 0), ((3, 2, 2), 0)]:
-        x = _logits(shape)
+        x = make_logits(shape, jnp.float64)
         H = jsoftmax.hessian(x, axis)
         n = shape[axis]
         xl = jnp.moveaxis(x, axis, -1).reshape(-1, n)
@@ -201,32 +190,32 @@ def test_hessian_vs_autodiff():
         )
         plain = jax.jit(jax.vmap(jax.hessian(jax.nn.softmax)))(xl)
         for ref in (fwd, rev, plain):
-            _close(H, ref.reshape(H.shape), jnp.float64)
+            close(H, ref.reshape(H.shape), jnp.float64)
     # n = 1: softmax is the constant 1.
     assert np.all(np.asarray(jsoftmax.hessian(jnp.array([0.3]))) == 0)
-    _close(
+    close(
         jax.hessian(lambda r: jsoftmax.softmax(r, rule="jvp"))(jnp.array([0.3])), 0.0, jnp.float64
     )
-    x32 = _logits((2, 4), jnp.float32)
+    x32 = make_logits((2, 4), jnp.float32)
     ref = jax.vmap(jax.hessian(jax.nn.softmax))(x32.astype(jnp.float64))
-    _close(jsoftmax.hessian(x32), ref, jnp.float32, 4)
+    close(jsoftmax.hessian(x32), ref, jnp.float32, 4)
 
 
 def test_softmax_hvp():
-    x = _logits((3, 5))
-    u, v = _logits((3, 5), seed=1), _logits((3, 5), seed=2)
+    x = make_logits((3, 5), jnp.float64)
+    u, v = make_logits((3, 5), jnp.float64, seed=1), make_logits((3, 5), jnp.float64, seed=2)
     p = jax.nn.softmax(x)
     out = jsoftmax.softmax_hvp(p, u, v)
-    _close(out, jnp.einsum("bijk,bj,bk->bi", jsoftmax.hessian(x), u, v), jnp.float64)
+    close(out, jnp.einsum("bijk,bj,bk->bi", jsoftmax.hessian(x), u, v), jnp.float64)
     f = lambda x: jsoftmax.softmax(x, rule="jvp")  # noqa: E731
     jj = jax.jvp(lambda x: jax.jvp(f, (x,), (u,))[1], (x,), (v,))[1]
-    _close(out, jj, jnp.float64)
+    close(out, jj, jnp.float64)
     plain = jax.jvp(lambda x: jax.jvp(jax.nn.softmax, (x,), (u,))[1], (x,), (v,))[1]
-    _close(out, plain, jnp.float64)
-    _close(out, jsoftmax.softmax_hvp(p, v, u), jnp.float64)
+    close(out, plain, jnp.float64)
+    close(out, jsoftmax.softmax_hvp(p, v, u), jnp.float64)
     # Non-last axis.
     xt = x.T
-    _close(jsoftmax.softmax_hvp(jax.nn.softmax(xt, 0), u.T, v.T, axis=0), out.T, jnp.float64)
+    close(jsoftmax.softmax_hvp(jax.nn.softmax(xt, 0), u.T, v.T, axis=0), out.T, jnp.float64)
 
 
 # --------------------------------------------------------------------------------------
@@ -241,17 +230,15 @@ def test_log_softmax_masks_and_fully_masked_rows(rule):
     out = jsoftmax.log_softmax(x, where=where, rule=rule)
     assert np.all(np.isneginf(np.asarray(out[1])))
     assert np.isneginf(out[0, 1]) and np.isneginf(out[2, 1]) and np.isneginf(out[2, 3])
-    _close(
-        out[0, jnp.array([0, 2, 3])], jax.nn.log_softmax(x[0, jnp.array([0, 2, 3])]), jnp.float64
-    )
-    _close(out[2, jnp.array([0, 2])], jax.nn.log_softmax(x[2, jnp.array([0, 2])]), jnp.float64)
-    w = jnp.where(jnp.isfinite(out), 1.0, 0.0) * _logits((3, 4), seed=4)
+    close(out[0, jnp.array([0, 2, 3])], jax.nn.log_softmax(x[0, jnp.array([0, 2, 3])]), jnp.float64)
+    close(out[2, jnp.array([0, 2])], jax.nn.log_softmax(x[2, jnp.array([0, 2])]), jnp.float64)
+    w = jnp.where(jnp.isfinite(out), 1.0, 0.0) * make_logits((3, 4), jnp.float64, seed=4)
     g = jax.grad(lambda x: jnp.sum(w * jsoftmax.log_softmax(x, where=where, rule=rule)))(x)
     chex.assert_tree_all_finite(g)
     assert np.all(np.asarray(g[1]) == 0) and g[0, 1] == 0
     cols = jnp.array([0, 2, 3])
     ref = jax.grad(lambda r: jnp.sum(w[0, cols] * jax.nn.log_softmax(r)))(x[0, cols])
-    _close(g[0, cols], ref, jnp.float64)
+    close(g[0, cols], ref, jnp.float64)
 
 
 def test_float16_many_equal_logits():

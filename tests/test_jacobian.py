@@ -8,9 +8,7 @@ import pytest
 
 import jsoftmax
 
-
-def _logits(shape, dtype=jnp.float64, seed=0, scale=3.0):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, dtype)
+from helpers import make_logits
 
 
 def _np_jacobian(x, axis=-1):
@@ -39,7 +37,7 @@ AUTODIFF = {
 @pytest.mark.parametrize("n", [1, 2, 5, 512])
 @pytest.mark.parametrize("method", sorted(AUTODIFF))
 def test_explicit_jacobian_matches_autodiff_and_float64(n, method):
-    x = _logits((n,))
+    x = make_logits((n,), jnp.float64)
     J = jsoftmax.jacobian(x)
     assert J.shape == (n, n)
     chex.assert_trees_all_close(J, AUTODIFF[method]()(x), rtol=1e-12, atol=1e-15)
@@ -48,7 +46,7 @@ def test_explicit_jacobian_matches_autodiff_and_float64(n, method):
 
 @pytest.mark.parametrize("shape,axis", [((4, 6), -1), ((6, 4), 0), ((2, 5, 3), 1)])
 def test_batched_and_non_last_axis(shape, axis):
-    x = _logits(shape)
+    x = make_logits(shape, jnp.float64)
     J = jsoftmax.jacobian(x, axis)
     n = shape[axis]
     batch = tuple(s for k, s in enumerate(shape) if k != axis % len(shape))
@@ -60,7 +58,7 @@ def test_batched_and_non_last_axis(shape, axis):
 
 
 def test_float32_against_float64_reference():
-    x = _logits((3, 700), jnp.float32)
+    x = make_logits((3, 700), jnp.float32)
     J = jsoftmax.jacobian(x)
     assert J.dtype == jnp.float32
     # Errors scale with max p (every entry is a product of probabilities).
@@ -71,7 +69,7 @@ def test_float32_against_float64_reference():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_jacobian(dtype):
-    x = _logits((4, 64), dtype)
+    x = make_logits((4, 64), dtype)
     J = jsoftmax.jacobian(x)
     assert J.dtype == dtype
     ref = _np_jacobian(jnp.asarray(x, jnp.float32))
@@ -80,7 +78,7 @@ def test_low_precision_jacobian(dtype):
 
 
 def test_structural_identities():
-    x = _logits((5, 40))
+    x = make_logits((5, 40), jnp.float64)
     J = np.asarray(jsoftmax.jacobian(x))
     np.testing.assert_allclose(J, np.swapaxes(J, -1, -2), atol=0)  # symmetric
     np.testing.assert_allclose(J.sum(-1), 0, atol=1e-15)  # rows sum to zero
@@ -93,7 +91,7 @@ def test_structural_identities():
 
 def test_regression_index_convention_is_dp_i_dz_j():
     # A common slip writes J_ij = dp_i/dz_i. J[i, j] must be dp_i/dz_j: perturb z_j only.
-    x = _logits((4,))
+    x = make_logits((4,), jnp.float64)
     J = jsoftmax.jacobian(x)
     h = 1e-6
     for j in range(4):
@@ -103,7 +101,7 @@ def test_regression_index_convention_is_dp_i_dz_j():
 
 
 def test_jacobian_from_probs_matches_jacobian():
-    x = _logits((3, 4, 6))
+    x = make_logits((3, 4, 6), jnp.float64)
     p = jsoftmax.softmax(x, axis=1)
     chex.assert_trees_all_close(
         jsoftmax.jacobian_from_probs(p, axis=1), jsoftmax.jacobian(x, axis=1), rtol=1e-15
@@ -111,7 +109,7 @@ def test_jacobian_from_probs_matches_jacobian():
 
 
 def test_jacobian_with_mask_zeroes_masked_rows_and_columns():
-    x = _logits((6,))
+    x = make_logits((6,), jnp.float64)
     where = jnp.array([True, False, True, True, False, True])
     J = jsoftmax.jacobian(x, where=where)
     ref = jax.jacfwd(lambda z: jsoftmax.softmax(z, where=where, rule="jvp"))(x)
@@ -121,21 +119,21 @@ def test_jacobian_with_mask_zeroes_masked_rows_and_columns():
 
 
 def test_jacobian_under_jit_and_vmap():
-    x = _logits((3, 8))
+    x = make_logits((3, 8), jnp.float64)
     chex.assert_trees_all_close(
         jax.jit(jsoftmax.jacobian)(x), jax.vmap(jsoftmax.jacobian)(x), rtol=1e-14
     )
 
 
 def test_jacobian_diagonal_is_only_the_diagonal():
-    x = _logits((3, 7))
+    x = make_logits((3, 7), jnp.float64)
     p = jsoftmax.softmax(x)
     d = jsoftmax.jacobian_diagonal(p)
     J = jsoftmax.jacobian(x)
     chex.assert_trees_all_close(d, jnp.diagonal(J, axis1=-2, axis2=-1), rtol=1e-14)
     # Regression for a widely copied slip: using p(1 - p) elementwise as "the gradient"
     # is wrong for a non-separable loss; the true VJP uses the off-diagonal terms.
-    w = _logits((3, 7), seed=3)
+    w = make_logits((3, 7), jnp.float64, seed=3)
     true_grad = jax.grad(lambda z: jnp.sum(jsoftmax.softmax(z) * w))(x)
     assert not np.allclose(d * w, true_grad, atol=1e-3)
     # And the gradient of sum(p) = 1 is identically zero.
@@ -144,7 +142,7 @@ def test_jacobian_diagonal_is_only_the_diagonal():
 
 
 def test_partial_derivative_matches_dense_entries():
-    x = _logits((2, 5))
+    x = make_logits((2, 5), jnp.float64)
     p = jsoftmax.softmax(x)
     J = jsoftmax.jacobian(x)
     for i in range(5):
@@ -155,7 +153,7 @@ def test_partial_derivative_matches_dense_entries():
 
 
 def test_partial_derivative_with_index_arrays_and_axis():
-    x = _logits((5, 3))
+    x = make_logits((5, 3), jnp.float64)
     p = jsoftmax.softmax(x, axis=0)
     i = jnp.array([0, 4, 2])
     j = jnp.array([0, 1, 2])
@@ -171,8 +169,8 @@ def test_partial_derivative_with_index_arrays_and_axis():
 
 @pytest.mark.parametrize("shape,axis", [((9,), -1), ((4, 9), -1), ((9, 4), 0)])
 def test_products_match_dense(shape, axis):
-    x = _logits(shape)
-    v = _logits(shape, seed=5)
+    x = make_logits(shape, jnp.float64)
+    v = make_logits(shape, jnp.float64, seed=5)
     p = jsoftmax.softmax(x, axis)
     J = jsoftmax.jacobian(x, axis)
     v_last = jnp.moveaxis(v, axis, -1)
@@ -183,8 +181,8 @@ def test_products_match_dense(shape, axis):
 
 
 def test_products_match_jax_jvp_and_vjp():
-    x = _logits((3, 11))
-    t = _logits((3, 11), seed=7)
+    x = make_logits((3, 11), jnp.float64)
+    t = make_logits((3, 11), jnp.float64, seed=7)
     p, jvp_ref = jax.jvp(jax.nn.softmax, (x,), (t,))
     _, pullback = jax.vjp(jax.nn.softmax, x)
     chex.assert_trees_all_close(jsoftmax.softmax_jvp(p, t), jvp_ref, rtol=1e-12, atol=1e-15)

@@ -10,19 +10,15 @@ import jax.numpy as jnp
 import mpmath
 import numpy as np
 import pytest
-from jax._src.ad_checkpoint import saved_residuals
 from jax.test_util import check_grads
 
 import jsoftmax
 
+from helpers import make_logits, saved_residuals
+
 RULES = ("vjp", "jvp")
 DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64]
 SHAPES = [((7,), -1), ((4, 9), -1), ((4, 9), 0), ((2, 5, 3), 1), ((3, 2, 4, 5), (0, 2))]
-
-
-def _logits(shape, dtype=jnp.float32, seed=0, scale=3.0):
-    x = np.random.default_rng(seed).standard_normal(shape) * scale
-    return jnp.asarray(x, dtype)
 
 
 def _np_logsumexp(x, axis, keepdims=False):
@@ -60,7 +56,7 @@ def _tol(dtype, x, axis):
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("jit", [False, True])
 def test_values_match_float64_reference_and_jax_nn(dtype, shape, axis, rule, jit):
-    x = _logits(shape, dtype)
+    x = make_logits(shape, dtype)
     f = lambda z: jsoftmax.logsumexp(z, axis, rule=rule)
     out = jax.jit(f)(x) if jit else f(x)
     ref = _np_logsumexp(x, axis)
@@ -73,7 +69,7 @@ def test_values_match_float64_reference_and_jax_nn(dtype, shape, axis, rule, jit
 
 @pytest.mark.parametrize("keepdims", [False, True])
 def test_keepdims_and_tuple_axis(keepdims):
-    x = _logits((3, 4, 5), jnp.float64)
+    x = make_logits((3, 4, 5), jnp.float64)
     out = jsoftmax.logsumexp(x, axis=(0, 2), keepdims=keepdims)
     ref = jax.nn.logsumexp(x, axis=(0, 2), keepdims=keepdims)
     assert out.shape == ref.shape == ((1, 4, 1) if keepdims else (4,))
@@ -106,14 +102,14 @@ def test_matches_mpmath_within_the_rounding_bound():
 
 
 def test_log_softmax_identity():
-    x = _logits((5, 8), jnp.float64)
+    x = make_logits((5, 8), jnp.float64)
     lse = jsoftmax.logsumexp(x, keepdims=True)
     chex.assert_trees_all_close(x - lse, jax.nn.log_softmax(x), rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("rule", RULES)
 def test_shift_invariance(rule):
-    x = _logits((5, 8), jnp.float64)
+    x = make_logits((5, 8), jnp.float64)
     a = jsoftmax.logsumexp(x, rule=rule)
     chex.assert_trees_all_close(jsoftmax.logsumexp(x + 123.0, rule=rule), a + 123.0, rtol=1e-14)
 
@@ -127,7 +123,7 @@ def test_huge_logits_do_not_overflow():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_vmap_and_jit_match_batched_call(rule):
-    x = _logits((6, 4, 10), jnp.float64)
+    x = make_logits((6, 4, 10), jnp.float64)
     f = lambda z: jsoftmax.logsumexp(z, rule=rule)
     chex.assert_trees_all_close(jax.vmap(f)(x), f(x), rtol=1e-15)
     chex.assert_trees_all_close(jax.jit(f)(x), f(x), rtol=1e-15)
@@ -143,7 +139,7 @@ def test_no_retracing_for_equal_shapes():
         return jsoftmax.logsumexp(z)
 
     for seed in range(3):
-        f(_logits((4, 7), jnp.float32, seed=seed)).block_until_ready()
+        f(make_logits((4, 7), jnp.float32, seed=seed)).block_until_ready()
 
 
 # ---------------------------------------------------------------------------- gradients
@@ -152,8 +148,8 @@ def test_no_retracing_for_equal_shapes():
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
 @pytest.mark.parametrize("rule", RULES)
 def test_grad_is_softmax_and_matches_jax_nn(shape, axis, rule):
-    x = _logits(shape, jnp.float64)
-    w = _logits(jax.nn.logsumexp(x, axis).shape, jnp.float64, seed=1)
+    x = make_logits(shape, jnp.float64)
+    w = make_logits(jax.nn.logsumexp(x, axis).shape, jnp.float64, seed=1)
     loss = lambda f: lambda z: jnp.sum(jnp.sin(f(z)) * w)
     ours = jax.grad(loss(lambda z: jsoftmax.logsumexp(z, axis, rule=rule)))(x)
     ref = jax.grad(loss(lambda z: jax.nn.logsumexp(z, axis)))(x)
@@ -166,7 +162,7 @@ def test_grad_is_softmax_and_matches_jax_nn(shape, axis, rule):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
 @pytest.mark.parametrize("rule", RULES)
 def test_grad_dtype_and_accuracy(dtype, rule):
-    x = _logits((4, 16), dtype)
+    x = make_logits((4, 16), dtype)
     g = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, rule=rule).astype(jnp.float32)))(x)
     assert g.dtype == dtype
     eps = float(jnp.finfo(dtype).eps)
@@ -177,8 +173,8 @@ def test_grad_dtype_and_accuracy(dtype, rule):
 
 
 def test_jvp_rule_forward_mode_matches_jax_nn():
-    x = _logits((3, 6), jnp.float64)
-    t = _logits((3, 6), jnp.float64, seed=2)
+    x = make_logits((3, 6), jnp.float64)
+    t = make_logits((3, 6), jnp.float64, seed=2)
     f = lambda z: jsoftmax.logsumexp(z, rule="jvp")
     out, dout = jax.jvp(f, (x,), (t,))
     ref, dref = jax.jvp(lambda z: jax.nn.logsumexp(z, -1), (x,), (t,))
@@ -189,7 +185,7 @@ def test_jvp_rule_forward_mode_matches_jax_nn():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_second_derivative_is_the_softmax_jacobian(rule):
-    x = _logits((6,), jnp.float64)
+    x = make_logits((6,), jnp.float64)
     f = lambda z: jsoftmax.logsumexp(z, rule=rule)
     h = jax.hessian(f)(x) if rule == "jvp" else jax.jacrev(jax.grad(f))(x)
     p = _np_softmax(x, -1)
@@ -200,20 +196,20 @@ def test_second_derivative_is_the_softmax_jacobian(rule):
 
 
 def test_vjp_rule_cannot_be_forward_differentiated():
-    x = _logits((4,), jnp.float64)
+    x = make_logits((4,), jnp.float64)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jacfwd(lambda z: jsoftmax.logsumexp(z, rule="vjp"))(x)
     jax.jacfwd(lambda z: jsoftmax.logsumexp(z, rule="jvp"))(x)
 
 
 def test_check_grads_order_2():
-    x = _logits((3, 5), jnp.float64)
+    x = make_logits((3, 5), jnp.float64)
     check_grads(lambda z: jsoftmax.logsumexp(z, rule="vjp"), (x,), order=2, modes=["rev"])
     check_grads(lambda z: jsoftmax.logsumexp(z, rule="jvp"), (x,), order=2, modes=["fwd", "rev"])
 
 
 def test_check_grads_with_mask_tuple_axis():
-    x = _logits((3, 4, 2), jnp.float64)
+    x = make_logits((3, 4, 2), jnp.float64)
     where = jnp.asarray(np.random.default_rng(4).random((3, 4, 2)) > 0.4).at[:, 0, 0].set(True)
     for rule, modes in (("vjp", ["rev"]), ("jvp", ["fwd", "rev"])):
         f = lambda z, rule=rule: jsoftmax.logsumexp(z, (0, 2), where=where, rule=rule)
@@ -225,7 +221,7 @@ def test_check_grads_with_mask_tuple_axis():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
 def test_vjp_rule_saves_exactly_one_array(dtype):
-    x = _logits((8, 32), dtype)
+    x = make_logits((8, 32), dtype)
     res = saved_residuals(lambda z: jsoftmax.logsumexp(z), x)
     assert len(res) == 1, res
     ((aval, _),) = res
@@ -235,7 +231,7 @@ def test_vjp_rule_saves_exactly_one_array(dtype):
 
 
 def test_vjp_rule_with_mask_saves_no_mask():
-    x = _logits((8, 32), jnp.float32)
+    x = make_logits((8, 32), jnp.float32)
     where = jnp.arange(32) < 20
     res = saved_residuals(lambda z: jsoftmax.logsumexp(z, where=where), x)
     assert len(res) == 1 and res[0][0].shape == x.shape
@@ -246,7 +242,7 @@ def test_vjp_rule_with_mask_saves_no_mask():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_mask_matches_jax_nn_where(rule):
-    x = _logits((3, 6), jnp.float64)
+    x = make_logits((3, 6), jnp.float64)
     where = jnp.array([[True, False, True, True, False, True]] * 3)
     out = jsoftmax.logsumexp(x, where=where, rule=rule)
     chex.assert_trees_all_close(out, jax.nn.logsumexp(x, -1, where=where), rtol=1e-14)
@@ -271,7 +267,7 @@ def test_large_masked_values_do_not_leak_nan(rule):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_fully_masked_row_gives_neg_inf_with_zero_gradient(rule):
-    x = _logits((3, 4), jnp.float64)
+    x = make_logits((3, 4), jnp.float64)
     where = jnp.array([[False] * 4, [True, True, False, True], [True] * 4])
     f = lambda z: jsoftmax.logsumexp(z, where=where, rule=rule)
     out = f(x)

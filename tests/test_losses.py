@@ -6,26 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax._src.ad_checkpoint import saved_residuals
 from jax.test_util import check_grads
 
 import jsoftmax
 
-TOL = {jnp.float32: 2e-6, jnp.float64: 1e-12}
+from helpers import close, make_logits, saved_residuals
+
 RULE_MODES = {"vjp": ["rev"], "jvp": ["fwd", "rev"]}
-
-
-def _close(a, b, dtype, scale=1.0):
-    np.testing.assert_allclose(
-        np.asarray(a, np.float64),
-        np.asarray(b, np.float64),
-        rtol=TOL[dtype] * scale,
-        atol=TOL[dtype] * scale,
-    )
-
-
-def _logits(shape, dtype=jnp.float64, seed=0):
-    return jax.random.normal(jax.random.key(seed), shape, dtype) * 2
 
 
 def _probs(shape, dtype=jnp.float64, seed=1):
@@ -62,26 +49,26 @@ def _reference(x, y, axis=-1, *, where=None, alpha=0.0, temperature=1.0):
     ],
 )
 def test_matches_optax(dtype, rule, jit):
-    x = _logits((6, 5), dtype)
+    x = make_logits((6, 5), dtype)
     lab = jnp.array([0, 4, 2, 2, 1, 3])
     y = _probs((6, 5), dtype)
     ce = jax.jit(jsoftmax.cross_entropy, static_argnames="rule") if jit else jsoftmax.cross_entropy
     out_i = ce(x, lab, rule=rule)
     out_f = ce(x, y, rule=rule)
     assert out_i.shape == (6,) and out_i.dtype == dtype and out_f.dtype == dtype
-    _close(out_i, optax.softmax_cross_entropy_with_integer_labels(x, lab), dtype, 4)
-    _close(out_f, optax.softmax_cross_entropy(x, y), dtype, 4)
+    close(out_i, optax.softmax_cross_entropy_with_integer_labels(x, lab), dtype, 4)
+    close(out_f, optax.softmax_cross_entropy(x, y), dtype, 4)
     g = jax.grad(lambda x: jnp.sum(ce(x, lab, rule=rule) * jnp.arange(6)))(x)
     g_ref = jax.grad(
         lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, lab) * jnp.arange(6))
     )(x)
-    _close(g, g_ref, dtype, 4)
+    close(g, g_ref, dtype, 4)
 
 
 @pytest.mark.parametrize("rule,axis", [("vjp", -1), ("jvp", 0), ("vjp", 1)])
 def test_gradients_vs_reference(rule, axis):
     shape = (3, 4, 5)
-    x = _logits(shape)
+    x = make_logits(shape, jnp.float64)
     y = _probs(shape)
     y = y / jnp.sum(y, axis=axis, keepdims=True)
     batch = tuple(s for k, s in enumerate(shape) if k != axis % 3)
@@ -94,19 +81,19 @@ def test_gradients_vs_reference(rule, axis):
     def ref(x, y, t):
         return jnp.sum(w * _reference(x, y, axis, temperature=t))
 
-    _close(ours(x, y, t), ref(x, y, t), jnp.float64)
+    close(ours(x, y, t), ref(x, y, t), jnp.float64)
     for arg in range(3):
-        _close(jax.grad(ours, arg)(x, y, t), jax.grad(ref, arg)(x, y, t), jnp.float64, 10)
+        close(jax.grad(ours, arg)(x, y, t), jax.grad(ref, arg)(x, y, t), jnp.float64, 10)
     # Integer labels: the reference with one-hot targets.
     lab = jnp.argmax(y, axis=axis)
     onehot = jnp.moveaxis(jax.nn.one_hot(lab, shape[axis], dtype=jnp.float64), -1, axis)
     g = jax.grad(lambda x: jnp.sum(w * jsoftmax.cross_entropy(x, lab, axis, rule=rule)))(x)
-    _close(g, jax.grad(lambda x: jnp.sum(w * _reference(x, onehot, axis)))(x), jnp.float64, 10)
+    close(g, jax.grad(lambda x: jnp.sum(w * _reference(x, onehot, axis)))(x), jnp.float64, 10)
 
 
 @pytest.mark.parametrize("rule", ["vjp", "jvp"])
 def test_check_grads_order2(rule):
-    x = _logits((3, 4))
+    x = make_logits((3, 4), jnp.float64)
     y = _probs((3, 4))
     lab = jnp.array([0, 3, 1])
     modes = RULE_MODES[rule]
@@ -120,17 +107,17 @@ def test_check_grads_order2(rule):
 
 
 def test_hessian_forward_mode():
-    x = _logits((2, 4))
+    x = make_logits((2, 4), jnp.float64)
     y = _probs((2, 4))
     ours = jax.hessian(lambda x: jsoftmax.cross_entropy(x, y, rule="jvp", temperature=1.7).sum())
     ref = jax.hessian(lambda x: _reference(x, y, temperature=1.7).sum())
-    _close(ours(x), ref(x), jnp.float64, 10)
+    close(ours(x), ref(x), jnp.float64, 10)
     with pytest.raises(TypeError):  # custom_vjp cannot be forward-differentiated
         jax.jvp(lambda x: jsoftmax.cross_entropy(x, y), (x,), (x,))
 
 
 def test_label_smoothing_and_masks_vs_reference():
-    x = _logits((4, 5))
+    x = make_logits((4, 5), jnp.float64)
     lab = jnp.array([1, 0, 4, 2])
     onehot = jax.nn.one_hot(lab, 5, dtype=jnp.float64)
     where = jnp.array(
@@ -142,14 +129,14 @@ def test_label_smoothing_and_masks_vs_reference():
                 x, lab, where=w, label_smoothing=a
             )
             r = lambda x, w=w, a=alpha: _reference(x, onehot, where=w, alpha=a)  # noqa: E731
-            _close(f(x), r(x), jnp.float64, 10)
+            close(f(x), r(x), jnp.float64, 10)
             gf = jax.grad(lambda x, f=f: f(x).sum())(x)
-            _close(gf, jax.grad(lambda x, r=r: r(x).sum())(x), jnp.float64)
+            close(gf, jax.grad(lambda x, r=r: r(x).sum())(x), jnp.float64)
     # alpha = 1: uniform target over the valid classes, labels irrelevant.
     uniform = jsoftmax.cross_entropy(x, lab, where=where, label_smoothing=1.0)
     logp = jax.nn.log_softmax(jnp.where(where, x, -1e30))
     expected = -jnp.sum(jnp.where(where, logp, 0), -1) / jnp.sum(where, -1)
-    _close(uniform, expected, jnp.float64)
+    close(uniform, expected, jnp.float64)
 
 
 # --------------------------------------------------------------------------------------
@@ -165,7 +152,7 @@ def _output_sized_saved(f, *args, shape):
 def test_residuals_are_the_logits_and_per_row_values_only():
     # The backward pass recomputes p from the logits (which are in memory anyway) and a
     # per-row log-normaliser: no new logits-sized array is saved. optax keeps more.
-    x = _logits((8, 6))
+    x = make_logits((8, 6), jnp.float64)
     lab = jnp.arange(8) % 6
     y = _probs((8, 6))
     where = x > -3
@@ -211,8 +198,8 @@ def test_neg_inf_logits(rule):
         sub = x[row, jnp.array(cols)]
         k = cols.index(int(lab[row]))
         ref_g = jax.grad(lambda s, k=k: -jax.nn.log_softmax(s)[k])(sub)
-        _close(loss[row], -jax.nn.log_softmax(sub)[k], jnp.float64)
-        _close(g[row, jnp.array(cols)], ref_g, jnp.float64)
+        close(loss[row], -jax.nn.log_softmax(sub)[k], jnp.float64)
+        close(g[row, jnp.array(cols)], ref_g, jnp.float64)
         assert np.all(np.delete(np.asarray(g[row]), cols) == 0)
     gf = jax.grad(lambda x: jsoftmax.cross_entropy(x, y, rule=rule).sum())(x)
     chex.assert_tree_all_finite((jsoftmax.cross_entropy(x, y, rule=rule), gf))
@@ -222,8 +209,8 @@ def test_neg_inf_logits(rule):
     assert np.all(np.isposinf(np.asarray(loss2)))
     g2 = jax.grad(lambda x: jsoftmax.cross_entropy(x, lab2, rule=rule, temperature=2.0).sum())(x)
     chex.assert_tree_all_finite(g2)
-    _close(g2[0, 0], -0.5, jnp.float64)
-    _close(g2[1, 1], -0.5, jnp.float64)
+    close(g2[0, 0], -0.5, jnp.float64)
+    close(g2[1, 1], -0.5, jnp.float64)
     # Label smoothing reaches every unmasked class, so a -inf logit gives +inf ...
     assert np.isposinf(jsoftmax.cross_entropy(x, lab, label_smoothing=0.1)[0])
     # ... unless it is masked.
@@ -233,7 +220,7 @@ def test_neg_inf_logits(rule):
 
 @pytest.mark.parametrize("rule", ["vjp", "jvp"])
 def test_fully_masked_rows_and_masked_label(rule):
-    x = _logits((3, 4))
+    x = make_logits((3, 4), jnp.float64)
     where = jnp.array([[False] * 4, [True, True, False, True], [True] * 4])
     lab = jnp.array([1, 2, 0])  # row 1 points at a masked class
     y = _probs((3, 4))
@@ -252,7 +239,7 @@ def test_fully_masked_rows_and_masked_label(rule):
 
 
 def test_out_of_range_labels():
-    x = _logits((3, 4))
+    x = make_logits((3, 4), jnp.float64)
     for bad in ([0, 4, 1], [0, -1, 1]):
         with pytest.raises(IndexError, match="labels has entries out of range"):
             jsoftmax.cross_entropy(x, jnp.array(bad))
@@ -264,13 +251,13 @@ def test_out_of_range_labels():
         g = jax.grad(lambda x, f=f, lab=lab: f(x, lab).sum())(x)
         assert np.isnan(loss[1]) and np.isnan(loss[2])
         assert np.all(np.isnan(g[1:]))
-        _close(loss[0], -jax.nn.log_softmax(x[0])[0], jnp.float64)
-        _close(g[0], jax.nn.softmax(x[0]) - jnp.array([1.0, 0, 0, 0]), jnp.float64)
+        close(loss[0], -jax.nn.log_softmax(x[0])[0], jnp.float64)
+        close(g[0], jax.nn.softmax(x[0]) - jnp.array([1.0, 0, 0, 0]), jnp.float64)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_low_precision(dtype):
-    x = _logits((4, 7), jnp.float32).astype(dtype)
+    x = make_logits((4, 7), jnp.float32).astype(dtype)
     lab = jnp.array([0, 6, 3, 3])
     loss = jsoftmax.cross_entropy(x, lab)
     g = jax.grad(lambda x: jsoftmax.cross_entropy(x, lab).sum())(x)
@@ -294,13 +281,13 @@ def test_low_precision(dtype):
 
 
 def test_n_equals_one_and_vmap():
-    x = _logits((3, 1))
+    x = make_logits((3, 1), jnp.float64)
     assert np.all(np.asarray(jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32))) == 0)
     g = jax.grad(lambda x: jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32)).sum())(x)
     assert np.all(np.asarray(g) == 0)
-    x = _logits((5, 4))
+    x = make_logits((5, 4), jnp.float64)
     lab = jnp.array([0, 1, 2, 3, 0])
-    _close(
+    close(
         jax.vmap(lambda r, k: jsoftmax.cross_entropy(r, k))(x, lab),
         jsoftmax.cross_entropy(x, lab),
         jnp.float64,
@@ -308,7 +295,7 @@ def test_n_equals_one_and_vmap():
 
 
 def test_temperature_limits():
-    x = _logits((2, 5))
+    x = make_logits((2, 5), jnp.float64)
     y = _probs((2, 5))
     for t in (1e-3, 1e3):
         for rule in ("vjp", "jvp"):
@@ -316,7 +303,7 @@ def test_temperature_limits():
                 x, y, temperature=t, rule=rule
             ).sum()
             r = lambda x, t: _reference(x, y, temperature=t).sum()  # noqa: E731
-            _close(f(x, t), r(x, t), jnp.float64, 100)
+            close(f(x, t), r(x, t), jnp.float64, 100)
             for arg in (0, 1):
                 a, b = jax.grad(f, arg)(x, t), jax.grad(r, arg)(x, t)
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.max(np.abs(b)))
@@ -358,7 +345,7 @@ def test_errors():
 
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_cross_entropy_hessian(axis):
-    x = _logits((4, 3)) / 2  # moderate probabilities: the dense pinv cuts none
+    x = make_logits((4, 3), jnp.float64) / 2  # moderate probabilities: the dense pinv cuts none
     lab = jnp.array([0, 2, 1, 1]) if axis == -1 else jnp.array([0, 2, 1])
     t = jnp.array([0.8, 1.0, 2.0, 1.5]) if axis == -1 else jnp.array([0.8, 1.0, 2.0])
     B = lab.shape[0]
@@ -370,7 +357,7 @@ def test_cross_entropy_hessian(axis):
     xl = jnp.moveaxis(x, axis, -1)
     full_l = jax.jit(jax.hessian(lambda xl: mean_ce(jnp.moveaxis(xl, -1, axis))))(xl)
     blocks = jnp.stack([full_l[b, :, b, :] for b in range(B)])
-    _close(H.dense(), blocks, jnp.float64)
+    close(H.dense(), blocks, jnp.float64)
     # Off-diagonal blocks are zero: the loss is separable over rows.
     eye = jnp.eye(B)[:, None, :, None]
     assert np.all(np.asarray(full_l * (1 - eye)) == 0)
@@ -378,11 +365,11 @@ def test_cross_entropy_hessian(axis):
     g = jax.grad(mean_ce)(x)
     gl = jnp.moveaxis(g, axis, -1)
     ref = jnp.einsum("bij,bj->bi", jnp.linalg.pinv(blocks), gl)
-    _close(jnp.moveaxis(H.pinv_solve(g), axis, -1), ref, jnp.float64, 100)
+    close(jnp.moveaxis(H.pinv_solve(g), axis, -1), ref, jnp.float64, 100)
     # Hessian-vector product.
-    v = _logits(x.shape, seed=9)
+    v = make_logits(x.shape, jnp.float64, seed=9)
     hv = jax.jvp(jax.grad(mean_ce), (x,), (v,))[1]
-    _close(H @ v, hv, jnp.float64, 10)
+    close(H @ v, hv, jnp.float64, 10)
     plain = jsoftmax.cross_entropy_hessian(x, axis)
     assert plain.scale is None
 

@@ -11,20 +11,7 @@ import pytest
 import jsoftmax
 from jsoftmax import SoftmaxJacobian
 
-TOL = {jnp.float32: 2e-6, jnp.float64: 1e-12}
-
-
-def _close(a, b, dtype, scale=1.0):
-    np.testing.assert_allclose(
-        np.asarray(a, np.float64),
-        np.asarray(b, np.float64),
-        rtol=TOL[dtype],
-        atol=TOL[dtype] * scale,
-    )
-
-
-def _logits(shape, dtype, seed=0):
-    return jax.random.normal(jax.random.key(seed), shape, dtype) * 2
+from helpers import close, make_logits
 
 
 def _ref_dense(x, axis):
@@ -40,19 +27,19 @@ def _ref_dense(x, axis):
     [((5,), 0, jnp.float64), ((3, 4), -1, jnp.float32), ((4, 3, 2), 1, jnp.float64)],
 )
 def test_dense_diagonal_trace_entries(shape, axis, dtype):
-    x = _logits(shape, dtype)
+    x = make_logits(shape, dtype)
     J = SoftmaxJacobian.from_logits(x, axis)
     ref = _ref_dense(x, axis)
     assert J.shape == ref.shape and J.dtype == dtype
-    _close(J.dense(), ref, dtype)
+    close(J.dense(), ref, dtype)
     diag = jnp.diagonal(ref, axis1=-2, axis2=-1)
-    _close(J.diagonal(), jnp.moveaxis(diag, -1, axis), dtype)
-    _close(J.trace(), jnp.trace(ref, axis1=-2, axis2=-1), dtype)
+    close(J.diagonal(), jnp.moveaxis(diag, -1, axis), dtype)
+    close(J.trace(), jnp.trace(ref, axis1=-2, axis2=-1), dtype)
     p = jax.nn.softmax(x.astype(jnp.float64), axis)
-    _close(J.trace(), 1 - jnp.sum(p * p, axis), dtype)
+    close(J.trace(), 1 - jnp.sum(p * p, axis), dtype)
     n = shape[axis]
     for i, j in [(0, 0), (-1, 0), (n - 1, -1)]:
-        _close(J[i, j], ref[..., i, j], dtype)
+        close(J[i, j], ref[..., i, j], dtype)
     assert J.T is J
 
 
@@ -61,34 +48,34 @@ def test_dense_diagonal_trace_entries(shape, axis, dtype):
     [((5,), 0, jnp.float32), ((3, 4), -1, jnp.float64), ((4, 3, 2), 1, jnp.float32)],
 )
 def test_products_match_dense(shape, axis, dtype):
-    x = _logits(shape, dtype)
+    x = make_logits(shape, dtype)
     J = SoftmaxJacobian.from_logits(x, axis)
     ref = _ref_dense(x, axis)  # batch + (n, n)
-    v = _logits(shape, dtype, seed=1)
+    v = make_logits(shape, dtype, seed=1)
     v_last = jnp.moveaxis(v, axis, -1).astype(jnp.float64)
     jv = jnp.moveaxis(jnp.einsum("...ij,...j->...i", ref, v_last), -1, axis)
     vj = jnp.moveaxis(jnp.einsum("...i,...ij->...j", v_last, ref), -1, axis)
-    _close(J @ v, jv, dtype, 10)
-    _close(v @ J, vj, dtype, 10)
-    _close(J.matvec(v), jv, dtype, 10)
+    close(J @ v, jv, dtype, atol_scale=10)
+    close(v @ J, vj, dtype, atol_scale=10)
+    close(J.matvec(v), jv, dtype, atol_scale=10)
     # k vectors: trailing axis for J @ V, leading axis for V @ J.
     k = 3
     V = jnp.stack([v * (c + 1) - c for c in range(k)], axis=-1)
     out = J @ V
     assert out.shape == shape + (k,)
     for c in range(k):
-        _close(out[..., c], J @ V[..., c], dtype, 10)
+        close(out[..., c], J @ V[..., c], dtype, atol_scale=10)
     W = jnp.moveaxis(V, -1, 0)
     out = W @ J
     assert out.shape == (k,) + shape
     for c in range(k):
-        _close(out[c], W[c] @ J, dtype, 10)
+        close(out[c], W[c] @ J, dtype, atol_scale=10)
     # A NumPy array on the left also defers to the operator.
-    _close(np.asarray(v) @ J, vj, dtype, 10)
+    close(np.asarray(v) @ J, vj, dtype, atol_scale=10)
 
 
 def test_from_probs_equals_constructor_and_where():
-    x = _logits((2, 5), jnp.float64)
+    x = make_logits((2, 5), jnp.float64)
     where = jnp.array([[True, False, True, True, False], [True] * 5])
     J = SoftmaxJacobian.from_logits(x, where=where)
     p = jax.nn.softmax(x, where=where)
@@ -100,16 +87,16 @@ def test_from_probs_equals_constructor_and_where():
 
 
 def test_scale():
-    x = _logits((3, 4), jnp.float64)
+    x = make_logits((3, 4), jnp.float64)
     s = jnp.array([0.5, 2.0, -1.0])
     J = SoftmaxJacobian.from_logits(x, scale=s)
     ref = _ref_dense(x, -1) * s[:, None, None]
-    _close(J.dense(), ref, jnp.float64)
-    v = _logits((3, 4), jnp.float64, 1)
-    _close(J @ v, jnp.einsum("bij,bj->bi", ref, v), jnp.float64)
-    _close(J.trace(), jnp.trace(ref, axis1=-2, axis2=-1), jnp.float64)
-    _close(J[1, 2], ref[:, 1, 2], jnp.float64)
-    _close(J.eigenvalues(), jnp.linalg.eigvalsh(ref), jnp.float64, 10)
+    close(J.dense(), ref, jnp.float64)
+    v = make_logits((3, 4), jnp.float64, 1)
+    close(J @ v, jnp.einsum("bij,bj->bi", ref, v), jnp.float64)
+    close(J.trace(), jnp.trace(ref, axis1=-2, axis2=-1), jnp.float64)
+    close(J[1, 2], ref[:, 1, 2], jnp.float64)
+    close(J.eigenvalues(), jnp.linalg.eigvalsh(ref), jnp.float64, atol_scale=10)
     with pytest.raises(ValueError, match="scale of shape"):
         SoftmaxJacobian.from_logits(x, scale=jnp.ones(4))
 
@@ -140,12 +127,12 @@ def test_eigenvalues_match_eigh(name):
     ref = jnp.linalg.eigvalsh(J.dense())
     ev = J.eigenvalues()
     assert ev.shape == p.shape
-    _close(ev, ref, jnp.float64, 10)
+    close(ev, ref, jnp.float64, atol_scale=10)
     assert np.all(np.diff(np.asarray(ev), axis=-1) >= 0)
 
 
 def test_eigenvalues_float32_and_axis():
-    x = _logits((6, 3), jnp.float32)
+    x = make_logits((6, 3), jnp.float32)
     J = SoftmaxJacobian.from_logits(x, axis=0)
     ref = jnp.linalg.eigvalsh(J.dense().astype(jnp.float64))
     ev = J.eigenvalues()
@@ -175,22 +162,22 @@ def test_pinv_solve_matches_dense_pinv(p):
     J = SoftmaxJacobian.from_probs(p)
     b = jnp.array([0.3, -1.0, 2.0, 0.5], jnp.float64)
     ref = jnp.linalg.pinv(J.dense()) @ b
-    _close(J.pinv_solve(b), ref, jnp.float64, 10)
+    close(J.pinv_solve(b), ref, jnp.float64, atol_scale=10)
     B = jnp.stack([b, b[::-1], jnp.ones(4)], axis=-1)
-    _close(J.pinv_solve(B), jnp.linalg.pinv(J.dense()) @ B, jnp.float64, 10)
+    close(J.pinv_solve(B), jnp.linalg.pinv(J.dense()) @ B, jnp.float64, atol_scale=10)
 
 
 def test_pinv_solve_batched_axis_scale_and_float32():
-    x = _logits((4, 3, 2), jnp.float64)
+    x = make_logits((4, 3, 2), jnp.float64)
     s = jnp.array([[0.5, 2.0], [1.0, 3.0], [0.25, 1.0], [4.0, 1.0]])
     J = SoftmaxJacobian.from_logits(x, axis=1, scale=s)
-    b = _logits((4, 3, 2), jnp.float64, 5)
+    b = make_logits((4, 3, 2), jnp.float64, 5)
     dense = J.dense()  # (4, 2, 3, 3)
     ref = jnp.einsum("abij,abj->abi", jnp.linalg.pinv(dense), jnp.moveaxis(b, 1, -1))
-    _close(J.pinv_solve(b), jnp.moveaxis(ref, -1, 1), jnp.float64, 10)
+    close(J.pinv_solve(b), jnp.moveaxis(ref, -1, 1), jnp.float64, atol_scale=10)
     # A right-hand side in the range is reproduced: J @ pinv_solve(b) = b.
     b_range = J @ b
-    _close(J @ J.pinv_solve(b_range), b_range, jnp.float64, 10)
+    close(J @ J.pinv_solve(b_range), b_range, jnp.float64, atol_scale=10)
     J32 = SoftmaxJacobian.from_logits(x.astype(jnp.float32), axis=1)
     x32 = J32.pinv_solve(b.astype(jnp.float32))
     assert x32.dtype == jnp.float32
@@ -204,22 +191,22 @@ def test_pinv_solve_batched_axis_scale_and_float32():
 
 
 def test_pytree_jit_vmap_grad():
-    x = _logits((5, 4), jnp.float64)
-    v = _logits((5, 4), jnp.float64, 1)
+    x = make_logits((5, 4), jnp.float64)
+    v = make_logits((5, 4), jnp.float64, 1)
     leaves, treedef = jax.tree_util.tree_flatten(SoftmaxJacobian.from_logits(x))
     assert len(leaves) == 1
 
     J = jax.jit(SoftmaxJacobian.from_logits)(x)
     assert isinstance(J, SoftmaxJacobian)
-    _close(jax.jit(lambda J, v: J @ v)(J, v), SoftmaxJacobian.from_logits(x) @ v, jnp.float64)
+    close(jax.jit(lambda J, v: J @ v)(J, v), SoftmaxJacobian.from_logits(x) @ v, jnp.float64)
 
     # vmap over the operator (batch of rows) and over its vectors.
     out = jax.vmap(lambda J, v: J @ v)(J, v)
-    _close(out, J @ v, jnp.float64)
+    close(out, J @ v, jnp.float64)
     J1 = SoftmaxJacobian.from_logits(x[0])
-    _close(jax.vmap(lambda u: J1 @ u)(v), jnp.stack([J1 @ u for u in v]), jnp.float64)
+    close(jax.vmap(lambda u: J1 @ u)(v), jnp.stack([J1 @ u for u in v]), jnp.float64)
     Js = SoftmaxJacobian.from_logits(x, scale=2.0)
-    _close(jax.vmap(lambda J: J.trace())(Js), Js.trace(), jnp.float64)
+    close(jax.vmap(lambda J: J.trace())(Js), Js.trace(), jnp.float64)
 
     # grad through the operator equals autodiff of the plain formula.
     def f(x):
@@ -229,12 +216,12 @@ def test_pytree_jit_vmap_grad():
         p = jax.nn.softmax(x)
         return jnp.sum(jnp.sin(p * (v - jnp.sum(p * v, -1, keepdims=True))))
 
-    _close(jax.grad(f)(x), jax.grad(f_ref)(x), jnp.float64)
-    _close(jax.jacfwd(f)(x), jax.grad(f_ref)(x), jnp.float64)
+    close(jax.grad(f)(x), jax.grad(f_ref)(x), jnp.float64)
+    close(jax.jacfwd(f)(x), jax.grad(f_ref)(x), jnp.float64)
     # grad with respect to the operator itself gives an operator of cotangents.
     g = jax.grad(lambda J: J.trace().sum())(J)
     assert isinstance(g, SoftmaxJacobian)
-    _close(g.p, 1 - 2 * J.p, jnp.float64)
+    close(g.p, 1 - 2 * J.p, jnp.float64)
 
 
 def test_errors():

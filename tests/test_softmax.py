@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.ad_checkpoint import saved_residuals
 from jax.test_util import check_grads
 
 import jsoftmax
+
+from helpers import make_logits, saved_residuals
 
 RULES = ("vjp", "jvp")
 TOL = {
@@ -17,11 +18,6 @@ TOL = {
     jnp.float32: dict(rtol=2e-6, atol=1e-7),
     jnp.float64: dict(rtol=1e-12, atol=1e-14),
 }
-
-
-def _logits(shape, dtype=jnp.float32, seed=0, scale=3.0):
-    x = np.random.default_rng(seed).standard_normal(shape) * scale
-    return jnp.asarray(x, dtype)
 
 
 def _np_softmax(x, axis):
@@ -40,7 +36,7 @@ def _np_softmax(x, axis):
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("jit", [False, True])
 def test_values_match_float64_reference_and_jax_nn(dtype, shape, axis, rule, jit):
-    x = _logits(shape, dtype)
+    x = make_logits(shape, dtype)
     f = lambda z: jsoftmax.softmax(z, axis, rule=rule)
     p = jax.jit(f)(x) if jit else f(x)
     assert p.dtype == dtype and p.shape == shape
@@ -51,7 +47,7 @@ def test_values_match_float64_reference_and_jax_nn(dtype, shape, axis, rule, jit
 
 
 def test_tuple_axis_normalises_jointly():
-    x = _logits((3, 4, 5), jnp.float64)
+    x = make_logits((3, 4, 5), jnp.float64)
     p = jsoftmax.softmax(x, axis=(0, 2))
     chex.assert_trees_all_close(p, jax.nn.softmax(x, axis=(0, 2)), rtol=1e-12)
     chex.assert_trees_all_close(p.sum(axis=(0, 2)), jnp.ones(4, jnp.float64), rtol=1e-12)
@@ -59,7 +55,7 @@ def test_tuple_axis_normalises_jointly():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_vmap_matches_batched_call(rule):
-    x = _logits((6, 4, 10), jnp.float64)
+    x = make_logits((6, 4, 10), jnp.float64)
     f = lambda z: jsoftmax.softmax(z, rule=rule)
     chex.assert_trees_all_close(jax.vmap(f)(x), f(x), rtol=1e-14)
     w = jnp.broadcast_to(jnp.arange(10.0), (4, 10))
@@ -77,7 +73,7 @@ def test_huge_logits_are_stable():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_shift_invariance(rule):
-    x = _logits((5, 8), jnp.float64)
+    x = make_logits((5, 8), jnp.float64)
     p = jsoftmax.softmax(x, rule=rule)
     chex.assert_trees_all_close(jsoftmax.softmax(x + 123.0, rule=rule), p, rtol=1e-11)
 
@@ -92,16 +88,16 @@ def _loss(f, w):
 @pytest.mark.parametrize("shape,axis", [((6,), -1), ((3, 5), 0), ((2, 3, 4), 1)])
 @pytest.mark.parametrize("rule", RULES)
 def test_grad_matches_jax_nn(shape, axis, rule):
-    x = _logits(shape, jnp.float64)
-    w = _logits(shape, jnp.float64, seed=1)
+    x = make_logits(shape, jnp.float64)
+    w = make_logits(shape, jnp.float64, seed=1)
     ours = jax.grad(_loss(lambda z: jsoftmax.softmax(z, axis, rule=rule), w))(x)
     ref = jax.grad(_loss(lambda z: jax.nn.softmax(z, axis), w))(x)
     chex.assert_trees_all_close(ours, ref, rtol=1e-12, atol=1e-14)
 
 
 def test_jvp_rule_forward_mode_matches_jax_nn():
-    x = _logits((3, 6), jnp.float64)
-    t = _logits((3, 6), jnp.float64, seed=2)
+    x = make_logits((3, 6), jnp.float64)
+    t = make_logits((3, 6), jnp.float64, seed=2)
     f = lambda z: jsoftmax.softmax(z, rule="jvp")
     p, dp = jax.jvp(f, (x,), (t,))
     p_ref, dp_ref = jax.jvp(jax.nn.softmax, (x,), (t,))
@@ -110,24 +106,24 @@ def test_jvp_rule_forward_mode_matches_jax_nn():
 
 def test_vjp_rule_cannot_be_forward_differentiated():
     # Documented: a custom_vjp function has no forward-mode rule; rule="jvp" has one.
-    x = _logits((4,), jnp.float64)
+    x = make_logits((4,), jnp.float64)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jacfwd(lambda z: jsoftmax.softmax(z, rule="vjp"))(x)
     jax.jacfwd(lambda z: jsoftmax.softmax(z, rule="jvp"))(x)
 
 
 def test_check_grads_order_2_vjp_rule():
-    x = _logits((2, 5), jnp.float64)
+    x = make_logits((2, 5), jnp.float64)
     check_grads(lambda z: jsoftmax.softmax(z, rule="vjp"), (x,), order=2, modes=["rev"])
 
 
 def test_check_grads_order_2_jvp_rule():
-    x = _logits((2, 5), jnp.float64)
+    x = make_logits((2, 5), jnp.float64)
     check_grads(lambda z: jsoftmax.softmax(z, rule="jvp"), (x,), order=2, modes=["fwd", "rev"])
 
 
 def test_check_grads_with_mask_and_non_last_axis():
-    x = _logits((5, 3), jnp.float64)
+    x = make_logits((5, 3), jnp.float64)
     where = jnp.array([[True, False, True]] * 4 + [[False, True, True]])
     for rule, modes in (("vjp", ["rev"]), ("jvp", ["fwd", "rev"])):
         f = lambda z, rule=rule: jsoftmax.softmax(z, 0, where=where, rule=rule)
@@ -136,7 +132,7 @@ def test_check_grads_with_mask_and_non_last_axis():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_second_derivative_matches_reference(rule):
-    x = _logits((5,), jnp.float64)
+    x = make_logits((5,), jnp.float64)
     f = lambda z: jsoftmax.softmax(z, rule=rule)
     ours = jax.jacrev(jax.jacrev(f))(x)
     ref = jax.jacfwd(jax.jacfwd(jax.nn.softmax))(x)
@@ -152,7 +148,7 @@ def _output_sized(res, shape):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_vjp_rule_saves_exactly_one_output_sized_residual(dtype):
-    x = _logits((8, 32), dtype)
+    x = make_logits((8, 32), dtype)
     res = saved_residuals(lambda z: jsoftmax.softmax(z), x)
     assert len(res) == 1, res
     ((aval, _),) = res
@@ -162,7 +158,7 @@ def test_vjp_rule_saves_exactly_one_output_sized_residual(dtype):
 
 
 def test_vjp_rule_with_mask_saves_no_mask():
-    x = _logits((8, 32), jnp.float32)
+    x = make_logits((8, 32), jnp.float32)
     where = jnp.arange(32) < 20
     res = saved_residuals(lambda z: jsoftmax.softmax(z, where=where), x)
     assert len(res) == 1 and res[0][0].shape == x.shape
@@ -173,7 +169,7 @@ def test_vjp_rule_with_mask_saves_no_mask():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_mask_gives_zero_probability_and_gradient(rule):
-    x = _logits((3, 6), jnp.float64)
+    x = make_logits((3, 6), jnp.float64)
     where = jnp.array([[True, False, True, True, False, True]] * 3)
     p = jsoftmax.softmax(x, where=where, rule=rule)
     ref = jax.nn.softmax(jnp.where(where, x, -jnp.inf))
@@ -199,7 +195,7 @@ def test_regression_jax_19490_large_masked_logits_do_not_leak_nan(rule):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_fully_masked_row_gives_zeros_with_zero_finite_gradient(rule):
-    x = _logits((2, 4), jnp.float64)
+    x = make_logits((2, 4), jnp.float64)
     where = jnp.array([[False] * 4, [True, True, False, True]])
     f = lambda z: jsoftmax.softmax(z, where=where, rule=rule)
     p = f(x)
@@ -278,7 +274,7 @@ def test_no_retracing_for_equal_shapes():
         return jsoftmax.softmax(z)
 
     for seed in range(3):
-        f(_logits((4, 7), jnp.float32, seed=seed)).block_until_ready()
+        f(make_logits((4, 7), jnp.float32, seed=seed)).block_until_ready()
 
 
 # ------------------------------------------------------------------------------ errors

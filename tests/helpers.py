@@ -1,0 +1,52 @@
+"""Helpers shared by the test modules: inputs, float64 references, comparisons.
+
+The references are NumPy float64 computations written from the definitions, independent
+of jsoftmax and of JAX's configuration (they work with ``jax_enable_x64`` on or off).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+# The one place the tests reach into JAX's internals: the residual list of a vjp.
+from jax._src.ad_checkpoint import saved_residuals  # noqa: F401
+
+
+def make_logits(shape, dtype=jnp.float32, seed=0, scale=3.0):
+    """Standard-normal logits times ``scale``, drawn in float64 and rounded to ``dtype``."""
+    x = np.random.default_rng(seed).standard_normal(shape) * scale
+    return jnp.asarray(x, dtype)
+
+
+def f64(a) -> np.ndarray:
+    """``a`` as a NumPy float64 array (16-bit JAX arrays included)."""
+    return np.asarray(np.asarray(a).astype(np.float64))
+
+
+def assert_close(a, b, *, rtol, atol=0.0):
+    """``a`` and ``b`` agree elementwise in float64 within ``atol + rtol * |b|``."""
+    np.testing.assert_allclose(f64(a), f64(b), rtol=rtol, atol=atol)
+
+
+# Tolerances of results that are a few roundings away from exact (relative and absolute).
+TOL = {jnp.float32: 2e-6, jnp.float64: 1e-12}
+
+
+def close(a, b, dtype, scale=1.0, *, atol_scale=1.0):
+    """``a`` and ``b`` agree to ``TOL[dtype] * scale`` (relative and absolute); for a
+    quantity near 0 summed from larger terms, ``atol_scale`` widens the absolute part."""
+    tol = TOL[dtype] * scale
+    assert_close(a, b, rtol=tol, atol=tol * atol_scale)
+
+
+def np_softmax(x, axis=-1):
+    x = f64(x)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_log_softmax(x, axis=-1):
+    x = f64(x)
+    s = x - x.max(axis=axis, keepdims=True)
+    return s - np.log(np.exp(s).sum(axis=axis, keepdims=True))
