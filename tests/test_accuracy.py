@@ -13,6 +13,8 @@ import pytest
 import jsoftmax
 from jsoftmax.tools import accuracy
 
+pytestmark = pytest.mark.slow
+
 mpmath.mp.dps = 50
 
 

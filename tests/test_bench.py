@@ -18,6 +18,8 @@ import jsoftmax
 from jsoftmax.tools import bench
 from jsoftmax.tools.bench import _timing
 
+pytestmark = pytest.mark.slow
+
 ROW_FIELDS = {
     "group",
     "case",

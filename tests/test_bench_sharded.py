@@ -13,6 +13,8 @@ import pytest
 import jsoftmax
 from jsoftmax.tools import bench
 
+pytestmark = pytest.mark.slow
+
 BATCH, VOCAB = 256, 8192  # the quick problem
 LOGITS_BYTES = BATCH * VOCAB * 4  # float32
 

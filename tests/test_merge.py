@@ -22,6 +22,8 @@ from jax.test_util import check_grads
 import jsoftmax
 from jsoftmax import _merge, _softmax
 
+pytestmark = pytest.mark.slow
+
 DTYPES = [np.float32, np.float64]
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 # One compilation per example instead of one per operation.

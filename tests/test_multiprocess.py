@@ -21,6 +21,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS, H, V = 8, 4, 16
@@ -146,7 +149,6 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import pytest  # noqa: E402
 
 import jsoftmax  # noqa: E402
 

@@ -14,6 +14,8 @@ from hypothesis.extra import numpy as hnp
 
 import jsoftmax
 
+pytestmark = pytest.mark.slow
+
 DTYPES = [np.float32, np.float64]
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 

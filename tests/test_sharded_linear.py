@@ -19,9 +19,12 @@ import jsoftmax
 from jsoftmax import sharded
 from tests.test_sharded import _collectives, _hlo
 
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs 8 devices (conftest.py simulates 8 CPU devices)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        jax.device_count() < 8, reason="needs 8 devices (conftest.py simulates 8 CPU devices)"
+    ),
+]
 
 F64 = dict(rtol=1e-11, atol=1e-11)
 ROWS, H, V = 12, 8, 64

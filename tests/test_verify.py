@@ -14,6 +14,8 @@ import jsoftmax
 from jsoftmax.__main__ import main
 from jsoftmax.tools import verify as verify_module
 
+pytestmark = pytest.mark.slow
+
 METHODS = {
     "jsoftmax.jacobian (explicit)",
     "jacrev(softmax, rule=vjp)",
