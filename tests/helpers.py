@@ -6,6 +6,7 @@ of jsoftmax and of JAX's configuration (they work with ``jax_enable_x64`` on or 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,3 +51,17 @@ def np_log_softmax(x, axis=-1):
     x = f64(x)
     s = x - x.max(axis=axis, keepdims=True)
     return s - np.log(np.exp(s).sum(axis=axis, keepdims=True))
+
+
+def cpu_mesh(shape, names, axis_types=None):
+    """A mesh of the first ``prod(shape)`` CPU devices (conftest.py simulates 8).
+
+    Built from the CPU platform explicitly, so the sharding tests run the same on a
+    machine whose default backend is a single GPU.
+    """
+    n = int(np.prod(shape))
+    return jax.make_mesh(shape, names, axis_types, devices=jax.devices("cpu")[:n])
+
+
+def cpu_device_count() -> int:
+    return len(jax.devices("cpu"))

@@ -23,8 +23,10 @@ from jax.sharding import PartitionSpec as P
 import jsoftmax
 from jsoftmax import sharded
 
+from helpers import cpu_device_count, cpu_mesh
+
 pytestmark = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs 8 devices (conftest.py simulates 8 CPU devices)"
+    cpu_device_count() < 8, reason="needs 8 CPU devices (conftest.py simulates them)"
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ B, N = 8, 32  # rows, classes: divisible by every mesh axis below
 
 
 def _mesh(shape, names, kind=AxisType.Explicit):
-    return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
+    return cpu_mesh(shape, names, axis_types=(kind,) * len(shape))
 
 
 def _put(a, mesh, spec):

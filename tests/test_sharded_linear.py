@@ -19,10 +19,12 @@ import jsoftmax
 from jsoftmax import sharded
 from tests.test_sharded import _collectives, _hlo
 
+from helpers import cpu_device_count, cpu_mesh
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        jax.device_count() < 8, reason="needs 8 devices (conftest.py simulates 8 CPU devices)"
+        cpu_device_count() < 8, reason="needs 8 CPU devices (conftest.py simulates them)"
     ),
 ]
 
@@ -77,7 +79,7 @@ def _dense(x, w, y, b, wt, n, reduction, opts):
 
 def _run(mesh_name, case, reduction, chunk_size=5, hlo=False):
     shape, names, data = MESHES[mesh_name]
-    mesh = jax.make_mesh(shape, names)
+    mesh = cpu_mesh(shape, names)
     opts = {k: v for k, v in case.items() if k not in ("weights", "bias", "num_classes")}
     n = case.get("num_classes", V)
     x, w, y, b, wt = _data(case)
@@ -186,7 +188,7 @@ def test_bench_rows_for_the_fused_sharded_loss():
 
 
 def _mesh8():
-    return jax.make_mesh((8,), ("v",))
+    return cpu_mesh((8,), ("v",))
 
 
 def _call(mesh, x, w, y, **kw):
@@ -234,7 +236,7 @@ def test_argument_errors():
 
 
 def test_batch_dims_and_vocabulary_over_two_mesh_axes():
-    mesh = jax.make_mesh((2, 4), ("a", "v"))
+    mesh = cpu_mesh((2, 4), ("a", "v"))
     x, w, y, _, _ = _data({}, seed=4)
     x3, y3 = x.reshape(3, 4, H), y.reshape(3, 4)
     opts = dict(label_smoothing=0.1, z_loss=1e-3)
