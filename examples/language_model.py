@@ -485,6 +485,12 @@ def main(argv=None) -> int:
             f"{name:8s}  step temporaries {results.temp_bytes[name] / 2**20:7.1f} MiB"
             f"  median step {results.step_time(name) * 1e3:7.1f} ms"
         )
+    print(
+        f"temporary memory ratio (baseline / jsoftmax): "
+        f"{results.temp_bytes['baseline'] / results.temp_bytes['jsoftmax']:.2f}; "
+        f"step time ratio (baseline / jsoftmax, above 1: jsoftmax faster): "
+        f"{results.step_time_ratio:.2f}"
+    )
     print(f"largest relative loss difference: {results.max_relative_difference():.2e}")
     print("sample (jsoftmax run):")
     print(generate(results, "jsoftmax", "def ", 30 if args.quick else 60))
