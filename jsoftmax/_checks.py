@@ -94,13 +94,30 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def as_bool_mask(where: ArrayLike, name: str = "where") -> jax.Array:
+    """``where`` as a boolean array; any other dtype is rejected with the conversion to use.
+
+    A numeric mask is not read as "nonzero keeps" (as :func:`jnp.where` would): an
+    additive mask (0 to keep, ``-inf`` or ``-1e9`` to drop) would then silently keep
+    exactly the entries it drops. Flax's ``make_causal_mask`` and ``make_attention_mask``
+    return float32 0/1 masks by default, so the message says how to convert one.
+    """
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(
+            f"{name} must be a boolean mask (True keeps an entry), got dtype {where.dtype}. "
+            f"For a 0/1 mask (e.g. Flax's make_causal_mask, float32 by default) pass "
+            f"{name}=mask.astype(bool) or build it with dtype=bool; an additive mask "
+            "(0 keeps, -inf drops) is not a where mask: pass where=(mask == 0)."
+        )
+    return where
+
+
 def check_where(where: ArrayLike | None, shape: tuple[int, ...], name: str = "where"):
     """Returns ``where`` as a boolean array broadcast to ``shape`` (or None)."""
     if where is None:
         return None
-    where = jnp.asarray(where)
-    if where.dtype != jnp.bool_:
-        raise TypeError(f"{name} must be a boolean mask, got dtype {where.dtype}.")
+    where = as_bool_mask(where, name)
     try:
         out = jnp.broadcast_shapes(where.shape, shape)
     except ValueError:

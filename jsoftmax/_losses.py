@@ -532,11 +532,9 @@ def _split_where(where, shape: tuple[int, ...], axes: tuple[int, ...]):
     """
     if where is None:
         return None, None
-    where = jnp.asarray(where)
+    where = _checks.as_bool_mask(where)
     batch = tuple(s for k, s in enumerate(shape) if k not in axes)
     if where.ndim == len(batch) and where.ndim < len(shape) and where.shape == batch:
-        if where.dtype != jnp.bool_:
-            raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
         return None, where
     try:
         return _checks.check_where(where, shape), None

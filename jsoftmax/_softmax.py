@@ -278,7 +278,10 @@ def softmax(
       axis: the softmax axis (negative counts from the end), or a tuple of axes that
         are normalised together.
       where: optional boolean mask broadcastable to ``x``; ``False`` entries are
-        excluded: probability 0 and gradient 0.
+        excluded: probability 0 and gradient 0. E.g. a causal ``(T, T)`` mask against
+        ``(batch, heads, T, T)`` attention scores; the broadcast mask is not saved for
+        the backward pass. Numeric masks are refused (an additive 0 / ``-inf`` mask
+        would be inverted): convert a 0/1 mask with ``mask.astype(bool)``.
       rule: ``"vjp"`` (default) differentiates with a :func:`jax.custom_vjp` that
         saves only the probabilities for the backward pass, whose product is
         :math:`\bar z = p \odot (g - \langle g, p\rangle)`. A ``custom_vjp`` function
