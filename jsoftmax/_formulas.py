@@ -192,6 +192,12 @@ def ce_cotangent_scale(mass: jax.Array, lse: jax.Array | None, z_loss: float) ->
     return mass + (2 * z_loss) * lse
 
 
+def ce_cotangent(p, q, mass, lse, z_loss: float) -> jax.Array:
+    """``d loss / d s = (sum q + 2 c lse) p - q`` from ``p``, the targets ``q`` (any block
+    of classes) and the per-row ``mass = sum q`` over the whole row."""
+    return ce_cotangent_scale(mass, lse, z_loss) * p - q
+
+
 def z_loss_term(lse: jax.Array, z_loss: float) -> jax.Array:
     """PaLM's auxiliary loss ``c * lse^2`` per row."""
     return z_loss * (lse * lse)

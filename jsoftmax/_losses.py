@@ -195,7 +195,7 @@ def integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts: _Options):
         k, total_w, w = smooth
         mass = mass + k * total_w
         q = q + (k if w is None else k * w)
-    g_s = _formulas.ce_cotangent_scale(mass, lse, opts.z_loss) * p - q
+    g_s = _formulas.ce_cotangent(p, q, mass, lse, opts.z_loss)
     return jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
 
 
@@ -216,22 +216,52 @@ def _row_loss(fp: _Pass, labels, where, temperature, weights, row_w, opts: _Opti
             s = _scale(_capped(fp.z, opts), temperature)
             smooth = (k, total_w, smoothing_sum(s, s_label, where, w, axis))
         return integer_loss(log_total, fp.m, s_label, in_range, row_w, smooth, opts)
-    q = _prob_targets(labels, where, w, fp.z.shape[axis], axis, alpha, cdt)
-    # 0 * log 0 = 0 ("double where"); q > 0 on a -inf logit gives +inf.
-    terms = jnp.where(q != 0, q * (log_total - fp.shifted), jnp.zeros((), cdt))
-    loss = jnp.sum(terms, axis=axis, keepdims=True)
-    if opts.z_loss:
-        loss = loss + _formulas.z_loss_term(fp.m + log_total, opts.z_loss)
-    return loss
+    k = _prob_smoothing_mass(where, fp.z.shape[axis], axis, alpha, cdt)
+    q = prob_targets(labels, w, k, alpha, cdt)
+    mass, cross = target_sums(q, fp.shifted, axis)
+    return prob_loss(log_total, fp.m, mass, cross, opts)
 
 
-def _prob_targets(labels, where, w, n: int, axis: int, alpha: float, cdt):
-    """``q = w * ((1 - alpha) y + alpha / m) * valid`` for probability labels."""
+def _prob_smoothing_mass(where, n: int, axis: int, alpha: float, cdt):
+    """``k = alpha / m`` per row (None without label smoothing)."""
+    if not alpha:
+        return None
+    return _formulas.smoothing_mass(alpha, _valid_count(where, n, axis, cdt))
+
+
+def prob_targets(labels, w, k, alpha: float, cdt):
+    """``q = w * ((1 - alpha) y + k)`` for probability labels ``y``, with ``w`` the
+    class weights times the class mask (None: all ones) and ``k`` the per-row smoothing
+    mass (None without smoothing; 0 gives the unsmoothed part ``(1 - alpha) w y``)."""
     y = labels.astype(cdt)
     if alpha:
-        count = _valid_count(where, n, axis, cdt)
-        y = (1 - alpha) * y + _formulas.smoothing_mass(alpha, count)
+        y = (1 - alpha) * y
+    if k is not None:
+        y = y + k
     return y if w is None else w * y
+
+
+def target_sums(q, d, axis: int):
+    """``(sum_i q_i, sum_i q_i d_i)`` over ``axis`` (keepdims) with ``d = s - m``; terms
+    with ``q_i = 0`` are left out, so a ``-inf`` logit without target mass adds 0
+    ("double where"), while ``q_i > 0`` there gives ``-inf``."""
+    cross = jnp.where(q != 0, q * d, jnp.zeros((), d.dtype))
+    return jnp.sum(q, axis=axis, keepdims=True), jnp.sum(cross, axis=axis, keepdims=True)
+
+
+def prob_loss(log_total, m, mass, cross, opts: _Options):
+    """The per-row loss for probability labels from per-row statistics (any shape):
+    ``sum_i q_i (lse - s_i) + c lse^2 = mass * log_total - cross + c lse^2`` with
+    ``mass = sum q``, ``cross = sum q (s - m)`` and ``lse = m + log_total``.
+
+    With ``q >= 0`` both ``mass * log_total`` and ``-cross`` are ``>= 0``: no
+    cancellation. Shared by every loss with probability labels (the sharded one sums
+    ``mass`` and ``cross`` over devices).
+    """
+    loss = mass * log_total - cross
+    if opts.z_loss:
+        loss = loss + _formulas.z_loss_term(m + log_total, opts.z_loss)
+    return loss
 
 
 def _cotangent_s(fp: _Pass, p, labels, where, weights, row_w, opts: _Options):
@@ -248,9 +278,10 @@ def _cotangent_s(fp: _Pass, p, labels, where, weights, row_w, opts: _Options):
             k, total_w = _smoothing(where, w, fp.z.shape[axis], axis, alpha, cdt)
             smooth = (k, total_w, w)
         return integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts)
-    q = _prob_targets(labels, where, w, fp.z.shape[axis], axis, alpha, cdt)
+    k = _prob_smoothing_mass(where, fp.z.shape[axis], axis, alpha, cdt)
+    q = prob_targets(labels, w, k, alpha, cdt)
     mass = jnp.sum(q, axis=axis, keepdims=True)
-    return _formulas.ce_cotangent_scale(mass, lse, opts.z_loss) * p - q
+    return _formulas.ce_cotangent(p, q, mass, lse, opts.z_loss)
 
 
 def _label_cotangent(fp: _Pass, weights, where, opts: _Options):

@@ -7,7 +7,9 @@ carry the rules. Two rules exist for each function:
   output-sized array (the probabilities, or the log-probabilities for
   ``log_softmax``) for the backward pass. Reverse mode only.
 * ``"jvp"`` — a :func:`jax.custom_jvp` with the same values, so forward mode
-  (:func:`jax.jvp`, :func:`jax.jacfwd`, :func:`jax.hessian`) works as well.
+  (:func:`jax.jvp`, :func:`jax.jacfwd`, :func:`jax.hessian`) works as well. Its
+  tangent is a function of the output alone (recomputed under :func:`jax.checkpoint`),
+  so reverse mode through it also keeps exactly one output-sized array, the output.
 
 Both rules delegate the derivative formulas to :mod:`jsoftmax._formulas`.
 """
@@ -212,27 +214,43 @@ def _kernel_jvp(x, where, temperature, axes: Axes, log: bool, precise: bool = Fa
 def _kernel_jvp_rule(axes, log, precise, primals, tangents):
     x, where, temperature = primals
     x_dot, _, t_dot = tangents
-    shifted, e, total, parts, _ = _shifted_exp(x, where, temperature, axes, precise)
-    cdt = shifted.dtype
-    total = _nonzero(total)
-    p = e / total
+    out = _kernel_jvp(x, where, temperature, axes, log, precise)
+    # The tangent is a function of the output alone (and of the temperature, an input):
+    # p, log p and which entries are constants are recomputed from it inside
+    # jax.checkpoint, so reverse mode keeps the output as its one output-sized residual.
+    tangent = partial(_output_tangent, axes=axes, log=log, precise=precise)
+    return out, jax.checkpoint(tangent)(out, temperature, x_dot, t_dot)
+
+
+def _output_tangent(out, temperature, x_dot, t_dot, axes: Axes, log: bool, precise: bool):
+    """The tangent of softmax (``log``: log-softmax) from its output ``out``.
+
+    Entries whose output is a constant (masked or ``-inf`` logits: ``p = 0``, or
+    ``log p = -inf``) take no part: their input tangents, maybe ``inf``, are dropped. A
+    NaN output counts as a live entry, so NaN propagates.
+    """
+    cdt = _checks.accumulation_dtype(out.dtype)
+    out_c = out.astype(cdt)
     zero = jnp.zeros((), cdt)
-    valid = shifted > -jnp.inf
+    if log:
+        valid = out_c != -jnp.inf
+        p = jnp.exp(out_c)
+    else:
+        valid = out_c != 0
+        p = out_c
     s_dot = jnp.where(valid, x_dot.astype(cdt), zero)
     if temperature is not None:
-        # d(x / T) = (dx - s dT) / T; the shifted s differs from s by a constant,
-        # which both Jacobians annihilate.
-        t = temperature.astype(cdt)
-        s_dot = (s_dot - jnp.where(valid, shifted, zero) * t_dot.astype(cdt)) / t
+        # d(x / T) = (dx - (x / T) dT) / T. log p differs from x / T by a per-row
+        # constant, which both Jacobians annihilate; it is 0 where p = 0.
+        log_p = jnp.where(valid, out_c, zero) if log else _safe_log(p)
+        s_dot = (s_dot - log_p * t_dot.astype(cdt)) / temperature.astype(cdt)
     if log:
-        out = shifted - (jnp.log(total) if parts is None else _log_total(parts))
         out_dot = jnp.where(valid, _formulas.log_jvp(p, s_dot, axes), zero)
     else:
-        out = p
         if precise:
             s_dot = _shift_by_dominant(p, s_dot, axes)
         out_dot = _formulas.jac_product(p, s_dot, axes)
-    return out.astype(x.dtype), out_dot.astype(x.dtype)
+    return out_dot.astype(out.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -287,7 +305,8 @@ def softmax(
         :math:`\bar z = p \odot (g - \langle g, p\rangle)`. A ``custom_vjp`` function
         **cannot be forward-differentiated**: :func:`jax.jvp`, :func:`jax.jacfwd`
         and :func:`jax.hessian` raise; use ``rule="jvp"`` (a
-        :func:`jax.custom_jvp` with identical values) for those.
+        :func:`jax.custom_jvp` with identical values, whose reverse mode also saves
+        only the probabilities) for those.
         Reverse-over-reverse (``jax.grad(jax.grad(...))``) works with both.
       temperature: ``T > 0``, a scalar or an array broadcastable to the batch shape
         (``x.shape`` without ``axis``). Differentiable:

@@ -12,9 +12,12 @@ function                    forward all-reduces (per row)        backward all-re
 ``softmax``                 max, sum of exponentials             :math:`\langle g, p\rangle`
 ``log_softmax``             max, sum of exponentials             :math:`\sum_i g_i`
 ``cross_entropy``           max, sum of exponentials with the    none (the cotangent
-                            target logit (and the options'       :math:`(\sum q)p - q` is
-                            per-row sums)                        local)
-``linear_cross_entropy``    the same                             ``dx`` (``N * H`` values)
+                            target logit, or :math:`\sum q` and  :math:`(\sum q)p - q` is
+                            :math:`\sum q(s - M)` for            local)
+                            probability labels (and the
+                            options' per-row sums)
+``linear_cross_entropy``    as ``cross_entropy`` with integer    ``dx`` (``N * H`` values)
+                            labels
 ==========================  ===================================  ===========================
 
 Every forward all-reduce carries one scalar per row. The forward pass is the merge
@@ -382,18 +385,22 @@ def _row_weight(row_ok, row_w, shape, dtype):
     return lax.stop_gradient(_losses._mask_rows(w, row_ok))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _ce_kernel(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
-    return _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes)[0]
+def _smoothing_sums(sums, fp, m_all, where, w_b, shape, axis: int, cdt):
+    r"""Adds this shard's label-smoothing sums to ``sums``: ``"centred"``
+    (:math:`\sum_\mathrm{valid} w_i (s_i - M)`), and with a mask or class weights the
+    number ``"count"`` and total weight ``"W"`` of its valid classes."""
+    sums["centred"] = _losses.smoothing_sum(fp.shifted, m_all - fp.m, where, w_b, axis)
+    if where is not None:
+        sums["count"] = jnp.sum(where, axis, keepdims=True, dtype=cdt)
+    if w_b is not None:
+        sums["W"] = jnp.sum(jnp.broadcast_to(w_b, shape), axis, keepdims=True)
+    return sums
 
 
-def _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
+def _integer_rows(fp, labels, weights, where, w_b, ok, n_global, opts, axis_name, shape, cdt):
+    """Integer labels: ``(loss, (M, T), row_ok, row_w, kw)`` after the merge."""
     axis = opts.axis
-    cdt = np.dtype(_checks.accumulation_dtype(x.dtype))
-    fp = _losses._forward_pass(x, where, temperature, opts, cdt)
-    n_global = x.shape[axis] * lax.axis_size(axis_name) if n_classes is None else n_classes
-    target_here = _target_mask(labels, x.shape, axis, axis_name)
-    w_b = _losses._class_weights(weights, where, axis, x.ndim, cdt)
+    target_here = _target_mask(labels, shape, axis, axis_name)
 
     def carried(m_all):
         # Per-row sums riding in the all-reduce of the rescaled sums of exponentials.
@@ -401,25 +408,77 @@ def _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_cl
         if where is not None:  # a label on an excluded class: the row does not count
             sums["bad"] = _pick_local((~where).astype(cdt), target_here, axis)
         if weights is not None:
-            raw = _losses._class_weights(weights, None, axis, x.ndim, cdt)
+            raw = _losses._class_weights(weights, None, axis, len(shape), cdt)
             sums["w_y"] = _pick_local(raw, target_here, axis)
         if opts.alpha:
-            valid = where
-            sums["centred"] = _losses.smoothing_sum(fp.shifted, m_all - fp.m, valid, w_b, axis)
-            if where is not None:
-                sums["count"] = jnp.sum(where, axis, keepdims=True, dtype=cdt)
-            if w_b is not None:
-                sums["W"] = jnp.sum(jnp.broadcast_to(w_b, x.shape), axis, keepdims=True)
+            _smoothing_sums(sums, fp, m_all, where, w_b, shape, axis, cdt)
         return sums
 
     in_range = jnp.expand_dims((labels >= 0) & (labels < n_global), axis)
+    return _merge_and_loss(fp.m, fp.total, axis_name, carried, in_range, ok, n_global, opts)
+
+
+def _prob_rows(fp, labels, where, w_b, ok, n_global, opts, axis_name, shape, cdt):
+    r"""Probability labels: ``(loss, (M, T), row_ok, (mass, k))`` after the merge.
+
+    With :math:`q = (1-\alpha)\,w y + k\,w` (``w`` the class weights times the mask)
+    the loss :func:`jsoftmax._losses.prob_loss` needs :math:`\sum q` and
+    :math:`\sum q (s - M)`. The smoothing mass :math:`k = \alpha / m` depends on the
+    global number :math:`m` of valid classes, so each shard sums the two parts apart:
+    :math:`\sum (1-\alpha) w y` and :math:`\sum (1-\alpha) w y (s - M)` (``"mass"``,
+    ``"cross"``), and the smoothing sums of :func:`_smoothing_sums`; they ride in the
+    all-reduce of the sums of exponentials and are combined after it.
+    """
+    axis, alpha = opts.axis, opts.alpha
+    q_y = _losses.prob_targets(labels, w_b, None, alpha, cdt)  # (1 - alpha) w y
+
+    def carried(m_all):
+        mass, cross = _losses.target_sums(q_y, fp.shifted + (fp.m - m_all), axis)
+        sums = {"mass": mass, "cross": cross}
+        if alpha:
+            _smoothing_sums(sums, fp, m_all, where, w_b, shape, axis, cdt)
+        elif where is not None:
+            sums["count"] = jnp.sum(where, axis, keepdims=True, dtype=cdt)
+        return sums
+
+    m_all, total, sums = _merge.merge_across(fp.m, fp.total, axis_name, extra=carried)
+    mass, cross = sums["mass"], sums["cross"]
+    row_ok = ok
+    if where is not None:  # a row without any valid class does not count
+        live = sums["count"] > 0
+        row_ok = live if row_ok is None else row_ok & live
+    k = None
+    if alpha:
+        count = jnp.maximum(sums.get("count", jnp.asarray(n_global, cdt)), 1)
+        k = _formulas.smoothing_mass(alpha, count)
+        mass = mass + k * sums.get("W", count)
+        cross = cross + k * sums["centred"]
+    loss = _losses.prob_loss(jnp.log(_losses._nonzero(total)), m_all, mass, cross, opts)
+    return _losses._mask_rows(loss, row_ok), (m_all, total), row_ok, (mass, k)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _ce_kernel(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
+    return _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes)[0]
+
+
+def _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
+    axis = opts.axis
+    cdt = _losses._compute_dtype(x, labels)
+    fp = _losses._forward_pass(x, where, temperature, opts, cdt)
+    n_global = x.shape[axis] * lax.axis_size(axis_name) if n_classes is None else n_classes
+    w_b = _losses._class_weights(weights, where, axis, x.ndim, cdt)
     ok = None if ex_ok is None else jnp.expand_dims(ex_ok, axis)
-    loss, (m_all, total), row_ok, row_w, kw = _merge_and_loss(
-        fp.m, fp.total, axis_name, carried, in_range, ok, n_global, opts
-    )
+    args = (where, w_b, ok, n_global, opts, axis_name, x.shape, cdt)
+    if _losses._is_integer(labels):
+        loss, stats, row_ok, row_w, extra = _integer_rows(fp, labels, weights, *args)
+    else:
+        loss, stats, row_ok, extra = _prob_rows(fp, labels, *args)
+        row_w = None
     weight = _row_weight(row_ok, row_w, loss.shape, cdt)
-    out = (jnp.squeeze(loss, axis).astype(x.dtype), jnp.squeeze(weight, axis))
-    residuals = (x, labels, where, temperature, weights, row_ok, row_w, m_all, total, kw)
+    out_dtype = _losses._out_dtype(x, labels)  # float32 for 16-bit logits
+    out = (jnp.squeeze(loss, axis).astype(out_dtype), jnp.squeeze(weight, axis))
+    residuals = (x, labels, where, temperature, weights, row_ok, row_w, *stats, extra)
     return out, residuals
 
 
@@ -428,9 +487,10 @@ def _ce_kernel_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_nam
 
 
 def _ce_kernel_bwd(opts, axis_name, n_classes, residuals, g):
-    # d loss / d s = (sum q + 2 c lse) p - q: local, from the merged per-row statistics.
+    # d loss / d s = (sum q + 2 c lse) p - q: local, from the merged per-row statistics
+    # (and d loss / d y = -(1 - alpha) w log p for probability labels, local too).
     # Only the temperature's derivative (a sum over the classes) needs an all-reduce.
-    x, labels, where, temperature, weights, row_ok, row_w, m, total, kw = residuals
+    x, labels, where, temperature, weights, row_ok, row_w, m, total, extra = residuals
     axis = opts.axis
     cdt = total.dtype
     z = x.astype(cdt)
@@ -443,22 +503,32 @@ def _ce_kernel_bwd(opts, axis_name, n_classes, residuals, g):
     if opts.softcap is not None:
         u = _losses._capped(lax.optimization_barrier(z), opts)  # as jsoftmax.cross_entropy
     fp = _losses._Pass(z, u, shifted, None, total, m)
-    n_global = x.shape[axis] * lax.axis_size(axis_name) if n_classes is None else n_classes
-    in_range = jnp.expand_dims((labels >= 0) & (labels < n_global), axis)
-    onehot = _target_mask(labels, x.shape, axis, axis_name)
-    smooth = None
-    if opts.alpha:
-        smooth = kw + (_losses._class_weights(weights, where, axis, x.ndim, cdt),)
+    w_b = _losses._class_weights(weights, where, axis, x.ndim, cdt)
     lse = m + jnp.log(_losses._nonzero(total)) if opts.z_loss else None
-    g_s = _losses.integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts)
-    g_s = _losses._mask_rows(g_s * jnp.expand_dims(g[0].astype(cdt), axis), row_ok)
+    integer = _losses._is_integer(labels)
+    if integer:
+        n_global = x.shape[axis] * lax.axis_size(axis_name) if n_classes is None else n_classes
+        in_range = jnp.expand_dims((labels >= 0) & (labels < n_global), axis)
+        onehot = _target_mask(labels, x.shape, axis, axis_name)
+        smooth = None if extra is None else extra + (w_b,)
+        g_s = _losses.integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts)
+    else:
+        mass, k = extra
+        q = _losses.prob_targets(labels, w_b, k, opts.alpha, cdt)
+        g_s = _formulas.ce_cotangent(p, q, mass, lse, opts.z_loss)
+    g = jnp.expand_dims(g[0].astype(cdt), axis)
+    g_s = _losses._mask_rows(g_s * g, row_ok)
     if where is not None:
         g_s = jnp.where(where, g_s, jnp.zeros((), cdt))
     g_z, g_t = _losses._chain_to_logits(fp, g_s, temperature, opts)
     g_z = _losses._mask_rows(g_z, row_ok)
     if g_t is not None:
         g_t = lax.psum(g_t, axis_name).astype(temperature.dtype)
-    return g_z.astype(x.dtype), None, None, g_t, None, None
+    g_labels = None
+    if not integer:
+        g_y = _losses._label_cotangent(fp, weights, where, opts) * g
+        g_labels = _losses._mask_rows(g_y, row_ok).astype(labels.dtype)
+    return g_z.astype(x.dtype), g_labels, None, g_t, None, None
 
 
 _ce_kernel.defvjp(_ce_kernel_fwd, _ce_kernel_bwd)
@@ -488,6 +558,46 @@ def _check_data_axis_name(data_axis_name, axis_name, fname: str):
         )
     _num_shards(name, fname)
     return name
+
+
+def _check_shard_labels(labels, x, axis: int, ignore_index):
+    """Integer global class indices with the batch shape, or float probabilities with
+    the shape of this shard's block of logits."""
+    labels = _checks.as_array(labels, "labels")
+    batch = x.shape[:axis] + x.shape[axis + 1 :]
+    if labels.dtype == jnp.bool_ or not (
+        jnp.issubdtype(labels.dtype, jnp.integer) or jnp.issubdtype(labels.dtype, jnp.floating)
+    ):
+        raise TypeError(
+            "labels must be integer class indices or real probabilities, got dtype "
+            f"{labels.dtype}. Convert one-hot booleans with labels.astype(logits_shard.dtype)."
+        )
+    if _losses._is_integer(labels):
+        if labels.shape != batch:
+            hint = (
+                " For probability targets of the logits' shape pass float labels, e.g. "
+                "labels.astype(logits_shard.dtype)."
+                if labels.shape == x.shape
+                else ""
+            )
+            raise ValueError(
+                f"integer labels must have the shape of logits_shard without axis {axis}, "
+                f"i.e. {batch}; got {labels.shape}.{hint}"
+            )
+        return labels
+    if ignore_index is not None:
+        raise ValueError(
+            "ignore_index applies to integer class labels; got float (probability) labels. "
+            "Mask examples of probability labels with a batch-shaped where instead."
+        )
+    if labels.shape != x.shape:
+        hint = " For class indices use an integer dtype." if labels.shape == batch else ""
+        raise ValueError(
+            "float labels (probabilities) must have the shape of logits_shard, "
+            f"{x.shape}: this shard's block of the targets, split over axis_name like the "
+            f"logits; got {labels.shape}.{hint}"
+        )
+    return labels
 
 
 def _check_shard_weights(weights, local: int):
@@ -521,7 +631,7 @@ def cross_entropy(
     reduction: Literal["none", "sum", "mean"] = "none",
     data_axis_name: AxisName | None = None,
 ) -> jax.Array:
-    r"""Vocab-parallel softmax cross-entropy with integer labels; call inside :func:`jax.shard_map`.
+    r"""Vocab-parallel softmax cross-entropy; call inside :func:`jax.shard_map`.
 
     The loss of :func:`jsoftmax.cross_entropy` (same options, same formulas) with the
     class axis split over ``axis_name``:
@@ -530,23 +640,30 @@ def cross_entropy(
         \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,\mathrm{lse}^2, \qquad
         \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,\mathrm{lse}\Bigr)\,p - q,
 
-    with :math:`s = \mathrm{softcap}(z)/T`, :math:`q = w_y(1-\alpha)e_y +
-    \frac{\alpha}{m}w` and :math:`y` a **global** class index. Shard ``i`` along
+    with :math:`s = \mathrm{softcap}(z)/T` and :math:`q = w_y(1-\alpha)e_y +
+    \frac{\alpha}{m}w` for an integer label :math:`y` (a **global** class index), or
+    :math:`q = w\odot\bigl((1-\alpha)\,y + \frac{\alpha}{m}\bigr)` for probability
+    labels :math:`y` (split over the devices like the logits). Shard ``i`` along
     ``axis_name`` holds classes ``i * n_local ... (i + 1) * n_local - 1``. Forward: one
     all-reduce of the row max, then one all-reduce carrying, per row, the sum of
     exponentials, the target logit (from the shard holding :math:`y`, 0 from the
-    others) and whatever the options need (a flag for a label on a masked class, the
-    label's class weight, the smoothing sum :math:`\sum_i w_i (s_i - M)`, the number
-    and weight of valid classes). Backward: :math:`g\,\partial\ell/\partial s` from the
-    merged row statistics, with **no communication** (with a ``temperature``, one
-    all-reduce of :math:`\langle \partial\ell/\partial s, s\rangle` per row for its
-    derivative).
+    others) or, for probability labels, the shard's parts of :math:`\sum_i q_i` and
+    :math:`\sum_i q_i (s_i - M)`, and whatever the options need (a flag for a label on
+    a masked class, the label's class weight, the smoothing sum
+    :math:`\sum_i w_i (s_i - M)`, the number and weight of valid classes). Backward:
+    :math:`g\,\partial\ell/\partial s` (and for probability labels
+    :math:`\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i`) from the merged row
+    statistics, with **no communication** (with a ``temperature``, one all-reduce of
+    :math:`\langle \partial\ell/\partial s, s\rangle` per row for its derivative).
 
     Args:
       logits_shard: this device's contiguous block of logits, any rank >= 1.
-      labels: integer array of global class indices with the shape of ``logits_shard``
-        without ``axis`` (the local batch block, the same on every shard of
-        ``axis_name``).
+      labels: either an integer array of global class indices with the shape of
+        ``logits_shard`` without ``axis`` (the local batch block, the same on every
+        shard of ``axis_name``), or real probabilities (a target vector per row, not
+        required to be normalised; differentiable) with the shape of ``logits_shard``:
+        this shard's block of the targets, split like the logits (the same
+        ``in_specs``).
       axis_name: the mesh axis name(s) the class axis is split over.
       axis: the local class axis (an int).
       where: optional boolean mask. Broadcastable to ``logits_shard``: masked classes
@@ -572,10 +689,11 @@ def cross_entropy(
         then the same on every device.
 
     Returns:
-      Per-example losses, shape of ``logits_shard`` without ``axis``, dtype of the
-      logits (computed in float32 for 16-bit input), or their sum or mean (a scalar).
-      They are equal on every shard of ``axis_name``, so an ``out_specs`` that does not
-      mention ``axis_name`` fits.
+      Per-example losses, shape of ``logits_shard`` without ``axis``, or their sum or
+      mean (a scalar); dtype as :func:`jsoftmax.cross_entropy`: float32 for 16-bit
+      logits, else the logits' dtype promoted with float labels. They are equal on
+      every shard of ``axis_name``, so an ``out_specs`` that does not mention
+      ``axis_name`` fits.
 
     Note:
       * A label outside ``[0, C)`` (``C`` = ``num_classes``, or the global size of the
@@ -587,11 +705,19 @@ def cross_entropy(
         label), and it is left out of the ``"mean"`` denominator; a fully masked row
         therefore gives 0. A label on an unmasked ``-inf`` logit gives loss ``+inf``
         with a finite gradient.
+      * Probability labels: a row without any unmasked class (on any shard) gives 0,
+        with zero gradients, and is not in the ``"mean"`` denominator; every other
+        counted row has weight 1. Masked (and padded) classes get no target mass, but
+        a NaN label there still gives NaN (:math:`0 \cdot \mathrm{NaN}`): pad the
+        labels with 0. ``ignore_index`` is for integer labels only (a
+        ``ValueError`` otherwise); mask examples with a batch-shaped ``where``.
       * ``+inf`` or NaN among the unmasked logits of a counted row gives NaN.
-      * Reverse mode only. The saved residuals are the local block of logits and a few
-        numbers per row; the backward pass recomputes the probabilities.
-      * Probability (float) labels are not supported; use
-        :func:`jsoftmax.sharded.log_softmax` for them.
+      * float16/bfloat16 logits: computed in float32 and the loss is returned in
+        float32 (a 16-bit loss would be quantised), as by
+        :func:`jsoftmax.cross_entropy`; gradients come back in the logits' dtype.
+      * Reverse mode only. The saved residuals are the local block of logits (and of
+        probability labels) and a few numbers per row; the backward pass recomputes
+        the probabilities.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -612,24 +738,20 @@ def cross_entropy(
       ...     mesh=mesh, in_specs=(P(None, "vocab"), P()), out_specs=P())
       >>> print(f"{g(z, y):.4f}")
       2.1227
+      >>> q = jax.nn.softmax(jnp.arange(16.0).reshape(2, 8))  # probability labels
+      >>> q = jax.device_put(q, jax.NamedSharding(mesh, P(None, "vocab")))
+      >>> h = jax.shard_map(lambda z, q: sharded.cross_entropy(z, q, "vocab"), mesh=mesh,
+      ...                   in_specs=(P(None, "vocab"), P(None, "vocab")), out_specs=P())
+      >>> with jnp.printoptions(precision=4):
+      ...     print(h(z, q))
+      [2.0794 2.0794]
     """
     axis_name = _check_axis_name(axis_name)
     x = _checks.as_float_array(logits_shard, "logits_shard")
     axis = _checks.canonical_axis(axis, x.ndim)
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(
-            f"labels must be integer class indices, got dtype {labels.dtype}. "
-            "For probability targets use jsoftmax.sharded.log_softmax."
-        )
-    batch = x.shape[:axis] + x.shape[axis + 1 :]
-    if labels.shape != batch:
-        raise ValueError(
-            f"labels must have the shape of logits_shard without axis {axis}, i.e. "
-            f"{batch}; got {labels.shape}."
-        )
     reduction = _losses._check_reduction(reduction)
     ignore_index = _losses._check_ignore_index(ignore_index)
+    labels = _check_shard_labels(labels, x, axis, ignore_index)
     opts = _losses._Options(
         axis,
         _losses._check_label_smoothing(label_smoothing),
@@ -645,11 +767,16 @@ def cross_entropy(
     weights = _check_shard_weights(weights, x.shape[axis])
     temperature = _checks.prepare_temperature(temperature, x.shape, (axis,))
     where = _mask(x.shape, axis, axis_name, where, num_classes)
-    labels = labels.astype(jnp.int32)
     ex_ok = example_mask
-    if ignore_index is not None:
-        keep = labels != ignore_index
-        ex_ok = keep if ex_ok is None else ex_ok & keep
+    if _losses._is_integer(labels):
+        labels = labels.astype(jnp.int32)
+        if ignore_index is not None:
+            keep = labels != ignore_index
+            ex_ok = keep if ex_ok is None else ex_ok & keep
+    else:
+        # Probability labels are differentiated: their cotangent is local, so they must
+        # vary over the mesh axes the logits vary over (and the logits over theirs).
+        x, labels = _varying((x, labels), ())
     per_row, weight = _ce_kernel(
         x, labels, where, temperature, weights, ex_ok, opts, axis_name, num_classes
     )

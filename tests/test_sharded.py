@@ -108,6 +108,8 @@ COLLECTIVE = re.compile(
 def _collectives(compiled_text: str) -> list[tuple[str, list[int]]]:
     """(op name, element count of each operand) for every collective in the HLO."""
     found = []
+    # XLA numbers long operand lists with comments (/*index=5*/) that contain "=".
+    compiled_text = re.sub(r"/\*index=\d+\*/", "", compiled_text)
     for shapes, op in COLLECTIVE.findall(compiled_text):
         sizes = [
             int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
@@ -362,6 +364,7 @@ def test_collectives_per_row_match_the_design(mesh_shape, names, spec, axis_name
     x = _put(_logits(10), mesh, spec)
     g = _put(_logits(11), mesh, spec)
     y = _put(np.arange(B) % N, mesh, _rows_spec(spec))
+    q = _put(np.asarray(jax.nn.softmax(_logits(12))), mesh, spec)
     ones = _put(np.ones(B), mesh, _rows_spec(spec))
 
     def vjp_only(fn):
@@ -381,6 +384,23 @@ def test_collectives_per_row_match_the_design(mesh_shape, names, spec, axis_name
         # the backward pass p - onehot adds nothing: only the max and the sum remain
         ce_vjp = lambda x, y, g: jax.vjp(lambda x: ce(x, y), x)[1](g)[0]
         expect["cross_entropy vjp"] = (_hlo(ce_vjp, x, y, ones), [[rows], [rows]])
+        # Probability labels (split like the logits): max; then the sum of exponentials,
+        # sum q and sum q (s - M) in one all-reduce. The backward pass needs sum q.
+        ce_p = jax.shard_map(
+            lambda x, q: sharded.cross_entropy(x, q, axis_name),
+            mesh=mesh,
+            in_specs=(spec, spec),
+            out_specs=_rows_spec(spec),
+        )
+        expect["cross_entropy probability labels forward"] = (
+            _hlo(ce_p, x, q),
+            [[rows], [rows, rows, rows]],
+        )
+        ce_p_vjp = lambda x, q, g: jax.vjp(ce_p, x, q)[1](g)
+        expect["cross_entropy probability labels vjp"] = (
+            _hlo(ce_p_vjp, x, q, ones),
+            [[rows], [rows, rows]],
+        )
     for what, (hlo, sizes) in expect.items():
         found = _collectives(hlo)
         assert all(op == "all-reduce" for op, _ in found), (what, found)
@@ -399,9 +419,18 @@ def test_one_output_sized_residual():
             res = saved_residuals(_sm(fn, mesh, spec, "c", False), x)
             assert [r[0].size for r in res] == [B * N]
         res = saved_residuals(_ce_sm(mesh, spec, "c"), x, y)
+        ce_p = jax.shard_map(
+            lambda x, q: sharded.cross_entropy(x, q, "c"),
+            mesh=mesh,
+            in_specs=(spec, spec),
+            out_specs=P("b"),
+        )
+        res_p = saved_residuals(ce_p, x, _put(np.asarray(jax.nn.softmax(_logits(13))), mesh, spec))
     # the logits block (the backward pass recomputes p), the labels and the merged
     # per-row max and sum of exponentials
     assert sorted(r[0].size for r in res) == sorted([B * N, B, B, B])
+    # probability labels: the logits and labels blocks (inputs), max, sum exp, sum q
+    assert sorted(r[0].size for r in res_p) == sorted([B * N, B * N, B, B, B])
 
 
 # --------------------------------------------------------------------------------------
@@ -507,7 +536,9 @@ def test_low_precision_is_computed_in_float32(dtype):
         yd = _put(y, mesh, P("b"))
         loss = jax.jit(_ce_sm(mesh, spec, "c"))(x, yd)
         g = jax.jit(jax.grad(lambda x: jnp.sum(_ce_sm(mesh, spec, "c")(x, yd)).astype(float)))(x)
-    assert p.dtype == dtype and loss.dtype == dtype and g.dtype == dtype
+    # As jsoftmax.cross_entropy: a float32 loss (a 16-bit one would be quantised),
+    # gradients in the logits' dtype.
+    assert p.dtype == dtype and loss.dtype == jnp.float32 and g.dtype == dtype
     np.testing.assert_allclose(np.asarray(p, np.float32), _ref_softmax(ref_in), **tol)
     np.testing.assert_allclose(np.asarray(loss, np.float32), _ref_ce(ref_in, y), **tol)
     ref_g = jax.grad(lambda x: jnp.sum(_ref_ce(x, y)))(ref_in)
@@ -558,7 +589,7 @@ def test_bad_labels_num_classes_and_where():
             return f(x, *args)
 
     yf = _put(np.zeros(2), mesh, P())
-    with pytest.raises(TypeError, match="labels must be integer"):
+    with pytest.raises(ValueError, match="float labels .* shape of logits_shard.*integer dtype"):
         run(lambda x, y: sharded.cross_entropy(x, y, "c"), yf)
     y3 = _put(np.zeros(3, np.int32), mesh, P())
     with pytest.raises(ValueError, match="labels must have the shape"):

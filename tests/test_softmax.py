@@ -1,10 +1,15 @@
 """Tests of jsoftmax.softmax: values, both custom rules, masks, edge cases, errors."""
 
+import contextlib
+import io
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 from jax.test_util import check_grads
 
 import jsoftmax
@@ -164,6 +169,52 @@ def test_vjp_rule_with_mask_saves_no_mask():
     assert len(res) == 1 and res[0][0].shape == x.shape
 
 
+def _printed_residuals(f, *args):
+    """``[(shape, dtype, line)]`` of what reverse mode saves, from jax's public printer
+    (one line per residual, e.g. ``f32[8,32] output of ...``)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_saved_residuals(f, *args)
+    out = []
+    for line in buf.getvalue().splitlines():
+        dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
+        out.append((tuple(int(d) for d in dims.split(",") if d), dtype, line))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("variant", ["plain", "where", "where-argument", "temperature"])
+@pytest.mark.parametrize("fn", [jsoftmax.softmax, jsoftmax.log_softmax], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("rule", RULES)
+def test_both_rules_keep_one_output_sized_residual(rule, fn, variant, dtype):
+    """jax.vjp through either rule keeps exactly one output-sized array: the output, in
+    its dtype (jax.nn.softmax keeps one too). A mask is an input: it may be kept as an
+    argument, never as an array computed from the output."""
+    x = make_logits((8, 32), dtype)
+    where = np.arange(32) % 5 != 2
+    where = np.broadcast_to(where, (8, 32)).copy()
+    where[3] = False  # a fully masked row
+    where = jnp.asarray(where)
+    x = x.at[1, 4].set(-jnp.inf)
+    if variant == "plain":
+        res = _printed_residuals(lambda z: fn(z, rule=rule), x)
+    elif variant == "where":
+        res = _printed_residuals(lambda z: fn(z, rule=rule, where=where), x)
+    elif variant == "where-argument":
+        res = _printed_residuals(lambda z, m: fn(z, rule=rule, where=m), x, where)
+    else:
+        t = jnp.linspace(0.5, 2.0, 8, dtype=jnp.float32)
+        res = _printed_residuals(lambda z, t: fn(z, rule=rule, temperature=t), x, t)
+    big = [r for r in res if r[0] == x.shape and "from the argument" not in r[2]]
+    assert len(big) == 1, res
+    ((_, kept, _),) = big
+    assert kept == {jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype], res
+    # Everything else is an argument or a per-row number.
+    others = [r for r in res if r not in big]
+    assert all(r[0] != x.shape or "from the argument" in r[2] for r in others), res
+    assert all(r[1] != "bool" or "from the argument" in r[2] for r in others), res
+
+
 # -------------------------------------------------------------------------- masks, inf
 
 
@@ -320,3 +371,40 @@ def test_error_raised_before_tracing():
 def test_error_complex_input():
     with pytest.raises(TypeError, match="x must be real"):
         jsoftmax.softmax(jnp.zeros(3, jnp.complex64))
+
+
+@pytest.mark.parametrize("with_t", [False, True], ids=["T=1", "temperature"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_jvp_rule_forward_mode_edge_rows(log, with_t):
+    # The jvp rule reads which entries are constants from its output: masked and -inf
+    # entries drop their (here infinite) tangents, a NaN row stays NaN, a fully masked
+    # row has a zero tangent.
+    fn, ref_fn = (
+        (jsoftmax.log_softmax, jax.nn.log_softmax) if log else (jsoftmax.softmax, jax.nn.softmax)
+    )
+    x = make_logits((4, 6), jnp.float64)
+    x = x.at[0, 1].set(-jnp.inf).at[2, 3].set(jnp.nan)
+    where = jnp.ones((4, 6), bool).at[0, 4].set(False).at[3].set(False)
+    dx = make_logits((4, 6), jnp.float64, seed=1)
+    dx = dx.at[0, 1].set(jnp.inf).at[0, 4].set(-jnp.inf).at[3, 0].set(jnp.inf)
+    t = jnp.array([0.7, 1.3, 2.0, 0.9], jnp.float64)
+    dt = jnp.array([0.3, -0.2, 0.1, 0.5], jnp.float64)
+    if with_t:
+        out, tan = jax.jvp(
+            lambda z, s: fn(z, where=where, rule="jvp", temperature=s), (x, t), (dx, dt)
+        )
+    else:
+        out, tan = jax.jvp(lambda z: fn(z, where=where, rule="jvp"), (x,), (dx,))
+    live = jnp.array([0, 2, 3, 5])
+    z0, d0 = x[0, live], dx[0, live]
+    if with_t:
+        ref = jax.jvp(lambda z, s: ref_fn(z / s), (z0, t[0]), (d0, dt[0]))[1]
+        ref1 = jax.jvp(lambda z, s: ref_fn(z / s), (x[1], t[1]), (dx[1], dt[1]))[1]
+    else:
+        ref = jax.jvp(ref_fn, (z0,), (d0,))[1]
+        ref1 = jax.jvp(ref_fn, (x[1],), (dx[1],))[1]
+    chex.assert_trees_all_close(tan[0, live], ref, rtol=1e-12, atol=1e-14)
+    chex.assert_trees_all_close(tan[1], ref1, rtol=1e-12, atol=1e-14)
+    assert tan[0, 1] == 0 and tan[0, 4] == 0  # constants: -inf logit, masked entry
+    assert np.all(np.isnan(np.asarray(out[2]))) and np.all(np.isnan(np.asarray(tan[2])))
+    assert np.all(np.asarray(tan[3]) == 0)  # fully masked row

@@ -105,6 +105,7 @@ def memory(ctx: Ctx, shape) -> list[Row]:
             residuals(lambda x: jsoftmax.softmax(x, rule="jvp"), x),
             residuals(jax.nn.softmax, x),
             shape=shape,
+            out_bytes=out_bytes,
         ),
         _memory_row(
             f"residuals log_softmax {s}",
