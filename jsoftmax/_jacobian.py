@@ -268,7 +268,8 @@ def softmax_hvp(p: ArrayLike, u: ArrayLike, v: ArrayLike, axis: int = -1) -> jax
 
     Args:
       p: probabilities, any rank >= 1.
-      u, v: directions with the shape of ``p``.
+      u: a direction with the shape of ``p``.
+      v: a second direction with the shape of ``p``.
       axis: the softmax axis.
 
     Examples:

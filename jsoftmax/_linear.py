@@ -385,8 +385,12 @@ def linear_cross_entropy(
       bias: optional ``(V,)``. ``-inf`` entries mark padded classes: they are excluded
         like masked classes (probability 0, zero gradients, no smoothing mass; a label
         on one makes the row not count).
-      ignore_index, weights, label_smoothing, z_loss, logit_softcap, reduction: as in
-        :func:`jsoftmax.cross_entropy`.
+      ignore_index: as in :func:`jsoftmax.cross_entropy`.
+      weights: as in :func:`jsoftmax.cross_entropy`.
+      label_smoothing: as in :func:`jsoftmax.cross_entropy`.
+      z_loss: as in :func:`jsoftmax.cross_entropy`.
+      logit_softcap: as in :func:`jsoftmax.cross_entropy`.
+      reduction: as in :func:`jsoftmax.cross_entropy`.
       chunk_size: vocabulary columns per chunk. Default :func:`default_chunk_size`: about
         ``2**20`` logits (4 MiB of float32) per chunk, a power of two in
         ``[128, 8192]``. ``V`` need not be a multiple of it.

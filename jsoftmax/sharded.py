@@ -672,8 +672,11 @@ def cross_entropy(
         examples behave like ``ignore_index``.
       num_classes: the true class count when the class axis was padded at the end to a
         multiple of the shard count; padded classes are masked.
-      label_smoothing, temperature, ignore_index, z_loss, logit_softcap: as in
-        :func:`jsoftmax.cross_entropy`.
+      label_smoothing: as in :func:`jsoftmax.cross_entropy`.
+      temperature: as in :func:`jsoftmax.cross_entropy`.
+      ignore_index: as in :func:`jsoftmax.cross_entropy`.
+      z_loss: as in :func:`jsoftmax.cross_entropy`.
+      logit_softcap: as in :func:`jsoftmax.cross_entropy`.
       weights: per-class weights of **this shard's block** of classes, shape
         ``(n_local,)`` (a ``(n,)`` vector sharded like the class axis, e.g. with
         ``in_specs`` ``P(axis_name)``). Not differentiated.
@@ -966,11 +969,14 @@ def linear_cross_entropy(
       num_classes: the true vocabulary size when ``V`` was padded at the end to a
         multiple of the shard count; columns with a global index ``>= num_classes``
         are excluded (their values do not matter; their gradients are 0).
-      ignore_index, label_smoothing, z_loss, logit_softcap: as in
-        :func:`jsoftmax.cross_entropy`.
+      ignore_index: as in :func:`jsoftmax.cross_entropy`.
+      label_smoothing: as in :func:`jsoftmax.cross_entropy`.
+      z_loss: as in :func:`jsoftmax.cross_entropy`.
+      logit_softcap: as in :func:`jsoftmax.cross_entropy`.
       weights: per-class weights of this shard's columns, shape ``(V_local,)``.
-      reduction, data_axis_name: as in :func:`cross_entropy`: ``"mean"`` is over the
-        rows of this ``shard_map`` block, or over every row of ``data_axis_name``.
+      reduction: as in :func:`cross_entropy`: ``"mean"`` is over the rows of this
+        ``shard_map`` block, or over every row of ``data_axis_name``.
+      data_axis_name: the mesh axis of the rows, for ``reduction="mean"`` over all of them.
       chunk_size: vocabulary columns per chunk of the local loop (default
         :func:`jsoftmax.default_chunk_size` of the rows and the local vocabulary).
 
