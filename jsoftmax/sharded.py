@@ -44,7 +44,6 @@ target). Without padding, :func:`jax.shard_map` raises before anything is comput
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +51,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _formulas, _linear, _losses, _merge, _softmax
+from jsoftmax import _checks, _custom, _formulas, _linear, _losses, _merge, _softmax
+from jsoftmax._checks import Reduction
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "log_softmax", "softmax"]
 
@@ -168,8 +168,8 @@ def _values(x, where, axes: Axes, axis_name: AxisName, log: bool):
 # --------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _softmax_kernel(x, where, axes: Axes, axis_name: AxisName, log: bool):
+@partial(_custom.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _softmax_kernel(x, where, axes: Axes, axis_name: AxisName, log: bool) -> jax.Array:
     return _values(x, where, axes, axis_name, log).astype(x.dtype)
 
 
@@ -382,15 +382,17 @@ def _row_weight(row_ok, row_w, shape, dtype):
     return lax.stop_gradient(_losses._mask_rows(w, row_ok))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _ce_kernel(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
+@partial(_custom.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _ce_kernel(
+    x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes
+) -> tuple[jax.Array, jax.Array]:
     return _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes)[0]
 
 
 def _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
     axis = opts.axis
     cdt = np.dtype(_checks.accumulation_dtype(x.dtype))
-    fp = _losses._forward_pass(x, where, temperature, opts, cdt)
+    fp, _ = _losses._forward_pass(x, where, temperature, opts, cdt)
     n_global = x.shape[axis] * lax.axis_size(axis_name) if n_classes is None else n_classes
     target_here = _target_mask(labels, x.shape, axis, axis_name)
     w_b = _losses._class_weights(weights, where, axis, x.ndim, cdt)
@@ -439,10 +441,10 @@ def _ce_kernel_bwd(opts, axis_name, n_classes, residuals, g):
         p = jnp.exp(shifted) * (1 / _losses._nonzero(total))
     else:
         p = jnp.exp(shifted - jnp.log(_losses._nonzero(total)))
-    u = None
+    u = z  # the soft-capped logits, read only with a cap
     if opts.softcap is not None:
         u = _losses._capped(lax.optimization_barrier(z), opts)  # as jsoftmax.cross_entropy
-    fp = _losses._Pass(z, u, shifted, None, total, m)
+    fp = _losses._Pass(z, u, shifted, total, m)
     n_global = x.shape[axis] * lax.axis_size(axis_name) if n_classes is None else n_classes
     in_range = jnp.expand_dims((labels >= 0) & (labels < n_global), axis)
     onehot = _target_mask(labels, x.shape, axis, axis_name)
@@ -464,7 +466,7 @@ def _ce_kernel_bwd(opts, axis_name, n_classes, residuals, g):
 _ce_kernel.defvjp(_ce_kernel_fwd, _ce_kernel_bwd)
 
 
-def _reduce(per_row, weight, reduction: str, data_axis_name):
+def _reduce(per_row, weight, reduction: Reduction, data_axis_name):
     """``reduction`` of the per-row losses; over every row of ``data_axis_name`` too."""
     if reduction == "none":
         return per_row
@@ -518,7 +520,7 @@ def cross_entropy(
     weights: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    reduction: Literal["none", "sum", "mean"] = "none",
+    reduction: Reduction = "none",
     data_axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Vocab-parallel softmax cross-entropy with integer labels; call inside :func:`jax.shard_map`.
@@ -628,7 +630,7 @@ def cross_entropy(
             f"labels must have the shape of logits_shard without axis {axis}, i.e. "
             f"{batch}; got {labels.shape}."
         )
-    reduction = _losses._check_reduction(reduction)
+    reduction = _checks.check_reduction(reduction)
     ignore_index = _losses._check_ignore_index(ignore_index)
     opts = _losses._Options(
         axis,
@@ -643,16 +645,14 @@ def cross_entropy(
         raise ValueError("logits_shard has an empty class axis; cross-entropy is undefined.")
     num_classes = _check_num_classes(num_classes, x.shape[axis], shards)
     weights = _check_shard_weights(weights, x.shape[axis])
-    temperature = _checks.prepare_temperature(temperature, x.shape, (axis,))
+    t = _checks.prepare_temperature(temperature, x.shape, (axis,))  # None for T = 1
     where = _mask(x.shape, axis, axis_name, where, num_classes)
     labels = labels.astype(jnp.int32)
     ex_ok = example_mask
     if ignore_index is not None:
         keep = labels != ignore_index
         ex_ok = keep if ex_ok is None else ex_ok & keep
-    per_row, weight = _ce_kernel(
-        x, labels, where, temperature, weights, ex_ok, opts, axis_name, num_classes
-    )
+    per_row, weight = _ce_kernel(x, labels, where, t, weights, ex_ok, opts, axis_name, num_classes)
     return _reduce(per_row, weight, reduction, data_axis_name)
 
 
@@ -661,8 +661,10 @@ def cross_entropy(
 # --------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _lce_kernel(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes):
+@partial(_custom.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _lce_kernel(
+    x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes
+) -> tuple[jax.Array, jax.Array]:
     return _lce_fwd(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes)[0]
 
 
@@ -798,7 +800,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    reduction: Literal["none", "sum", "mean"] = "none",
+    reduction: Reduction = "none",
     chunk_size: int | None = None,
     data_axis_name: AxisName | None = None,
 ) -> jax.Array:
@@ -881,7 +883,7 @@ def linear_cross_entropy(
     """
     axis_name = _check_axis_name(axis_name)
     x, w, labels, bias, _ = _linear._check_inputs(x, w_shard, labels, bias_shard, 1)
-    reduction = _losses._check_reduction(reduction)
+    reduction = _checks.check_reduction(reduction)
     ignore_index = _losses._check_ignore_index(ignore_index)
     opts = _losses._Options(
         1,
