@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.typing import ArrayLike
 
-RULES = ("vjp", "jvp")
+# The string options of the public functions, each defined once: the Literal type of
+# the signatures and the tuple of accepted values are the same definition.
+Rule = Literal["vjp", "jvp"]
+Precision = Literal["default", "high"]
+Reduction = Literal["none", "sum", "mean"]
+RULES: tuple[Rule, ...] = get_args(Rule)
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
 
 
 def as_array(x, name: str) -> jax.Array:
@@ -79,16 +88,13 @@ def canonical_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
     return (canonical_axis(axis, ndim, name),)
 
 
-def check_rule(rule: str) -> str:
-    if rule not in RULES:
+def check_rule(rule: object) -> Rule:
+    if not isinstance(rule, str) or rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
     return rule
 
 
-PRECISIONS = ("default", "high")
-
-
-def check_precision(precision: str) -> str:
+def check_precision(precision: object) -> Precision:
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     return precision
@@ -113,6 +119,12 @@ def as_bool_mask(where: ArrayLike, name: str = "where") -> jax.Array:
     return where
 
 
+def check_reduction(reduction: object) -> Reduction:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    return reduction
+
+
 def check_where(where: ArrayLike | None, shape: tuple[int, ...], name: str = "where"):
     """Returns ``where`` as a boolean array broadcast to ``shape`` (or None)."""
     if where is None:
@@ -133,7 +145,7 @@ def is_concrete(x) -> bool:
     """True when ``x`` holds values known at trace time (not a tracer) that this process
     can read: a global array spanning several processes counts as not concrete, so no
     argument check fetches data held by another process."""
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, Tracer):
         return False
     return bool(getattr(x, "is_fully_addressable", True))
 

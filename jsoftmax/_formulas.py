@@ -186,9 +186,12 @@ def softcap_derivative(u: jax.Array, cap: float) -> jax.Array:
 
 
 def ce_cotangent_scale(mass: jax.Array, lse: jax.Array | None, z_loss: float) -> jax.Array:
-    """The factor of ``p`` in ``d loss / d s = (sum q + 2 c lse) p - q``."""
+    """The factor of ``p`` in ``d loss / d s = (sum q + 2 c lse) p - q``; ``lse`` is
+    needed only with a z-loss (``z_loss != 0``) and may be None otherwise."""
     if not z_loss:
         return mass
+    if lse is None:
+        raise ValueError("a z-loss needs the log-sum-exp lse.")
     return mass + (2 * z_loss) * lse
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _formulas, _losses, _merge
+from jsoftmax import _checks, _custom, _formulas, _losses, _merge
+from jsoftmax._checks import Reduction
 from jsoftmax._softmax import _nonzero  # a row without any valid column: p = 0, loss +inf
 
 # Elements of one chunk's logits: 2**20 float32 values (4 MiB), see _default_chunk.
@@ -143,8 +143,8 @@ def _compute_dtype(x, w) -> np.dtype:
     return np.dtype(_checks.accumulation_dtype(jnp.promote_types(x.dtype, w.dtype)))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _lce(x, w, bias, labels, weights, row_ok, row_w, opts, chunk: int, va: int):
+@partial(_custom.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _lce(x, w, bias, labels, weights, row_ok, row_w, opts, chunk: int, va: int) -> jax.Array:
     return _lce_fwd(x, w, bias, labels, weights, row_ok, row_w, opts, chunk, va)[0]
 
 
@@ -353,7 +353,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    reduction: Literal["none", "sum", "mean"] = "none",
+    reduction: Reduction = "none",
     chunk_size: int | None = None,
     vocab_axis: int = 1,
 ) -> jax.Array:
@@ -421,7 +421,7 @@ def linear_cross_entropy(
       True
     """
     x, w, labels, bias, va = _check_inputs(x, w, labels, bias, vocab_axis)
-    reduction = _losses._check_reduction(reduction)
+    reduction = _checks.check_reduction(reduction)
     ignore_index = _losses._check_ignore_index(ignore_index)
     alpha = _losses._check_label_smoothing(label_smoothing)
     c = _losses._check_z_loss(z_loss)

@@ -17,7 +17,7 @@ returned as a :class:`jsoftmax.SoftmaxJacobian`.
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +25,10 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _formulas
+from jsoftmax import _checks, _custom, _formulas
+from jsoftmax._checks import Reduction, Rule
 from jsoftmax._operator import SoftmaxJacobian
 from jsoftmax._softmax import _nonzero, _scaled_logits, _shifted_exp, softmax
-
-Reduction = Literal["none", "sum", "mean"]
-REDUCTIONS = ("none", "sum", "mean")
 
 
 class _Options(NamedTuple):
@@ -122,12 +120,12 @@ class _Pass(NamedTuple):
     z: jax.Array  # logits in the compute dtype
     u: jax.Array  # soft-capped logits
     shifted: jax.Array  # s - m, with s = u / T and masked entries -inf
-    e: jax.Array  # exp(s - m)
     total: jax.Array  # sum exp(s - m) (0 for a row without a finite entry)
     m: jax.Array  # the row maximum of s (no gradient)
 
 
-def _forward_pass(logits, where, temperature, opts: _Options, cdt) -> _Pass:
+def _forward_pass(logits, where, temperature, opts: _Options, cdt) -> tuple[_Pass, jax.Array]:
+    """The forward quantities and ``exp(s - m)``."""
     z = logits.astype(cdt)
     u = _capped(z, opts)
     row_max = None
@@ -140,7 +138,7 @@ def _forward_pass(logits, where, temperature, opts: _Options, cdt) -> _Pass:
         m = lax.stop_gradient(_scale(_formulas.softcap(z_max, opts.softcap), temperature))
         row_max = lambda _: m  # noqa: E731
     shifted, e, total, _, m = _shifted_exp(u, where, temperature, (opts.axis,), row_max=row_max)
-    return _Pass(z, u, shifted, e, total, m)
+    return _Pass(z, u, shifted, total, m), e
 
 
 def integer_loss(log_total, m, s_label, in_range, row_w, smooth, opts: _Options):
@@ -326,14 +324,16 @@ def _chain_to_logits(fp: _Pass, g_s, temperature, opts: _Options):
 # --------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ce_vjp(logits, labels, where, temperature, weights, row_ok, row_w, opts: _Options):
+@partial(_custom.custom_vjp, nondiff_argnums=(7,))
+def _ce_vjp(
+    logits, labels, where, temperature, weights, row_ok, row_w, opts: _Options
+) -> jax.Array:
     return _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, row_w, opts)[0]
 
 
 def _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, row_w, opts):
     cdt = _compute_dtype(logits, labels)
-    fp = _forward_pass(logits, where, temperature, opts, cdt)
+    fp, _ = _forward_pass(logits, where, temperature, opts, cdt)
     loss = _row_loss(fp, labels, where, temperature, weights, row_w, opts)
     out = _mask_rows(jnp.squeeze(loss, opts.axis), row_ok).astype(_out_dtype(logits, labels))
     residuals = (logits, labels, where, temperature, weights, row_ok, row_w, fp.m, fp.total)
@@ -349,12 +349,10 @@ def _ce_vjp_bwd(opts, residuals, g):
     if cdt == logits.dtype:
         # exp(s - m) exactly as in the forward pass: compiled together with it, XLA
         # computes it once (and this pass writes the gradient over it).
-        e = jnp.exp(shifted)
-        p = e * (1 / _nonzero(total))
+        p = jnp.exp(shifted) * (1 / _nonzero(total))
     else:
         # 16-bit logits: a differently written exponential, so XLA does not keep a
         # float32 copy of the logits' size between the passes.
-        e = None
         p = jnp.exp(shifted - jnp.log(_nonzero(total)))
     if opts.softcap is not None:
         # The soft-cap derivative needs tanh(z / cap) again. Written behind an
@@ -362,7 +360,7 @@ def _ce_vjp_bwd(opts, residuals, g):
         # instead of keeping the forward's logits-sized tanh in memory (which costs
         # more than the second tanh on a CPU).
         u = _capped(lax.optimization_barrier(z), opts)
-    fp = _Pass(z, u, shifted, e, total, m)
+    fp = _Pass(z, u, shifted, total, m)
     g = jnp.expand_dims(g.astype(cdt), opts.axis)
     ok = None if row_ok is None else jnp.expand_dims(row_ok, opts.axis)
     # Selects, not products: an ignored row's gradients are 0 even if its logits are NaN.
@@ -386,7 +384,9 @@ _ce_vjp.defvjp(_ce_vjp_fwd, _ce_vjp_bwd)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(7,))
-def _ce_jvp(logits, labels, where, temperature, weights, row_ok, row_w, opts: _Options):
+def _ce_jvp(
+    logits, labels, where, temperature, weights, row_ok, row_w, opts: _Options
+) -> jax.Array:
     return _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, row_w, opts)[0]
 
 
@@ -395,9 +395,9 @@ def _ce_jvp_rule(opts, primals, tangents):
     logits, labels, where, temperature, weights, row_ok, row_w = primals
     logits_dot, labels_dot, _, t_dot, _, _, _ = tangents
     cdt = _compute_dtype(logits, labels)
-    fp = _forward_pass(logits, where, temperature, opts, cdt)
+    fp, e = _forward_pass(logits, where, temperature, opts, cdt)
     loss = _row_loss(fp, labels, where, temperature, weights, row_w, opts)
-    p = fp.e / _nonzero(fp.total)
+    p = e / _nonzero(fp.total)
     # Rows that do not count are selected away before the products, so that reverse
     # mode (the transpose of this rule) multiplies their NaN (out-of-range) entries by
     # nothing.
@@ -522,12 +522,6 @@ def _check_softcap(cap) -> float | None:
     return c
 
 
-def _check_reduction(reduction) -> str:
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    return reduction
-
-
 def _check_ignore_index(ignore_index) -> int | None:
     if ignore_index is None:
         return None
@@ -609,7 +603,7 @@ def cross_entropy(
     where: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     temperature: ArrayLike = 1.0,
-    rule: Literal["vjp", "jvp"] = "vjp",
+    rule: Rule = "vjp",
     ignore_index: int | None = None,
     weights: ArrayLike | None = None,
     z_loss: float = 0.0,
@@ -720,23 +714,22 @@ def cross_entropy(
     logits = _checks.as_float_array(logits, "logits")
     axes = _checks.canonical_axes(axis, logits.ndim)
     _checks.check_rule(rule)
-    reduction = _check_reduction(reduction)
+    reduction = _checks.check_reduction(reduction)
     ignore_index = _check_ignore_index(ignore_index)
     alpha = _check_label_smoothing(label_smoothing)
     opts_z = _check_z_loss(z_loss)
     cap = _check_softcap(logit_softcap)
     where, example_mask = _split_where(where, logits.shape, axes)
     labels = _checks.as_array(labels, "labels")
+    ax = axes[0]
     if len(axes) > 1:
         if not _is_integer(labels) and labels.shape != logits.shape:
-            _check_labels(labels, logits, axes[0], ignore_index)  # raises with the shapes
+            _check_labels(labels, logits, ax, ignore_index)  # raises with the shapes
         logits, labels, where, ax = _flatten_classes(logits, labels, where, axes)
-    else:
-        ax = axes[0]
     labels = _check_labels(labels, logits, ax, ignore_index)
     n = logits.shape[ax]
     weights = _check_weights(weights, n)
-    temperature = _checks.prepare_temperature(temperature, logits.shape, (ax,))
+    t = _checks.prepare_temperature(temperature, logits.shape, (ax,))  # None for T = 1
     out_dtype = _out_dtype(logits, labels)
     if n == 0:
         batch = tuple(s for k, s in enumerate(logits.shape) if k != ax)
@@ -746,7 +739,7 @@ def cross_entropy(
     opts = _Options(ax, alpha, opts_z, cap)
     kernel = _ce_vjp if rule == "vjp" else _ce_jvp
     row_w_k = None if row_w is None else jnp.expand_dims(row_w, ax)
-    per_row = kernel(logits, labels, where, temperature, weights, row_ok, row_w_k, opts)
+    per_row = kernel(logits, labels, where, t, weights, row_ok, row_w_k, opts)
     return reduce_rows(per_row, row_ok, row_w, reduction)
 
 
@@ -778,7 +771,7 @@ def _row_weights(
     return row_ok, row_w
 
 
-def reduce_rows(per_row, row_ok, row_w, reduction: str):
+def reduce_rows(per_row, row_ok, row_w, reduction: Reduction):
     """``"none"``, ``"sum"`` or the weighted ``"mean"`` of per-row losses: the sum over
     the sum of the counted rows' weights (0, with zero gradients, if that is 0)."""
     if reduction == "none":
@@ -853,6 +846,6 @@ def cross_entropy_hessian(
     if t is None and isinstance(scale, (int, float)) and scale == 1:
         return SoftmaxJacobian(p, ax)
     hess = SoftmaxJacobian(p, ax, scale=scale)  # checks scale, shapes it like t
-    if t is not None:
+    if t is not None and hess.scale is not None:  # (hess.scale is set: scale was given)
         hess.scale = hess.scale / (t * t).astype(hess.scale.dtype)
     return hess

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TypeVar, overload
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,8 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _formulas
+
+_Tree = TypeVar("_Tree")  # a pytree of per-piece arrays reduced with the sums (``extra``)
 
 # --------------------------------------------------------------------------------------
 # The statistics of pieces and the one merge rule.
@@ -61,14 +64,36 @@ def rescale(m: jax.Array, total: jax.Array, m_new: jax.Array) -> jax.Array:
     return jnp.where(empty, jnp.zeros((), total.dtype), total * jnp.exp(gap))
 
 
+@overload
 def merge_stats(
     m: jax.Array,
     total: jax.Array,
     *,
     reduce_max: Callable,
     reduce_sum: Callable,
-    extra: Callable | None = None,
-):
+    extra: None = None,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def merge_stats(
+    m: jax.Array,
+    total: jax.Array,
+    *,
+    reduce_max: Callable,
+    reduce_sum: Callable,
+    extra: Callable[[jax.Array], _Tree],
+) -> tuple[jax.Array, jax.Array, _Tree]: ...
+
+
+def merge_stats(
+    m: jax.Array,
+    total: jax.Array,
+    *,
+    reduce_max: Callable,
+    reduce_sum: Callable,
+    extra: Callable[[jax.Array], _Tree] | None = None,
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, _Tree]:
     r"""The merge rule: ``M = reduce_max(m)``, ``T = reduce_sum(rescale(m, total, M))``.
 
     Args:
@@ -134,7 +159,21 @@ def log_scale(m: jax.Array, m_new: jax.Array, total_new: jax.Array) -> jax.Array
     return (m - m_new) - log_total(total_new)
 
 
-def merge_across(m, total, axis_name, *, extra: Callable | None = None):
+@overload
+def merge_across(
+    m: jax.Array, total: jax.Array, axis_name, *, extra: None = None
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def merge_across(
+    m: jax.Array, total: jax.Array, axis_name, *, extra: Callable[[jax.Array], _Tree]
+) -> tuple[jax.Array, jax.Array, _Tree]: ...
+
+
+def merge_across(
+    m: jax.Array, total: jax.Array, axis_name, *, extra: Callable[[jax.Array], _Tree] | None = None
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, _Tree]:
     """:func:`merge_stats` over devices: ``lax.pmax`` of the shifts, then one ``lax.psum``
     of the rescaled sums (and of ``extra(M)``, in the same all-reduce). Call inside
     :func:`jax.shard_map`; ``m`` and ``total`` are this device's per-row statistics."""
@@ -151,7 +190,7 @@ def _sum_over(axis: int):
     return lambda tree: jax.tree.map(partial(jnp.sum, axis=axis, keepdims=True), tree)
 
 
-def merge_over(m, total, axis: int):
+def merge_over(m: jax.Array, total: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     """:func:`merge_stats` over an array axis (kept with size 1)."""
     return merge_stats(
         m, total, reduce_max=partial(jnp.max, axis=axis, keepdims=True), reduce_sum=_sum_over(axis)
@@ -209,7 +248,7 @@ def _merge_primal(values, lse, axis: int):
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _merge_kernel(values, lse, axis: int):
+def _merge_kernel(values, lse, axis: int) -> tuple[jax.Array, jax.Array]:
     value, lse_out, _ = _merge_primal(values, lse, axis)
     return value, lse_out
 

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _formulas, _merge
+from jsoftmax import _checks, _custom, _formulas, _merge
+from jsoftmax._checks import Precision, Rule
 
 Axes = tuple[int, ...]
 
@@ -162,8 +163,8 @@ def _safe_log(p):
 # --------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _kernel_vjp(x, where, temperature, axes: Axes, log: bool, precise: bool = False):
+@partial(_custom.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _kernel_vjp(x, where, temperature, axes: Axes, log: bool, precise: bool = False) -> jax.Array:
     return _values(x, where, temperature, axes, log, precise).astype(x.dtype)
 
 
@@ -206,7 +207,7 @@ _kernel_vjp.defvjp(_kernel_vjp_fwd, _kernel_vjp_bwd)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
-def _kernel_jvp(x, where, temperature, axes: Axes, log: bool, precise: bool = False):
+def _kernel_jvp(x, where, temperature, axes: Axes, log: bool, precise: bool = False) -> jax.Array:
     return _values(x, where, temperature, axes, log, precise).astype(x.dtype)
 
 
@@ -258,7 +259,9 @@ def _output_tangent(out, temperature, x_dot, t_dot, axes: Axes, log: bool, preci
 # --------------------------------------------------------------------------------------
 
 
-def _dispatch(x, axis, where, rule, temperature, log: bool, precision: str = "default"):
+def _dispatch(
+    x, axis, where, rule: Rule, temperature, log: bool, precision: Precision
+) -> jax.Array:
     x = _checks.as_float_array(x)
     axes = _checks.canonical_axes(axis, x.ndim)
     _checks.check_rule(rule)
@@ -276,9 +279,9 @@ def softmax(
     axis: int | tuple[int, ...] = -1,
     *,
     where: ArrayLike | None = None,
-    rule: str = "vjp",
+    rule: Rule = "vjp",
     temperature: ArrayLike = 1.0,
-    precision: str = "default",
+    precision: Precision = "default",
 ) -> jax.Array:
     r"""Numerically stable softmax with a lean custom derivative.
 
@@ -355,9 +358,9 @@ def log_softmax(
     axis: int | tuple[int, ...] = -1,
     *,
     where: ArrayLike | None = None,
-    rule: str = "vjp",
+    rule: Rule = "vjp",
     temperature: ArrayLike = 1.0,
-    precision: str = "default",
+    precision: Precision = "default",
 ) -> jax.Array:
     r"""Numerically stable log-softmax.
 
@@ -425,8 +428,8 @@ def _lse_parts(x, where, axes: Axes):
     return e, total, _merge.lse_of(m, total)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _lse_kernel_vjp(x, where, axes: Axes):
+@partial(_custom.custom_vjp, nondiff_argnums=(2,))
+def _lse_kernel_vjp(x, where, axes: Axes) -> jax.Array:
     return _lse_parts(x, where, axes)[2].astype(x.dtype)
 
 
@@ -445,7 +448,7 @@ _lse_kernel_vjp.defvjp(_lse_kernel_vjp_fwd, _lse_kernel_vjp_bwd)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _lse_kernel_jvp(x, where, axes: Axes):
+def _lse_kernel_jvp(x, where, axes: Axes) -> jax.Array:
     return _lse_parts(x, where, axes)[2].astype(x.dtype)
 
 
@@ -469,7 +472,7 @@ def logsumexp(
     *,
     where: ArrayLike | None = None,
     keepdims: bool = False,
-    rule: str = "vjp",
+    rule: Rule = "vjp",
 ) -> jax.Array:
     r"""Numerically stable log-sum-exp, whose gradient is :func:`softmax`.
 

@@ -47,7 +47,6 @@ target). Without padding, :func:`jax.shard_map` raises before anything is comput
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +54,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _formulas, _linear, _losses, _merge, _softmax
+from jsoftmax import _checks, _custom, _formulas, _linear, _losses, _merge, _softmax
+from jsoftmax._checks import Reduction
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "log_softmax", "softmax"]
 
@@ -171,7 +171,7 @@ def _values(x, where, axes: Axes, axis_name: AxisName, log: bool):
 # --------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@partial(_custom.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _softmax_kernel(x, where, axes: Axes, axis_name: AxisName, log: bool):
     return _values(x, where, axes, axis_name, log).astype(x.dtype)
 
@@ -457,7 +457,7 @@ def _prob_rows(fp, labels, where, w_b, ok, n_global, opts, axis_name, shape, cdt
     return _losses._mask_rows(loss, row_ok), (m_all, total), row_ok, (mass, k)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+@partial(_custom.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _ce_kernel(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
     return _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes)[0]
 
@@ -465,7 +465,7 @@ def _ce_kernel(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n
 def _ce_fwd(x, labels, where, temperature, weights, ex_ok, opts, axis_name, n_classes):
     axis = opts.axis
     cdt = _losses._compute_dtype(x, labels)
-    fp = _losses._forward_pass(x, where, temperature, opts, cdt)
+    fp, _ = _losses._forward_pass(x, where, temperature, opts, cdt)
     n_global = x.shape[axis] * lax.axis_size(axis_name) if n_classes is None else n_classes
     w_b = _losses._class_weights(weights, where, axis, x.ndim, cdt)
     ok = None if ex_ok is None else jnp.expand_dims(ex_ok, axis)
@@ -499,10 +499,10 @@ def _ce_kernel_bwd(opts, axis_name, n_classes, residuals, g):
         p = jnp.exp(shifted) * (1 / _losses._nonzero(total))
     else:
         p = jnp.exp(shifted - jnp.log(_losses._nonzero(total)))
-    u = None
+    u = z  # the soft-capped logits, read only with a cap
     if opts.softcap is not None:
         u = _losses._capped(lax.optimization_barrier(z), opts)  # as jsoftmax.cross_entropy
-    fp = _losses._Pass(z, u, shifted, None, total, m)
+    fp = _losses._Pass(z, u, shifted, total, m)
     w_b = _losses._class_weights(weights, where, axis, x.ndim, cdt)
     lse = m + jnp.log(_losses._nonzero(total)) if opts.z_loss else None
     integer = _losses._is_integer(labels)
@@ -534,7 +534,7 @@ def _ce_kernel_bwd(opts, axis_name, n_classes, residuals, g):
 _ce_kernel.defvjp(_ce_kernel_fwd, _ce_kernel_bwd)
 
 
-def _reduce(per_row, weight, reduction: str, data_axis_name):
+def _reduce(per_row, weight, reduction: Reduction, data_axis_name):
     """``reduction`` of the per-row losses; over every row of ``data_axis_name`` too."""
     if reduction == "none":
         return per_row
@@ -628,7 +628,7 @@ def cross_entropy(
     weights: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    reduction: Literal["none", "sum", "mean"] = "none",
+    reduction: Reduction = "none",
     data_axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Vocab-parallel softmax cross-entropy; call inside :func:`jax.shard_map`.
@@ -752,7 +752,7 @@ def cross_entropy(
     axis_name = _check_axis_name(axis_name)
     x = _checks.as_float_array(logits_shard, "logits_shard")
     axis = _checks.canonical_axis(axis, x.ndim)
-    reduction = _losses._check_reduction(reduction)
+    reduction = _checks.check_reduction(reduction)
     ignore_index = _losses._check_ignore_index(ignore_index)
     labels = _check_shard_labels(labels, x, axis, ignore_index)
     opts = _losses._Options(
@@ -768,7 +768,7 @@ def cross_entropy(
         raise ValueError("logits_shard has an empty class axis; cross-entropy is undefined.")
     num_classes = _check_num_classes(num_classes, x.shape[axis], shards)
     weights = _check_shard_weights(weights, x.shape[axis])
-    temperature = _checks.prepare_temperature(temperature, x.shape, (axis,))
+    t = _checks.prepare_temperature(temperature, x.shape, (axis,))  # None for T = 1
     where = _mask(x.shape, axis, axis_name, where, num_classes)
     ex_ok = example_mask
     if _losses._is_integer(labels):
@@ -780,9 +780,7 @@ def cross_entropy(
         # Probability labels are differentiated: their cotangent is local, so they must
         # vary over the mesh axes the logits vary over (and the logits over theirs).
         x, labels = _varying((x, labels), ())
-    per_row, weight = _ce_kernel(
-        x, labels, where, temperature, weights, ex_ok, opts, axis_name, num_classes
-    )
+    per_row, weight = _ce_kernel(x, labels, where, t, weights, ex_ok, opts, axis_name, num_classes)
     return _reduce(per_row, weight, reduction, data_axis_name)
 
 
@@ -791,7 +789,7 @@ def cross_entropy(
 # --------------------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+@partial(_custom.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _lce_kernel(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes):
     return _lce_fwd(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_classes)[0]
 
@@ -928,7 +926,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
-    reduction: Literal["none", "sum", "mean"] = "none",
+    reduction: Reduction = "none",
     chunk_size: int | None = None,
     data_axis_name: AxisName | None = None,
 ) -> jax.Array:
@@ -1014,7 +1012,7 @@ def linear_cross_entropy(
     """
     axis_name = _check_axis_name(axis_name)
     x, w, labels, bias, _ = _linear._check_inputs(x, w_shard, labels, bias_shard, 1)
-    reduction = _losses._check_reduction(reduction)
+    reduction = _checks.check_reduction(reduction)
     ignore_index = _losses._check_ignore_index(ignore_index)
     opts = _losses._Options(
         1,

@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # loaded on first use (see __getattr__); named here for type checkers
+    from jsoftmax.tools import accuracy, bench, verify
 
 __all__ = ["accuracy", "bench", "verify"]
 

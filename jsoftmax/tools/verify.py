@@ -18,7 +18,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,8 @@ import jsoftmax
 
 PROG = "python -m jsoftmax verify"
 SIZES = (2, 3, 16, 128, 1024)
-DTYPES = ("float32", "float64", "bfloat16")
+Dtype = Literal["float16", "bfloat16", "float32", "float64"]
+DTYPES: tuple[Dtype, ...] = ("float32", "float64", "bfloat16")
 BATCHED = (((8, 256), -1), ((64, 4, 3), 0))
 
 
@@ -301,6 +302,8 @@ def _check_log_softmax_jacobian(c: _Input) -> None:
 
 
 def _products(c: _Input) -> tuple[np.ndarray, float]:
+    if c.v is None:
+        raise ValueError("the product checks need a direction v (family=True).")
     v_ref = _to_float64(jnp.moveaxis(c.v, c.axis, -1))
     jv_ref = np.einsum("...ij,...j->...i", c.j_ref, v_ref)
     return jv_ref, c.p_max * float(np.abs(v_ref).max())
@@ -411,7 +414,7 @@ _CHECKS: tuple[Callable[[_Input], None], ...] = (
 
 def verify(
     sizes: Sequence[int] = SIZES,
-    dtypes: Sequence[str] = DTYPES,
+    dtypes: Sequence[Dtype] = DTYPES,
     *,
     batched: Sequence[tuple[tuple[int, ...], int]] = BATCHED,
     family: bool = True,
@@ -512,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dtypes",
         nargs="+",
         default=list(DTYPES),
-        choices=["float16", "bfloat16", "float32", "float64"],
+        choices=get_args(Dtype),
         help="dtypes to test (default: float32 float64 bfloat16)",
     )
     parser.add_argument("--no-batched", action="store_true", help="skip the batched cases")

@@ -4,12 +4,14 @@ are the problem solved."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import jax.numpy as jnp
 import numpy as np
 
-from jsoftmax.tools.accuracy._metrics import to_dtype, ulp
+from jsoftmax.tools.accuracy._metrics import Dtype, to_dtype, ulp
 
-FAMILIES = (
+Family = Literal[
     "normal",
     "wide",
     "near_ties",
@@ -18,10 +20,11 @@ FAMILIES = (
     "near_max",
     "neg_inf",
     "masked",
-)
+]
+FAMILIES: tuple[Family, ...] = get_args(Family)
 
 
-def family(name: str, dtype: str, rows: int, n: int, rng: np.random.Generator):
+def family(name: Family, dtype: Dtype, rows: int, n: int, rng: np.random.Generator):
     """Returns ``(x, where)`` of shape ``(rows, n)``; ``where`` is None when unmasked."""
     fmax = float(jnp.finfo(jnp.dtype(dtype)).max)
     where = None

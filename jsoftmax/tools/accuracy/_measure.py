@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jsoftmax
-from jsoftmax.tools.accuracy._families import FAMILIES, family
-from jsoftmax.tools.accuracy._metrics import DTYPES, errors, row_scale, summary, to_dtype
+from jsoftmax.tools.accuracy._families import FAMILIES, Family, family
+from jsoftmax.tools.accuracy._metrics import DTYPES, Dtype, errors, row_scale, summary, to_dtype
 from jsoftmax.tools.accuracy._reference import ExactRow, split
 
-VALUE_OPS = ("softmax", "softmax[high]", "log_softmax", "log_softmax[high]")
-GRAD_OPS = (
+ValueOp = Literal["softmax", "softmax[high]", "log_softmax", "log_softmax[high]"]
+GradOp = Literal[
     "softmax_vjp",
     "softmax_vjp[high]",
     "log_softmax_vjp",
@@ -23,10 +24,14 @@ GRAD_OPS = (
     "softmax_jvp[high]",
     "jacobian",
     "jacfwd",
-)
-CE_OPS = ("cross_entropy", "cross_entropy_grad")
-OPS = VALUE_OPS + GRAD_OPS + CE_OPS
-QUICK_GRAD_OPS = ("softmax_vjp", "softmax_vjp[high]", "softmax_jvp", "jacobian")
+]
+CeOp = Literal["cross_entropy", "cross_entropy_grad"]
+Op = Literal[ValueOp, GradOp, CeOp]
+VALUE_OPS: tuple[ValueOp, ...] = get_args(ValueOp)
+GRAD_OPS: tuple[GradOp, ...] = get_args(GradOp)
+CE_OPS: tuple[CeOp, ...] = get_args(CeOp)
+OPS: tuple[Op, ...] = get_args(Op)  # the three groups, in this order
+QUICK_GRAD_OPS: tuple[GradOp, ...] = ("softmax_vjp", "softmax_vjp[high]", "softmax_jvp", "jacobian")
 DIGITS = 50
 MPMATH_MISSING = (
     "the accuracy report needs mpmath, an optional extra: pip install 'jsoftmax[accuracy]' "
@@ -107,9 +112,9 @@ def _impls(op: str) -> dict[str, Impl]:
 def run(
     *,
     quick: bool = False,
-    dtypes: Sequence[str] = DTYPES,
-    families: Sequence[str] = FAMILIES,
-    ops: Sequence[str] | None = None,
+    dtypes: Sequence[Dtype] = DTYPES,
+    families: Sequence[Family] = FAMILIES,
+    ops: Sequence[Op] | None = None,
     seed: int = 0,
 ) -> list[dict]:
     """Measures jsoftmax and :mod:`jax.nn` against mpmath; returns one dict per row.
@@ -146,7 +151,7 @@ def run(
       [('jsoftmax', 33, True), ('jax.nn', 33, False)]
     """
     if ops is None:
-        ops = VALUE_OPS + (QUICK_GRAD_OPS if quick else GRAD_OPS) + CE_OPS
+        ops = (*VALUE_OPS, *(QUICK_GRAD_OPS if quick else GRAD_OPS), *CE_OPS)
     for name, given, allowed in (
         ("dtypes", dtypes, DTYPES),
         ("families", families, FAMILIES),
@@ -155,7 +160,7 @@ def run(
         bad = [g for g in given if g not in allowed]
         if bad:
             raise ValueError(f"{name} has unknown entries {bad}; choose from {allowed}.")
-    if "float64" in dtypes and not jax.config.jax_enable_x64:
+    if "float64" in dtypes and not jax.config.read("jax_enable_x64"):
         raise ValueError("dtypes includes float64, which needs jax_enable_x64 to be on.")
     try:
         import mpmath

@@ -2,30 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax.numpy as jnp
 import numpy as np
 
+Dtype = Literal["float16", "bfloat16", "float32", "float64"]
+
 # Precision bits (stored mantissa) and minimum normal exponent of each dtype.
-FORMAT = {
+FORMAT: dict[Dtype, tuple[int, int]] = {
     "float16": (10, -14),
     "bfloat16": (7, -126),
     "float32": (23, -126),
     "float64": (52, -1022),
 }
-DTYPES = tuple(FORMAT)
+DTYPES: tuple[Dtype, ...] = tuple(FORMAT)
 
 
-def smallest_normal(dtype: str) -> float:
+def smallest_normal(dtype: Dtype) -> float:
     return float(np.ldexp(1.0, FORMAT[dtype][1]))
 
 
-def to_dtype(x, dtype: str) -> np.ndarray:
+def to_dtype(x, dtype: Dtype) -> np.ndarray:
     """The float64 values ``x`` rounded to ``dtype`` (to nearest), back in float64."""
     with np.errstate(over="ignore"):
         return np.asarray(x, np.float64).astype(jnp.dtype(dtype)).astype(np.float64)
 
 
-def ulp(a, dtype: str) -> np.ndarray:
+def ulp(a, dtype: Dtype) -> np.ndarray:
     """Spacing of ``dtype`` at the float64 values ``a`` (smallest subnormal at 0).
 
     Examples:
@@ -43,7 +47,7 @@ def ulp(a, dtype: str) -> np.ndarray:
     return np.ldexp(1.0, np.maximum(e, emin) - nmant)
 
 
-def errors(got, hi: np.ndarray, lo: np.ndarray, dtype: str, scale=None):
+def errors(got, hi: np.ndarray, lo: np.ndarray, dtype: Dtype, scale=None):
     """Per-component (ulp error, relative error, nonfinite flag, flushed flag).
 
     The exact value is ``hi + lo`` (two float64 numbers); ``got`` is the computed result.

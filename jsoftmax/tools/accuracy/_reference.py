@@ -70,7 +70,7 @@ class ExactRow:
             lo[self.fin] = u_lo[self.inv[self.fin]]
         return hi, lo
 
-    def _p(self, i: int):
+    def _p(self, i: int | np.integer):
         return self.p_u[self.inv[i]]
 
     def jac_product(self, g: np.ndarray):

@@ -15,13 +15,14 @@ from jsoftmax.tools.bench._timing import (
     F32,
     Case,
     Ctx,
+    Group,
     Row,
     logits,
     shape_str,
     time_interleaved,
 )
 
-GROUPS = ("bandwidth",)
+GROUPS: tuple[Group, ...] = ("bandwidth",)
 TARGET = 0.8  # minimum fraction of the bound
 SHAPE = (4096, 32768)
 

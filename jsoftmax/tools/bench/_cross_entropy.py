@@ -6,6 +6,7 @@ plain passes)."""
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from jsoftmax.tools.bench._timing import (
     F32,
     Case,
     Ctx,
+    Group,
     Row,
     agree,
     logits,
@@ -25,7 +27,7 @@ from jsoftmax.tools.bench._timing import (
     timing_row,
 )
 
-GROUPS = ("cross-entropy", "ce options")
+GROUPS: tuple[Group, ...] = ("cross-entropy", "ce options")
 SHAPES = ((4096, 1024, F32), (1024, 32768, F32), (512, 131072, F32), (4096, 1024, BF16))
 TARGET = 1.0  # minimum ratio optax / jsoftmax
 OPTION_TARGET = 1 / 1.15  # an option may cost at most 15% over the plain call
@@ -89,7 +91,7 @@ def options(ctx: Ctx, shape) -> list[Row]:
     ignored = labels.at[::7].set(-100)  # one row in seven is padding
     fns, kwargs = {}, _option_kwargs(shape)
 
-    def step(y, reduction="mean", **kw):
+    def step(y, reduction: Literal["sum", "mean"] = "mean", **kw):
         f = jax.jit(
             jax.value_and_grad(lambda x: jsoftmax.cross_entropy(x, y, reduction=reduction, **kw))
         )

@@ -16,6 +16,7 @@ from jsoftmax.tools.bench._timing import (
     FORWARD_SHAPES,
     Case,
     Ctx,
+    Group,
     Row,
     agree,
     logits,
@@ -25,7 +26,7 @@ from jsoftmax.tools.bench._timing import (
     timing_row,
 )
 
-GROUPS = ("forward",)
+GROUPS: tuple[Group, ...] = ("forward",)
 TARGET = 0.95  # minimum ratio jax.nn / jsoftmax
 
 

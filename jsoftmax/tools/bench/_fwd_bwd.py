@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from jsoftmax.tools.bench._timing import (
     FORWARD_SHAPES,
     Case,
     Ctx,
+    Group,
     Row,
     agree,
     logits,
@@ -26,7 +28,7 @@ from jsoftmax.tools.bench._timing import (
     timing_row,
 )
 
-GROUPS = ("fwd+bwd (a)", "fwd+bwd (b)")
+GROUPS: tuple[Group, ...] = ("fwd+bwd (a)", "fwd+bwd (b)")
 TARGET = 0.95  # minimum ratio jax.nn / jsoftmax, for the default rule
 
 
@@ -44,7 +46,7 @@ def _value_and_grad(sm: Callable) -> Callable:
     return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(sm(x) * w)))
 
 
-def fwd_bwd(ctx: Ctx, form: str, shape, dtype, rule: str) -> list[Row]:
+def fwd_bwd(ctx: Ctx, form: str, shape, dtype, rule: Literal["vjp", "jvp"]) -> list[Row]:
     x = logits(shape, dtype)
     g = logits(shape, dtype, seed=1)
     make = value_and_vjp if form == "a" else _value_and_grad
@@ -77,11 +79,11 @@ def cases(quick: bool) -> list[Case]:
     inputs = [(s, F32) for s in shapes] + [((4096, 1024), BF16)]
     return [
         Case(
-            f"fwd+bwd ({form})",
-            f"fwd+bwd ({form}) {shape} {np.dtype(dtype).name} {rule}",
+            group,
+            f"{group} {shape} {np.dtype(dtype).name} {rule}",
             partial(fwd_bwd, form=form, shape=shape, dtype=dtype, rule=rule),
         )
-        for form in ("a", "b")
+        for group, form in zip(GROUPS, ("a", "b"), strict=True)
         for rule in rules
         for shape, dtype in inputs
     ]

@@ -14,6 +14,7 @@ from jsoftmax.tools.bench._timing import (
     F32,
     Case,
     Ctx,
+    Group,
     Row,
     agree,
     logits,
@@ -22,7 +23,7 @@ from jsoftmax.tools.bench._timing import (
     timing_row,
 )
 
-GROUPS = ("jacobian", "jacobian-free")
+GROUPS: tuple[Group, ...] = ("jacobian", "jacobian-free")
 AUTODIFF_TARGET = 1.3  # minimum ratio autodiff / jsoftmax (batched or n >= 1024)
 WRITE_BOUND_TARGET = 1 / 1.25  # within 1.25x of the write bound
 JACOBIAN_FREE_TARGET = 50.0  # minimum ratio dense / O(n) product at n = 4096

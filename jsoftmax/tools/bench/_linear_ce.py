@@ -19,6 +19,7 @@ from jsoftmax.tools.bench._timing import (
     F32,
     Case,
     Ctx,
+    Group,
     Row,
     agree,
     optional,
@@ -26,7 +27,7 @@ from jsoftmax.tools.bench._timing import (
     timing_row,
 )
 
-GROUPS = ("linear-ce", "linear-ce scaling")
+GROUPS: tuple[Group, ...] = ("linear-ce", "linear-ce scaling")
 SHAPE = (2048, 256, 32768)  # (N, H, V)
 TIME_TARGET = 1.1  # minimum ratio dense / fused
 MEMORY_TARGET = 10.0

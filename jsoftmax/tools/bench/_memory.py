@@ -16,6 +16,7 @@ from jsoftmax.tools.bench._timing import (
     F32,
     Case,
     Ctx,
+    Group,
     Row,
     footprint,
     optional,
@@ -23,7 +24,7 @@ from jsoftmax.tools.bench._timing import (
     shape_str,
 )
 
-GROUPS = ("memory",)
+GROUPS: tuple[Group, ...] = ("memory",)
 SHAPE = (4096, 32768)
 
 

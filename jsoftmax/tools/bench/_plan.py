@@ -16,7 +16,7 @@ from jsoftmax.tools.bench import (
     _sharded,
     _torch,
 )
-from jsoftmax.tools.bench._timing import Case
+from jsoftmax.tools.bench._timing import Case, Group
 
 # Single-device groups, in the order they run.
 _MODULES = (
@@ -30,7 +30,7 @@ _MODULES = (
     _torch,
 )
 SHARDED = _sharded.GROUPS[0]
-GROUPS: tuple[str, ...] = tuple(g for m in _MODULES for g in m.GROUPS) + _sharded.GROUPS
+GROUPS: tuple[Group, ...] = tuple(g for m in _MODULES for g in m.GROUPS) + _sharded.GROUPS
 
 
 def check_groups(groups: Sequence[str] | None, devices: int | None) -> None:

@@ -78,7 +78,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         "",
     ]
     header = ("group", "case", "baseline", "jsoftmax: value", "baseline: value", "ratio", "target")
-    table = [header]
+    table: list[tuple[str, ...]] = [header]
     for r in rows:
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
         table.append(

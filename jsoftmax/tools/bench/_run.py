@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 import jax
-import jaxlib
+import jaxlib.version
 
 import jsoftmax
 from jsoftmax.tools.bench import _plan, _sharded
-from jsoftmax.tools.bench._timing import Ctx, Row
+from jsoftmax.tools.bench._timing import Ctx, Group, Row
 
 
 class Progress:
@@ -59,7 +59,7 @@ def _meta(quick: bool, repeats: int) -> dict[str, Any]:
         "device": f"{dev.platform}: {dev.device_kind}",
         "device_count": jax.device_count(),
         "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
+        "jaxlib": jaxlib.version.__version__,
         "jsoftmax": jsoftmax.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -75,7 +75,7 @@ def _meta(quick: bool, repeats: int) -> dict[str, Any]:
 def run(
     quick: bool = True,
     repeats: int | None = None,
-    groups: Sequence[str] | None = None,
+    groups: Sequence[Group] | None = None,
     progress: bool = False,
     devices: int | None = None,
 ) -> dict[str, Any]:

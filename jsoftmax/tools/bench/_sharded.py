@@ -36,6 +36,7 @@ from jsoftmax.tools.bench._timing import (
     F32,
     Case,
     Ctx,
+    Group,
     Row,
     agree,
     footprint,
@@ -43,7 +44,7 @@ from jsoftmax.tools.bench._timing import (
     timing_row,
 )
 
-GROUPS = ("sharded",)
+GROUPS: tuple[Group, ...] = ("sharded",)
 DEVICE_COUNTS = (1, 2, 4, 8)
 SHAPE = (512, 32768)
 QUICK_SHAPE = (256, 8192)
@@ -64,7 +65,9 @@ def prepare_devices(devices: int) -> None:
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
         raise ValueError(f"devices must be a positive int, got {devices!r}.")
     try:
-        if jax.config.jax_num_cpu_devices < devices:
+        # jax.config declares no attributes for its flags (this one has a context
+        # manager, so jax.config.read refuses it): the documented attribute read.
+        if jax.config.jax_num_cpu_devices < devices:  # pyright: ignore[reportAttributeAccessIssue]
             jax.config.update("jax_num_cpu_devices", devices)
     except RuntimeError:
         pass  # backends already started: use what is there

@@ -11,11 +11,29 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The benchmark groups. Each group module declares its own in ``GROUPS`` (typed with this
+# alias, so a name missing here is a type error); ``_plan.GROUPS`` collects them.
+Group = Literal[
+    "forward",
+    "fwd+bwd (a)",
+    "fwd+bwd (b)",
+    "cross-entropy",
+    "ce options",
+    "jacobian",
+    "jacobian-free",
+    "memory",
+    "linear-ce",
+    "linear-ce scaling",
+    "bandwidth",
+    "torch",
+    "sharded",
+]
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
@@ -269,7 +287,7 @@ class Case(NamedTuple):
     """One step of the plan: ``run(ctx)`` returns the rows of ``group``; ``label`` is
     shown in the progress bar."""
 
-    group: str
+    group: Group
     label: str
     run: Callable[[Ctx], list[Row]]
 

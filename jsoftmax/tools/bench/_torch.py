@@ -15,6 +15,7 @@ from jsoftmax.tools.bench._timing import (
     FORWARD_SHAPES,
     Case,
     Ctx,
+    Group,
     Row,
     installed,
     logits,
@@ -23,11 +24,11 @@ from jsoftmax.tools.bench._timing import (
     timing_row,
 )
 
-GROUPS = ("torch",)
+GROUPS: tuple[Group, ...] = ("torch",)
 
 
 def torch_softmax(ctx: Ctx, shape, backward: bool) -> list[Row]:
-    import torch
+    import torch  # pyright: ignore[reportMissingImports] - optional, not a dependency
 
     x = logits(shape, F32)
     g = logits(shape, F32, seed=1)
@@ -36,26 +37,23 @@ def torch_softmax(ctx: Ctx, shape, backward: bool) -> list[Row]:
     if backward:
         cand = value_and_vjp(jsoftmax.softmax)
 
-        def base():
+        def base_vjp():
             xr = xt.detach().requires_grad_(True)
             y = torch.softmax(xr, dim=-1)
             y.backward(gt)
             return y, xr.grad
 
-        def run_cand():
-            return cand(x, g)
-
+        fns = {"base": base_vjp, "cand": lambda: cand(x, g)}
     else:
         cand = jax.jit(jsoftmax.softmax)
 
-        def base():
+        def base_value():
             with torch.no_grad():
                 return torch.softmax(xt, dim=-1)
 
-        def run_cand():
-            return cand(x)
+        fns = {"base": base_value, "cand": lambda: cand(x)}
 
-    t = time_interleaved({"base": base, "cand": run_cand}, ctx.repeats, ctx.min_sample_s)
+    t = time_interleaved(fns, ctx.repeats, ctx.min_sample_s)
     what = "value + vjp" if backward else "softmax"
     return [
         timing_row(
