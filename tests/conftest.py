@@ -45,4 +45,3 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if item.get_closest_marker("x64") or any(_is_float64(v) for v in params.values()):
             item.add_marker(skip)
-
