@@ -31,8 +31,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def _is_float64(value) -> bool:
     if isinstance(value, str):
         return value == "float64"
+    if value is None or value is float:  # np.dtype gives float64 for both
+        return False
     try:
-        return np.dtype(value) == np.float64 and value is not float
+        return np.dtype(value) == np.float64
     except TypeError:
         return False
 

@@ -13,6 +13,14 @@ import numpy as np
 # The one place the tests reach into JAX's internals: the residual list of a vjp.
 from jax._src.ad_checkpoint import saved_residuals  # noqa: F401
 
+# Whether float64 is enabled (tests/conftest.py: on unless JSOFTMAX_TEST_X64=0).
+X64 = bool(jax.config.read("jax_enable_x64"))
+
+# The dtype of references that JAX itself computes (autodiff of a plain implementation,
+# jax.nn, optax, check_grads): float64 where enabled, else float32. Comparisons in it take
+# their tolerances from it (``close(..., REF_DTYPE)``, ``tol(REF_DTYPE, ...)``).
+REF_DTYPE = jnp.float64 if X64 else jnp.float32
+
 
 def make_logits(shape, dtype=jnp.float32, seed=0, scale=3.0):
     """Standard-normal logits times ``scale``, drawn in float64 and rounded to ``dtype``."""
@@ -31,14 +39,20 @@ def assert_close(a, b, *, rtol, atol=0.0):
 
 
 # Tolerances of results that are a few roundings away from exact (relative and absolute).
-TOL = {jnp.float32: 2e-6, jnp.float64: 1e-12}
+TOL = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-12}
 
 
 def close(a, b, dtype, scale=1.0, *, atol_scale=1.0):
     """``a`` and ``b`` agree to ``TOL[dtype] * scale`` (relative and absolute); for a
     quantity near 0 summed from larger terms, ``atol_scale`` widens the absolute part."""
-    tol = TOL[dtype] * scale
+    tol = TOL[np.dtype(dtype)] * scale
     assert_close(a, b, rtol=tol, atol=tol * atol_scale)
+
+
+def tol(dtype, f64, f32):
+    """The tolerance of a comparison computed in ``dtype``: ``f64`` for float64, ``f32``
+    for float32 (for a test that states its own, e.g. a few ULP of each)."""
+    return {np.dtype(np.float64): f64, np.dtype(np.float32): f32}[np.dtype(dtype)]
 
 
 def np_softmax(x, axis=-1):

@@ -1,9 +1,10 @@
 """jsoftmax.sharded.linear_cross_entropy: the fused output layer + loss, vocabulary split.
 
 Runs on the eight simulated CPU devices of conftest.py, on a vocabulary-only mesh (8,)
-and a (data, vocab) mesh (2, 4). References: the dense float64 loss
-``jsoftmax.cross_entropy(x @ w + b, ...)`` and its autodiff gradients, and the one-device
-``jsoftmax.linear_cross_entropy``. Collectives are counted in the compiled HLO.
+and a (data, vocab) mesh (2, 4). References: the dense loss
+``jsoftmax.cross_entropy(x @ w + b, ...)`` in float64 (float32 where float64 is off) and
+its autodiff gradients, and the one-device ``jsoftmax.linear_cross_entropy``. Collectives
+are counted in the compiled HLO.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jsoftmax
 from jsoftmax import sharded
 from tests.test_sharded import _collectives, _hlo
 
-from helpers import cpu_device_count, cpu_mesh
+from helpers import REF_DTYPE, cpu_device_count, cpu_mesh, tol
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,7 +29,9 @@ pytestmark = [
     ),
 ]
 
-F64 = dict(rtol=1e-11, atol=1e-11)
+
+# Tolerances against the references, in REF_DTYPE (the name is from float64).
+F64 = tol(REF_DTYPE, dict(rtol=1e-11, atol=1e-11), dict(rtol=2e-6, atol=2e-6))
 ROWS, H, V = 12, 8, 64
 MESHES = {"8": ((8,), ("v",), None), "2x4": ((2, 4), ("d", "v"), "d")}
 
@@ -60,11 +63,12 @@ def _data(case, seed=0):
         y[2] = 40  # a label on one: the row does not count
     if case.get("ignore_index") is not None:
         y[[4, 7]] = case["ignore_index"]
+    x, w, b, wt = (None if a is None else a.astype(REF_DTYPE) for a in (x, w, b, wt))
     return x, w, y, b, wt
 
 
 def _dense(x, w, y, b, wt, n, reduction, opts):
-    """The dense float64 loss over the first n classes (jsoftmax.cross_entropy)."""
+    """The dense loss over the first n classes (jsoftmax.cross_entropy)."""
     z = x @ w[:, :n] + (0.0 if b is None else b[None, :n])
     live = None if b is None else jnp.asarray(b[:n] > -np.inf)
     where = None if b is None else live[None, :]

@@ -6,6 +6,7 @@ import ast
 import importlib.metadata
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -58,6 +59,13 @@ def test_no_private_jax_imports():
         bad = {m for m in _imports(path, {}) if m == "jax._src" or m.startswith("jax._src.")}
         assert not bad, (name, bad)
         assert "jax._src" not in path.read_text(), name
+
+
+def test_no_module_switches_float64_on_globally():
+    # The tools scope float64 with jax.enable_x64: a global update would leak into the
+    # caller's process (a notebook, a test session).
+    for name, path in _modules().items():
+        assert not re.search(r"config\.update\(\s*.jax_enable_x64", path.read_text()), name
 
 
 def test_core_never_imports_the_tools():

@@ -15,6 +15,8 @@ import jsoftmax
 from jsoftmax.__main__ import main
 from jsoftmax.tools import verify as verify_module
 
+from helpers import REF_DTYPE, X64
+
 pytestmark = pytest.mark.slow
 
 METHODS = {
@@ -40,7 +42,8 @@ def test_verify_report_agrees_and_covers_every_method():
     report = jsoftmax.verify(sizes=(2, 17), dtypes=("float32", "float64"), batched=(((3, 5), 0),))
     assert report.ok, report.table()
     assert {r.method for r in report.rows} == METHODS
-    assert {r.dtype for r in report.rows} == {"float32", "float64"}
+    # float64 is skipped where it is off.
+    assert {r.dtype for r in report.rows} == ({"float32", "float64"} if X64 else {"float32"})
     assert f"backend: {jax.default_backend()}" in report.table()
 
 
@@ -70,7 +73,8 @@ def _wrong_jacobian(x, axis=-1, *, where=None):  # vectors only, as used below
 def test_verify_detects_a_wrong_method(monkeypatch):
     # The harness must be able to fail.
     monkeypatch.setattr(jsoftmax, "jacobian", _wrong_jacobian)
-    report = jsoftmax.verify(sizes=(4,), dtypes=("float64",), batched=(), family=False)
+    dtype = np.dtype(REF_DTYPE).name
+    report = jsoftmax.verify(sizes=(4,), dtypes=(dtype,), batched=(), family=False)
     assert not report.ok
     bad = [r for r in report.rows if not r.ok]
     assert [r.method for r in bad] == ["jsoftmax.jacobian (explicit)"]
@@ -153,6 +157,21 @@ def test_cli_summary_shows_failures_in_full(monkeypatch, capsys, tmp_path):
     data = json.loads(path.read_text())
     assert data["ok"] is False
     assert [r["method"] for r in data["rows"] if not r["ok"]] == ["jsoftmax.jacobian (explicit)"]
+
+
+def test_cli_float64_leaves_the_jax_configuration_alone(tmp_path, capsys):
+    # float64 is on for the run only: a caller in JAX's default configuration keeps it.
+    path = tmp_path / "verify.json"
+    args = ["verify", "--sizes", "3", "--dtypes", "float64", "--no-batched", "--no-family"]
+    before = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", False)
+    try:
+        assert main([*args, "--quiet", "--json", str(path)]) == 0
+        assert jax.config.read("jax_enable_x64") is False
+    finally:
+        jax.config.update("jax_enable_x64", before)
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all(r["dtype"] == "float64" for r in rows)
 
 
 def test_cli_rejects_bad_sizes(capsys):

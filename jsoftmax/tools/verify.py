@@ -14,6 +14,7 @@ adds rows; a new method is a new check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -529,17 +530,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.sizes):
         parser.error("--sizes must be positive integers")
-    if "float64" in args.dtypes:
-        jax.config.update("jax_enable_x64", True)
     progress = None if args.quiet else (lambda s: print(f"  checking {s}", file=sys.stderr))
-    report = verify(
-        args.sizes,
-        args.dtypes,
-        batched=() if args.no_batched else BATCHED,
-        family=not args.no_family,
-        seed=args.seed,
-        progress=progress,
-    )
+    # float64 for this run only: the caller's JAX configuration is left as it was.
+    with jax.enable_x64(True) if "float64" in args.dtypes else contextlib.nullcontext():
+        report = verify(
+            args.sizes,
+            args.dtypes,
+            batched=() if args.no_batched else BATCHED,
+            family=not args.no_family,
+            seed=args.seed,
+            progress=progress,
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report.as_dict(), fh, indent=1)
