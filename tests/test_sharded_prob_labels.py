@@ -19,9 +19,14 @@ import jsoftmax
 from jsoftmax import sharded
 from tests.test_sharded import _collectives, _hlo, _host, _mesh, _put
 
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs 8 devices (conftest.py simulates 8 CPU devices)"
-)
+from helpers import cpu_device_count
+
+pytestmark = [
+    pytest.mark.x64,  # float64 references built with JAX
+    pytest.mark.skipif(
+        cpu_device_count() < 8, reason="needs 8 CPU devices (conftest.py simulates them)"
+    ),
+]
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 B, N = 8, 32
