@@ -67,7 +67,7 @@ def _meta(quick: bool, repeats: int) -> dict[str, Any]:
         "dtype": "float32 unless a row names another",
         "mode": "quick" if quick else "full",
         "repeats": repeats,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "peak_bytes_in_use": (stats or {}).get("peak_bytes_in_use", "n/a"),
     }
 
