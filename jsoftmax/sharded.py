@@ -265,8 +265,8 @@ def softmax(
       >>> from jax.sharding import PartitionSpec as P
       >>> from jsoftmax import sharded
       >>> mesh = jax.make_mesh((1,), ("vocab",))   # any number of devices dividing 8
-      >>> f = jax.shard_map(lambda z: sharded.softmax(z, "vocab"), mesh=mesh,
-      ...                   in_specs=P(None, "vocab"), out_specs=P(None, "vocab"))
+      >>> f = jax.jit(jax.shard_map(lambda z: sharded.softmax(z, "vocab"), mesh=mesh,
+      ...                           in_specs=P(None, "vocab"), out_specs=P(None, "vocab")))
       >>> x = jnp.log(jnp.arange(1.0, 9.0, dtype=jnp.float32))[None]
       >>> x = jax.device_put(x, jax.NamedSharding(mesh, P(None, "vocab")))
       >>> with jnp.printoptions(precision=4):
@@ -315,8 +315,8 @@ def log_softmax(
       >>> from jax.sharding import PartitionSpec as P
       >>> from jsoftmax import sharded
       >>> mesh = jax.make_mesh((1,), ("vocab",))
-      >>> f = jax.shard_map(lambda z: sharded.log_softmax(z, "vocab"), mesh=mesh,
-      ...                   in_specs=P(None, "vocab"), out_specs=P(None, "vocab"))
+      >>> f = jax.jit(jax.shard_map(lambda z: sharded.log_softmax(z, "vocab"), mesh=mesh,
+      ...                           in_specs=P(None, "vocab"), out_specs=P(None, "vocab")))
       >>> x = jnp.zeros((1, 8), jnp.float32)
       >>> x = jax.device_put(x, jax.NamedSharding(mesh, P(None, "vocab")))
       >>> with jnp.printoptions(precision=4):
@@ -727,24 +727,25 @@ def cross_entropy(
       >>> from jax.sharding import PartitionSpec as P
       >>> from jsoftmax import sharded
       >>> mesh = jax.make_mesh((1,), ("vocab",))
-      >>> f = jax.shard_map(lambda z, y: sharded.cross_entropy(z, y, "vocab"), mesh=mesh,
-      ...                   in_specs=(P(None, "vocab"), P()), out_specs=P())
+      >>> f = jax.jit(jax.shard_map(lambda z, y: sharded.cross_entropy(z, y, "vocab"),
+      ...                           mesh=mesh, in_specs=(P(None, "vocab"), P()), out_specs=P()))
       >>> z = jax.device_put(jnp.zeros((2, 8), jnp.float32),
       ...                    jax.NamedSharding(mesh, P(None, "vocab")))
       >>> y = jax.device_put(jnp.array([0, 7]), jax.NamedSharding(mesh, P()))
       >>> with jnp.printoptions(precision=4):
       ...     print(f(z, y))
       [2.0794 2.0794]
-      >>> g = jax.shard_map(
+      >>> g = jax.jit(jax.shard_map(
       ...     lambda z, y: sharded.cross_entropy(z, y, "vocab", label_smoothing=0.1,
       ...                                        z_loss=1e-2, reduction="mean"),
-      ...     mesh=mesh, in_specs=(P(None, "vocab"), P()), out_specs=P())
+      ...     mesh=mesh, in_specs=(P(None, "vocab"), P()), out_specs=P()))
       >>> print(f"{g(z, y):.4f}")
       2.1227
       >>> q = jax.nn.softmax(jnp.arange(16.0).reshape(2, 8))  # probability labels
       >>> q = jax.device_put(q, jax.NamedSharding(mesh, P(None, "vocab")))
-      >>> h = jax.shard_map(lambda z, q: sharded.cross_entropy(z, q, "vocab"), mesh=mesh,
-      ...                   in_specs=(P(None, "vocab"), P(None, "vocab")), out_specs=P())
+      >>> h = jax.jit(jax.shard_map(lambda z, q: sharded.cross_entropy(z, q, "vocab"),
+      ...                           mesh=mesh, in_specs=(P(None, "vocab"), P(None, "vocab")),
+      ...                           out_specs=P()))
       >>> with jnp.printoptions(precision=4):
       ...     print(h(z, q))
       [2.0794 2.0794]
@@ -1002,9 +1003,9 @@ def linear_cross_entropy(
       >>> w = jax.random.normal(jax.random.key(1), (8, 1000)) / 3
       >>> labels = jnp.array([3, 999, 0, 512])
       >>> w_split = jax.device_put(w, jax.NamedSharding(mesh, P(None, "vocab")))
-      >>> f = jax.shard_map(
+      >>> f = jax.jit(jax.shard_map(
       ...     lambda x, w, y: sharded.linear_cross_entropy(x, w, y, "vocab", reduction="mean"),
-      ...     mesh=mesh, in_specs=(P(), P(None, "vocab"), P()), out_specs=P())
+      ...     mesh=mesh, in_specs=(P(), P(None, "vocab"), P()), out_specs=P()))
       >>> fused = f(x, w_split, labels)
       >>> dense = jsoftmax.cross_entropy(x @ w, labels, reduction="mean")
       >>> print(bool(jnp.allclose(fused, dense, rtol=1e-6)))

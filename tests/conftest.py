@@ -10,9 +10,16 @@
   inputs (a ``float64`` parameter, or the ``x64`` marker) are skipped there, and the
   rest compare against NumPy float64 references.
 * Implicit rank promotion raises, so the library never relies on it.
+* A persistent compilation cache in ``.cache/jax-tests/`` at the repository root (or
+  ``JSOFTMAX_TEST_CACHE_DIR``; empty turns it off), shared by the pytest-xdist workers of
+  a run and kept for the next run. The tests compile thousands of small programs; each is
+  compiled once instead of once per worker and per run. The cache key is the program
+  itself with the compiler, its options and the devices, so a change to jsoftmax or to
+  JAX compiles anew; CI starts from a fresh clone, with an empty cache.
 """
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +33,28 @@ import jax  # noqa: E402
 X64 = os.environ.get("JSOFTMAX_TEST_X64", "1") != "0"
 jax.config.update("jax_enable_x64", X64)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+_CACHE_DIR = os.environ.get(
+    "JSOFTMAX_TEST_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax-tests")
+)
+_CACHE_LIMIT_BYTES = 2**30
+
+
+def _prune(cache: Path) -> None:
+    """Empty the cache once it outgrows its limit (JAX's own size-bounded eviction
+    rescans the directory on every write: far slower than compiling)."""
+    entries = list(cache.iterdir()) if cache.is_dir() else []
+    if sum(e.stat().st_size for e in entries if e.is_file()) > _CACHE_LIMIT_BYTES:
+        for e in entries:
+            e.unlink(missing_ok=True)
+
+
+if _CACHE_DIR:
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller, before any worker
+        _prune(Path(_CACHE_DIR))
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _is_float64(value) -> bool:

@@ -6,12 +6,16 @@ of jsoftmax and of JAX's configuration (they work with ``jax_enable_x64`` on or 
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 # The one place the tests reach into JAX's internals: the residual list of a vjp.
 from jax._src.ad_checkpoint import saved_residuals  # noqa: F401
+from jax.sharding import AxisType, NamedSharding
 
 # Whether float64 is enabled (tests/conftest.py: on unless JSOFTMAX_TEST_X64=0).
 X64 = bool(jax.config.read("jax_enable_x64"))
@@ -20,6 +24,24 @@ X64 = bool(jax.config.read("jax_enable_x64"))
 # jax.nn, optax, check_grads): float64 where enabled, else float32. Comparisons in it take
 # their tolerances from it (``close(..., REF_DTYPE)``, ``tol(REF_DTYPE, ...)``).
 REF_DTYPE = jnp.float64 if X64 else jnp.float32
+
+
+def fast_subset(values, fast, *, unpack: bool = False) -> list:
+    """The values of a parametrized argument, those not in ``fast`` marked ``slow``.
+
+    For exhaustive grids (every option, mesh, reduction and dtype): the fast suite
+    (``pytest -m "not slow"``) runs the representative cases in ``fast``, the whole suite
+    (and CI) runs every case. Stacked ``parametrize`` decorators combine the marks, so a
+    case is fast only where every one of its arguments is. ``unpack`` for several argument
+    names per value (a tuple of values each).
+    """
+    missing = [v for v in fast if v not in values]
+    if missing:
+        raise ValueError(f"fast_subset: {missing!r} not among the values {values!r}")
+    return [
+        v if v in fast else pytest.param(*(v if unpack else (v,)), marks=pytest.mark.slow)
+        for v in values
+    ]
 
 
 def make_logits(shape, dtype=jnp.float32, seed=0, scale=3.0):
@@ -79,3 +101,43 @@ def cpu_mesh(shape, names, axis_types=None):
 
 def cpu_device_count() -> int:
     return len(jax.devices("cpu"))
+
+
+def mesh_of(shape, names, kind=AxisType.Explicit):
+    """A CPU mesh whose axes are all of ``kind`` (Explicit, as ``jax.make_mesh``)."""
+    return cpu_mesh(shape, names, axis_types=(kind,) * len(shape))
+
+
+def put(a, mesh, spec):
+    """``a`` placed on ``mesh`` as ``spec`` says."""
+    return jax.device_put(a, NamedSharding(mesh, spec))
+
+
+def host(a) -> np.ndarray:
+    """A (possibly sharded) array gathered to one NumPy array."""
+    return np.asarray(jax.device_get(a))
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+"
+    r"(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("
+)
+
+
+def collectives(compiled_text: str) -> list[tuple[str, list[int]]]:
+    """(op name, element count of each operand) for every collective in the HLO."""
+    found = []
+    # XLA numbers long operand lists with comments (/*index=5*/) that contain "=".
+    compiled_text = re.sub(r"/\*index=\d+\*/", "", compiled_text)
+    for shapes, op in _COLLECTIVE.findall(compiled_text):
+        sizes = [
+            int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+            for dims in re.findall(r"\[([\d,]*)\]", shapes)
+        ]
+        found.append((op, sizes))
+    return found
+
+
+def compiled_hlo(f, *args) -> str:
+    """The compiled (optimised, partitioned) HLO text of ``jax.jit(f)(*args)``."""
+    return jax.jit(f).lower(*args).compile().as_text()

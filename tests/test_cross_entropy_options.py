@@ -18,7 +18,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import jsoftmax
 
-from helpers import REF_DTYPE, f64, make_logits, np_log_softmax, tol
+from helpers import REF_DTYPE, f64, fast_subset, make_logits, np_log_softmax, tol
 
 B, N = 6, 5
 
@@ -161,7 +161,7 @@ def _assert_close(a, b, rtol, atol):
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-@pytest.mark.parametrize("combo", list(COMBOS))
+@pytest.mark.parametrize("combo", fast_subset(list(COMBOS), ["plain", "all"]))
 def test_integer_labels_match_reference(combo, reduction):
     opts = COMBOS[combo]
     z = make_logits((B, N), REF_DTYPE)
@@ -200,7 +200,11 @@ def test_integer_labels_match_reference(combo, reduction):
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize(
-    "combo", ["plain", "weights", "smoothing", "z_loss", "softcap", "class_mask", "all"]
+    "combo",
+    fast_subset(
+        ["plain", "weights", "smoothing", "z_loss", "softcap", "class_mask", "all"],
+        ["plain", "all"],
+    ),
 )
 def test_probability_labels_match_reference(combo, reduction):
     opts = {k: v for k, v in COMBOS[combo].items() if k != "ignore_index"}
@@ -222,7 +226,10 @@ def test_probability_labels_match_reference(combo, reduction):
         _assert_close(g, g_ref, *GRAD_TOL)
 
 
-@pytest.mark.parametrize("combo", ["weights_smoothing_ignore", "z_loss_softcap_temperature", "all"])
+@pytest.mark.parametrize(
+    "combo",
+    fast_subset(["weights_smoothing_ignore", "z_loss_softcap_temperature", "all"], ["all"]),
+)
 def test_jvp_rule_forward_mode_and_hessian(combo):
     opts = COMBOS[combo]
     z = make_logits((B, N), REF_DTYPE)
@@ -235,7 +242,7 @@ def test_jvp_rule_forward_mode_and_hessian(combo):
     def ref(z):
         return reference(z, lab, reduction="mean", **opts)
 
-    v = jax.random.normal(jax.random.key(5), z.shape, REF_DTYPE)
+    v = make_logits(z.shape, REF_DTYPE, seed=5, scale=1.0)
     out, tangent = jax.jvp(ours, (z,), (v,))
     out_ref, tangent_ref = jax.jvp(ref, (z,), (v,))
     _assert_close(out, out_ref, *VALUE_TOL)

@@ -14,6 +14,7 @@ from helpers import (
     REF_DTYPE,
     X64,
     close,
+    fast_subset,
     make_logits,
     np_log_softmax,
     np_softmax,
@@ -72,7 +73,12 @@ def test_log_softmax_values(shape, axis, dtype, rule):
             close(vmapped, out, dtype, 2)
 
 
-@pytest.mark.parametrize("rule,axis", [("vjp", -1), ("jvp", -1), ("vjp", 0), ("jvp", 0)])
+@pytest.mark.parametrize(
+    "rule,axis",
+    fast_subset(
+        [("vjp", -1), ("jvp", -1), ("vjp", 0), ("jvp", 0)], [("jvp", -1), ("vjp", 0)], unpack=True
+    ),
+)
 def test_log_softmax_derivatives(rule, axis):
     x = make_logits((3, 4), REF_DTYPE)
     w = make_logits((3, 4), REF_DTYPE, seed=1)
@@ -130,7 +136,11 @@ def test_log_softmax_jacobian_vs_autodiff():
 
 @pytest.mark.parametrize(
     "log,rule,per_row",
-    [(False, "vjp", False), (True, "jvp", True), (False, "jvp", True), (True, "vjp", False)],
+    fast_subset(
+        [(False, "vjp", False), (True, "jvp", True), (False, "jvp", True), (True, "vjp", False)],
+        [(True, "jvp", True), (False, "vjp", False)],
+        unpack=True,
+    ),
 )
 def test_temperature(log, rule, per_row):
     x = make_logits((3, 5), REF_DTYPE)

@@ -11,7 +11,7 @@ import pytest
 import jsoftmax
 from jsoftmax import SoftmaxJacobian
 
-from helpers import REF_DTYPE, close, f64, make_logits, np_softmax, tol
+from helpers import REF_DTYPE, close, f64, fast_subset, make_logits, np_softmax, tol
 
 
 def _ref_dense(x, axis):
@@ -119,7 +119,7 @@ def _eig_cases():
     return cases
 
 
-@pytest.mark.parametrize("name", list(_eig_cases()))
+@pytest.mark.parametrize("name", fast_subset(list(_eig_cases()), ["random", "ties", "all_masked"]))
 def test_eigenvalues_match_eigh(name):
     p = _eig_cases()[name].astype(REF_DTYPE)
     J = SoftmaxJacobian.from_probs(p)

@@ -18,9 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 import jsoftmax
 from jsoftmax import sharded
-from tests.test_sharded import _collectives, _hlo
 
-from helpers import REF_DTYPE, cpu_device_count, cpu_mesh, tol
+from helpers import REF_DTYPE, collectives, compiled_hlo, cpu_device_count, cpu_mesh, tol
 
 pytestmark = [
     pytest.mark.slow,
@@ -112,8 +111,10 @@ def _run(mesh_name, case, reduction, chunk_size=5, hlo=False):
         grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=argnums))(*placed)
         if hlo:
             hlo = {
-                "forward": _hlo(f, *placed),
-                "grad": _hlo(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=argnums), *placed),
+                "forward": compiled_hlo(f, *placed),
+                "grad": compiled_hlo(
+                    jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=argnums), *placed
+                ),
             }
     return (x, w, y, b, wt, n, opts, cot), loss, grads, hlo, mesh
 
@@ -158,7 +159,7 @@ def test_collectives_are_per_row_scalars_and_one_dx_sum(mesh_name, case, reducti
     *_, hlo, _ = _run(mesh_name, CASES[case], reduction, hlo=True)
     rows = ROWS // (shape[0] if data else 1)
     v_local = V // shape[-1]
-    fwd, grad = _collectives(hlo["forward"]), _collectives(hlo["grad"])
+    fwd, grad = collectives(hlo["forward"]), collectives(hlo["grad"])
     assert all(op == "all-reduce" for op, _ in fwd + grad), (fwd, grad)
     big = lambda found: sorted(s for _, sizes in found for s in sizes if s > rows)  # noqa: E731
     scalar_rounds = lambda found: sum(all(s <= rows for s in sz) for _, sz in found)  # noqa: E731

@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 
 import jsoftmax
 
-from helpers import REF_DTYPE, f64, make_logits, saved_residuals, tol
+from helpers import REF_DTYPE, fast_subset, make_logits, np_softmax, saved_residuals, tol
 
 RULES = ("vjp", "jvp")
 TOL = {
@@ -25,18 +25,17 @@ TOL = {
 }
 
 
-def _np_softmax(x, axis):
-    x = f64(x)
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 # ------------------------------------------------------------------------------- values
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
 @pytest.mark.parametrize(
-    "shape,axis", [((7,), -1), ((4, 9), -1), ((4, 9), 0), ((2, 5, 3), 1), ((3, 2, 4, 5), -3)]
+    "shape,axis",
+    fast_subset(
+        [((7,), -1), ((4, 9), -1), ((4, 9), 0), ((2, 5, 3), 1), ((3, 2, 4, 5), -3)],
+        [((4, 9), 0), ((3, 2, 4, 5), -3)],
+        unpack=True,
+    ),
 )
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("jit", [False, True])
@@ -45,7 +44,7 @@ def test_values_match_float64_reference_and_jax_nn(dtype, shape, axis, rule, jit
     f = lambda z: jsoftmax.softmax(z, axis, rule=rule)
     p = jax.jit(f)(x) if jit else f(x)
     assert p.dtype == dtype and p.shape == shape
-    ref = _np_softmax(x, axis)
+    ref = np_softmax(x, axis)
     np.testing.assert_allclose(np.asarray(p, np.float64), ref, **TOL[dtype])
     if dtype in (jnp.float32, jnp.float64):
         chex.assert_trees_all_close(p, jax.nn.softmax(x, axis), **TOL[dtype])
@@ -76,7 +75,7 @@ def test_huge_logits_are_stable():
     x = jnp.array([1e4, 1e4 + 1.0, -1e4], jnp.float32)
     p = jsoftmax.softmax(x)
     chex.assert_tree_all_finite(p)
-    np.testing.assert_allclose(p, _np_softmax(x, -1), rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(p, np_softmax(x, -1), rtol=1e-6, atol=1e-30)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -247,7 +246,7 @@ def test_regression_jax_19490_large_masked_logits_do_not_leak_nan(rule):
     x = jnp.array([1.0, 2.0, 1e38, jnp.inf, jnp.nan], jnp.float32)
     where = jnp.array([True, True, False, False, False])
     p = jsoftmax.softmax(x, where=where, rule=rule)
-    np.testing.assert_allclose(p[:2], _np_softmax(x[:2], -1), rtol=1e-6)
+    np.testing.assert_allclose(p[:2], np_softmax(x[:2], -1), rtol=1e-6)
     assert np.all(np.asarray(p[2:]) == 0)
     g = jax.grad(lambda z: jnp.sum(jsoftmax.softmax(z, where=where, rule=rule) * z[0]))(x)
     chex.assert_tree_all_finite(g)
@@ -316,7 +315,7 @@ def test_empty_axis_returns_empty():
 def test_integer_input_is_promoted_to_default_float():
     p = jsoftmax.softmax(jnp.array([1, 2, 3], jnp.int32))
     assert p.dtype == jnp.result_type(float)
-    ref = _np_softmax(np.array([1.0, 2.0, 3.0]), -1)
+    ref = np_softmax(np.array([1.0, 2.0, 3.0]), -1)
     np.testing.assert_allclose(p, ref, rtol=tol(p.dtype, 1e-12, 2e-6))
 
 

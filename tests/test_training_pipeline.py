@@ -19,6 +19,8 @@ from jax._src.ad_checkpoint import saved_residuals
 
 import jsoftmax
 
+from helpers import fast_subset, make_logits
+
 # The references are float64 computations with JAX: skipped in JAX's default config.
 pytestmark = pytest.mark.x64
 
@@ -26,9 +28,8 @@ B, HEADS, T, D = 2, 3, 6, 4
 
 
 def _attention_inputs(dtype, seed=0):
-    k = jax.random.split(jax.random.key(seed), 2)
-    scores = (3 * jax.random.normal(k[0], (B, HEADS, T, T), jnp.float32)).astype(dtype)
-    values = jax.random.normal(k[1], (B, HEADS, T, D), jnp.float32).astype(dtype)
+    scores = make_logits((B, HEADS, T, T), dtype, seed=seed)
+    values = make_logits((B, HEADS, T, D), dtype, seed=seed + 1, scale=1.0)
     return scores, values
 
 
@@ -48,11 +49,11 @@ def _reference_attention(scores, values, mask):
 @pytest.mark.parametrize(
     ("dtype", "tol"), [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)], ids=["float32", "bfloat16"]
 )
-@pytest.mark.parametrize("mask_shape", ["TT", "B1TT"])
+@pytest.mark.parametrize("mask_shape", fast_subset(["TT", "B1TT"], ["B1TT"]))
 def test_causal_mask_broadcasts_over_batch_and_heads(rule, dtype, tol, mask_shape):
     scores, values = _attention_inputs(dtype)
     mask = _causal() if mask_shape == "TT" else jnp.broadcast_to(_causal(), (B, 1, T, T))
-    cot = jax.random.normal(jax.random.key(2), (B, HEADS, T, D), jnp.float32)
+    cot = make_logits((B, HEADS, T, D), jnp.float32, seed=2, scale=1.0)
 
     def attend(s, v):
         p = jsoftmax.softmax(s, where=mask, rule=rule)
@@ -139,10 +140,10 @@ def test_float_mask_is_rejected_with_the_conversion(fn):
 
 
 def _head_inputs(seed=0, n=(2, 5), h=8, v=300):
-    k = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(k[0], (*n, h), jnp.float32)
-    w = (jax.random.normal(k[1], (h, v), jnp.float32) / np.sqrt(h)).astype(jnp.float32)
-    labels = jax.random.randint(k[2], n, 0, v)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((*n, h)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((h, v)) / np.sqrt(h), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, v, n), jnp.int32)
     return x, w, labels
 
 
