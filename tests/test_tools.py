@@ -18,12 +18,13 @@ from jsoftmax.tools import accuracy, bench, verify
 from helpers import fast_subset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "jsoftmax"
+# The package that is imported: the source tree, or the installed wheel (.ci/wheel).
+PACKAGE = pathlib.Path(jsoftmax.__file__).resolve().parent
 MAX_TOOL_LINES = 600
 
 
 def _module_name(path: pathlib.Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
