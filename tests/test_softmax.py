@@ -415,7 +415,7 @@ def test_jvp_rule_forward_mode_edge_rows(log, with_t):
     else:
         ref = jax.jvp(ref_fn, (z0,), (d0,))[1]
         ref1 = jax.jvp(ref_fn, (x[1],), (dx[1],))[1]
-    rtol, atol = tol(REF_DTYPE, (1e-12, 1e-14), (1e-5, 1e-6))
+    rtol, atol = tol(REF_DTYPE, (1e-12, 1e-14), (2e-6, 1e-7))
     chex.assert_trees_all_close(tan[0, live], ref, rtol=rtol, atol=atol)
     chex.assert_trees_all_close(tan[1], ref1, rtol=rtol, atol=atol)
     assert tan[0, 1] == 0 and tan[0, 4] == 0  # constants: -inf logit, masked entry
