@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -77,14 +77,17 @@ def canonical_axis(axis, ndim: int, name: str = "axis") -> int:
 
 
 def canonical_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
-    """Like :func:`canonical_axis` but also accepts a non-empty tuple of distinct axes."""
+    """Like :func:`canonical_axis` but also accepts a non-empty sequence of distinct axes
+    (kept in the order given) or None (every axis)."""
+    if axis is None:
+        return tuple(range(ndim))
     if isinstance(axis, Sequence) and not isinstance(axis, str):
         if len(axis) == 0:
             raise ValueError(f"{name} must name at least one axis, got an empty sequence.")
         axes = tuple(canonical_axis(a, ndim, name) for a in axis)
         if len(set(axes)) != len(axes):
             raise ValueError(f"{name}={tuple(axis)} names the same axis twice.")
-        return tuple(sorted(axes))
+        return axes
     return (canonical_axis(axis, ndim, name),)
 
 
@@ -182,7 +185,7 @@ def per_row_array(value, shape: tuple[int, ...], axes: tuple[int, ...], name: st
     Returns it as a float array of the input's rank, broadcast to the batch shape with
     size-1 softmax axes, so it broadcasts against the input without rank promotion.
     """
-    t = jnp.asarray(value)
+    t = as_array(value, name)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         if jnp.issubdtype(t.dtype, jnp.integer):
             t = t.astype(jnp.result_type(float))
@@ -220,3 +223,232 @@ def prepare_temperature(temperature, shape: tuple[int, ...], axes: tuple[int, ..
     if is_concrete(t) and t.size and not bool(np.all(np.asarray(t) > 0)):
         raise ValueError("temperature must be positive everywhere; got a non-positive entry.")
     return t
+
+
+# --------------------------------------------------------------------------------------
+# The options of the losses, checked once for every loss.
+# --------------------------------------------------------------------------------------
+
+
+class LossOptions(NamedTuple):
+    """The checked options of a loss (frozen).
+
+    `label_smoothing` and `z_loss` are None when off (a Python or concrete 0), a float
+    when given as a number, or a traced scalar (a schedule inside `jax.jit`): those two
+    may vary without recompiling. `logit_softcap` and `ignore_index` are static.
+    """
+
+    label_smoothing: float | jax.Array | None
+    z_loss: float | jax.Array | None
+    logit_softcap: float | None
+    ignore_index: int | None
+    reduction: Reduction
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def coefficient(value, name: str, what: str, ok) -> float | jax.Array | None:
+    """A loss coefficient: None for 0 (off), a float for a number or concrete scalar
+    (checked with `ok`), or a traced real scalar as it is (not checkable: documented)."""
+    if isinstance(value, (bool, np.bool_)) or value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be {what}, got {value!r}.")
+    if not _is_number(value):
+        arr = as_array(value, name)
+        if arr.ndim != 0 or not (
+            jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"{name} must be {what}: a real scalar, got shape {arr.shape} "
+                f"and dtype {arr.dtype}."
+            )
+        if not is_concrete(arr):
+            return arr
+        value = arr.item()
+    value = float(value)
+    if not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}.")
+    return value or None
+
+
+def loss_options(
+    *,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    logit_softcap=None,
+    ignore_index=None,
+    reduction="none",
+    labels_dtype=None,
+) -> LossOptions:
+    """Checks the options shared by every loss (messages name the argument)."""
+    alpha = coefficient(
+        label_smoothing, "label_smoothing", "a number in [0, 1]", lambda a: 0.0 <= a <= 1.0
+    )
+    c = coefficient(
+        z_loss, "z_loss", "a finite number >= 0", lambda c: c >= 0.0 and bool(np.isfinite(c))
+    )
+    cap = None
+    if logit_softcap is not None:
+        if not _is_number(logit_softcap):
+            raise TypeError(
+                f"logit_softcap must be None or a Python number > 0 (it is static), got "
+                f"{logit_softcap!r}."
+            )
+        cap = float(logit_softcap)
+        if not (cap > 0.0 and np.isfinite(cap)):
+            raise ValueError(
+                f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}."
+            )
+    return LossOptions(
+        alpha, c, cap, check_ignore_index(ignore_index, labels_dtype), check_reduction(reduction)
+    )
+
+
+def check_ignore_index(ignore_index, labels_dtype=None) -> int | None:
+    """None or a Python int that the labels' integer dtype can hold (else a label could
+    never equal it, or would wrap around to it under `jax.jit`)."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
+        ignore_index, (int, np.integer)
+    ):
+        raise TypeError(f"ignore_index must be None or a Python int, got {ignore_index!r}.")
+    ignore_index = int(ignore_index)
+    if labels_dtype is not None and jnp.issubdtype(labels_dtype, jnp.integer):
+        info = jnp.iinfo(labels_dtype)
+        if not info.min <= ignore_index <= info.max:
+            raise ValueError(
+                f"ignore_index={ignore_index} cannot be held by the labels' dtype "
+                f"{np.dtype(labels_dtype).name} (range [{info.min}, {info.max}]): no label "
+                "could equal it. Pass labels of a wider signed dtype, e.g. int32."
+            )
+    return ignore_index
+
+
+def split_where(where, shape: tuple[int, ...], axes: tuple[int, ...]):
+    """`(class mask or None, example mask or None)` by optax's rule.
+
+    A `where` with fewer dimensions than the logits is per-example: it must broadcast
+    to the batch shape (`shape` without `axes`). One with the logits' rank masks
+    entries (classes): it must broadcast to `shape`.
+    """
+    if where is None:
+        return None, None
+    where = as_bool_mask(as_array(where, "where"))
+    batch = tuple(s for k, s in enumerate(shape) if k not in axes)
+    if where.ndim < len(shape):
+        try:
+            ok = jnp.broadcast_shapes(where.shape, batch) == batch
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"where of shape {where.shape} has fewer dimensions than the logits "
+                f"{tuple(shape)}, so it is a per-example mask, and must broadcast to the "
+                f"batch shape {batch} (the logits' shape without the class axis). For a "
+                f"class mask give it the logits' rank, e.g. where[None, :]."
+            )
+        return None, jnp.broadcast_to(where, batch)
+    if where.ndim > len(shape):
+        raise ValueError(
+            f"where of shape {where.shape} has more dimensions than the logits {tuple(shape)}."
+        )
+    return check_where(where, shape), None
+
+
+def check_labels(
+    labels, shape: tuple[int, ...], axis: int, ignore_index, *, logits_name: str = "logits"
+) -> jax.Array:
+    """Integer class indices with the batch shape, or real probabilities with the
+    logits' `shape` (the class axis `axis`)."""
+    labels = as_array(labels, "labels")
+    batch = tuple(s for k, s in enumerate(shape) if k != axis)
+    if labels.dtype == jnp.bool_ or not (
+        jnp.issubdtype(labels.dtype, jnp.integer) or jnp.issubdtype(labels.dtype, jnp.floating)
+    ):
+        raise TypeError(
+            "labels must be integer class indices or real probabilities, got dtype "
+            f"{labels.dtype}. Convert one-hot booleans with labels.astype({logits_name}.dtype)."
+        )
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        if labels.shape != batch:
+            hint = (
+                " For one-hot or probability targets pass float labels, e.g. "
+                f"labels.astype({logits_name}.dtype)."
+                if labels.shape == tuple(shape)
+                else ""
+            )
+            raise ValueError(
+                f"integer labels of shape {labels.shape} do not match {logits_name}: class "
+                f"indices must have the batch shape {batch} ({logits_name} {tuple(shape)} "
+                f"without axis {axis}).{hint}"
+            )
+        return labels
+    if ignore_index is not None:
+        raise ValueError(
+            "ignore_index applies to integer class labels; got float (probability) labels. "
+            "Mask examples of probability labels with a per-example where instead."
+        )
+    if labels.shape != tuple(shape):
+        hint = " For class indices use an integer dtype." if labels.shape == batch else ""
+        raise ValueError(
+            f"float labels (a probability vector per row) must have {logits_name}'s shape "
+            f"{tuple(shape)}, got {labels.shape}.{hint}"
+        )
+    return labels
+
+
+def check_label_range(labels, n: int, ignore_index, counted=None) -> None:
+    """Raises `IndexError` for concrete integer labels outside `[0, n)` in the rows that
+    count: not `ignore_index`, and where the per-example mask `counted` (if given) is
+    True. Traced labels, or a traced mask, cannot be checked: those rows become NaN."""
+    if not (is_concrete(labels) and labels.size):
+        return
+    values = np.asarray(labels)  # numpy: jnp would be staged inside a trace
+    keep = np.ones(values.shape, bool)
+    if ignore_index is not None:
+        keep &= values != ignore_index
+    if counted is not None:
+        if not is_concrete(counted):
+            return
+        keep &= np.broadcast_to(np.asarray(counted), values.shape)
+    values = values[keep]
+    if values.size:
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi >= n:
+            raise IndexError(
+                f"labels has entries out of range for {n} classes in rows that count: got "
+                f"values in [{lo}, {hi}], valid class indices are 0 to {n - 1}"
+                + ("." if ignore_index is None else f" (or ignore_index={ignore_index}).")
+            )
+
+
+def check_weights(weights, n: int, hint: str = ""):
+    """Per-class weights of shape `(n,)`, as a float array without gradient (or None)."""
+    if weights is None:
+        return None
+    w = as_array(weights, "weights")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        if jnp.issubdtype(w.dtype, jnp.integer):
+            w = w.astype(jnp.result_type(float))
+        else:
+            raise TypeError(f"weights must be a real array, got dtype {w.dtype}.")
+    if w.shape != (n,):
+        raise ValueError(
+            f"weights must have one entry per class, shape ({n},), got shape {w.shape}.{hint}"
+        )
+    return jax.lax.stop_gradient(w)
+
+
+def check_chunk_size(chunk_size, default: int, limit: int, name: str = "chunk_size") -> int:
+    """None (`default`) or a positive int, clipped to `limit`."""
+    if chunk_size is None:
+        return int(min(default, limit))
+    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(f"{name} must be None or a positive int, got {chunk_size!r}.")
+    if chunk_size <= 0:
+        raise ValueError(f"{name} must be a positive int, got {chunk_size}.")
+    return int(min(chunk_size, limit))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _dot(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+def dot(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """``<a, b>`` over ``axes``, kept as size-1 axes.
 
     A contraction (``dot_general``) rather than ``sum(a * b)``: when ``a`` is broadcast
@@ -33,7 +33,7 @@ def _dot(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     by up to 2. The contraction compiles correctly and runs at the same speed. See
     ``test_regression_xla_cpu_broadcast_product`` in ``tests/test_jacobian.py``.
     """
-    if _sharded_along(a, axes) or _sharded_along(b, axes):
+    if sharded_along(a, axes) or sharded_along(b, axes):
         # Explicit-mode sharding of a contracted axis: a contraction would need an
         # output sharding, while the reduction is well defined.
         return jnp.sum(a * b, axis=axes, keepdims=True)
@@ -60,7 +60,7 @@ def _dot(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return jnp.expand_dims(dot, axes)
 
 
-def _sharded_along(a: jax.Array, axes: tuple[int, ...]) -> bool:
+def sharded_along(a: jax.Array, axes: tuple[int, ...]) -> bool:
     """True when ``a`` carries an explicit sharding on one of ``axes``."""
     spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
     if not spec:
@@ -75,7 +75,7 @@ def _sum(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return jnp.sum(a, axis=axes, keepdims=True)
 
 
-def jac_product(p: jax.Array, v: jax.Array, axes: tuple[int, ...], dot=_dot) -> jax.Array:
+def jac_product(p: jax.Array, v: jax.Array, axes: tuple[int, ...], dot=dot) -> jax.Array:
     """``J @ v`` (= ``v @ J``) in O(n): ``p * (v - <p, v>)``.
 
     ``dot(a, b, axes)`` computes the inner product over the softmax axes; the sharded
@@ -86,7 +86,7 @@ def jac_product(p: jax.Array, v: jax.Array, axes: tuple[int, ...], dot=_dot) -> 
 
 def log_jvp(p: jax.Array, t: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """``(I - 1 p^T) @ t``: the log-softmax JVP."""
-    return t - _dot(p, t, axes)
+    return t - dot(p, t, axes)
 
 
 def log_vjp(p: jax.Array, g: jax.Array, axes: tuple[int, ...], total=_sum) -> jax.Array:
@@ -100,9 +100,9 @@ def hvp(p: jax.Array, u: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.
     :math:`p_i (u_i - \bar u)(v_i - \bar v) - p_i(\overline{uv} - \bar u \bar v)` with
     :math:`\bar a = \langle p, a\rangle`.
     """
-    u_bar = _dot(p, u, axes)
-    v_bar = _dot(p, v, axes)
-    uv_bar = _dot(p, u * v, axes)
+    u_bar = dot(p, u, axes)
+    v_bar = dot(p, v, axes)
+    uv_bar = dot(p, u * v, axes)
     return p * ((u - u_bar) * (v - v_bar) - (uv_bar - u_bar * v_bar))
 
 
@@ -128,7 +128,7 @@ def dense_jacobian(p: jax.Array) -> jax.Array:
 def _replicated_along_last(p: jax.Array) -> jax.Array:
     """``p`` with an explicitly sharded last axis gathered (every row of a dense
     Jacobian needs all of ``p``); unchanged otherwise."""
-    if not _sharded_along(p, (p.ndim - 1,)):
+    if not sharded_along(p, (p.ndim - 1,)):
         return p
     spec = jax.typeof(p).sharding.spec
     spec = tuple(spec) + (None,) * (p.ndim - len(spec))
@@ -185,20 +185,17 @@ def softcap_derivative(u: jax.Array, cap: float) -> jax.Array:
     return jnp.where(u == -jnp.inf, jnp.zeros((), u.dtype), 1 - r * r)
 
 
-def ce_cotangent_scale(mass: jax.Array, lse: jax.Array | None, z_loss: float) -> jax.Array:
-    """The factor of ``p`` in ``d loss / d s = (sum q + 2 c lse) p - q``; ``lse`` is
-    needed only with a z-loss (``z_loss != 0``) and may be None otherwise."""
-    if not z_loss:
-        return mass
-    if lse is None:
-        raise ValueError("a z-loss needs the log-sum-exp lse.")
+def ce_cotangent_scale(mass: jax.Array, lse: jax.Array, z_loss) -> jax.Array:
+    """The factor of ``p`` in ``d loss / d s = (sum q + 2 c lse) p - q``: ``mass = sum q``
+    plus the z-loss term ``2 c lse`` (``c`` per row: the z-loss times the row's weight)."""
     return mass + (2 * z_loss) * lse
 
 
-def ce_cotangent(p, q, mass, lse, z_loss: float) -> jax.Array:
-    """``d loss / d s = (sum q + 2 c lse) p - q`` from ``p``, the targets ``q`` (any block
-    of classes) and the per-row ``mass = sum q`` over the whole row."""
-    return ce_cotangent_scale(mass, lse, z_loss) * p - q
+def ce_cotangent(p, q, scale) -> jax.Array:
+    """``d loss / d s = scale * p - q`` from ``p``, the targets ``q`` (any block of
+    classes) and the per-row factor ``scale`` of :func:`ce_cotangent_scale` (``sum q``
+    over the whole row without a z-loss)."""
+    return scale * p - q
 
 
 def z_loss_term(lse: jax.Array, z_loss: float) -> jax.Array:
@@ -218,7 +215,7 @@ def smoothing_mass(alpha: float, count: jax.Array) -> jax.Array:
 
 def lse_jvp(p: jax.Array, t: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     r"""``<p, t>``: the JVP of :math:`\log\sum_k e^{z_k}`, whose gradient is ``p = softmax(z)``."""
-    return _dot(p, t, axes)
+    return dot(p, t, axes)
 
 
 def lse_vjp(p: jax.Array, g: jax.Array) -> jax.Array:
@@ -251,5 +248,5 @@ def merge_jvp(
     Jacobian applied to :math:`\langle \bar v, o_k\rangle`.
     """
     lse_out_dot = lse_jvp(w, lse_dot, axes)
-    value_dot = _dot(w, o_dot + o * lse_dot, axes) - value * lse_out_dot
+    value_dot = dot(w, o_dot + o * lse_dot, axes) - value * lse_out_dot
     return value_dot, lse_out_dot

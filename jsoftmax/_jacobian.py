@@ -148,6 +148,18 @@ def partial_derivative(p: ArrayLike, i, j, axis: int = -1) -> jax.Array:
     pc = _compute(_to_last(p, axis))
     batch = pc.shape[:-1]
 
+    for name, k in (("i", i), ("j", j)):
+        shape = jnp.shape(k)
+        try:
+            ok = jnp.broadcast_shapes(shape, batch) == batch
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"index {name} of shape {shape} does not broadcast to the batch shape {batch} "
+                f"(p's shape {p.shape} without axis {axis})."
+            )
+
     def take(k):
         k = jnp.broadcast_to(jnp.asarray(k), batch)
         return jnp.take_along_axis(pc, k[..., None], axis=-1)[..., 0]
@@ -234,7 +246,8 @@ def log_softmax_jacobian(
     x = _checks.as_float_array(x)
     ax = _checks.canonical_axis(axis, x.ndim)
     y = _compute(_to_last(log_softmax(x, ax, where=where, rule="jvp"), ax))
-    return _formulas.dense_log_jacobian(jnp.exp(y), y > -jnp.inf).astype(x.dtype)
+    # A NaN output is live (its row is NaN), only a -inf output is a constant.
+    return _formulas.dense_log_jacobian(jnp.exp(y), y != -jnp.inf).astype(x.dtype)
 
 
 def hessian(x: ArrayLike, axis: int = -1, *, where: ArrayLike | None = None) -> jax.Array:

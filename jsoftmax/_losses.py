@@ -1,23 +1,23 @@
-r"""Softmax cross-entropy with the fused :math:`p - y` derivative, and its Hessian.
+r"""Softmax cross-entropy with the fused $p - y$ derivative, and its Hessian.
 
-Every option (class mask, per-example mask, ``ignore_index``, class weights, label
-smoothing, temperature, z-loss, logit soft-capping, reductions) is defined once here
-and in :mod:`jsoftmax._formulas`, and reused by every loss of the package.
+`cross_entropy` is the per-row kernel of [`jsoftmax._kernel`][jsoftmax._kernel] on the
+whole row at once: one max-exp-sum pass gives the row's statistics, the loss is a
+function of them, and the cotangent $(\sum q + 2cb\,\mathrm{lse})\,p - q$ is formed in
+the backward pass. Every option is defined by the kernel, so the chunked and sharded
+losses share it.
 
 The reverse-mode rule keeps no new logits-sized array: the backward pass recomputes
-:math:`p` from the logits and two per-row numbers (the row maximum and the sum of
-exponentials). For float32 and float64 it recomputes ``exp(s - m)`` with exactly the
-expression of the forward pass, so that when the forward and backward passes are
-compiled together (``jax.jit(jax.value_and_grad(...))``) XLA computes the exponential
-once and writes the gradient into the same buffer (optax's footprint, one
-exponential per entry); alone, the backward pass recomputes it. The Hessian is
-returned as a :class:`jsoftmax.SoftmaxJacobian`.
+$p$ from the logits and per-row numbers. For float32 and float64 it recomputes
+`exp((u - m) / T)` with exactly the expression of the forward pass, so that when the
+two passes are compiled together (`jax.jit(jax.value_and_grad(...))`) XLA computes
+the exponential once and writes the gradient into the same buffer (optax's
+footprint). The Hessian is returned as a [`SoftmaxJacobian`][jsoftmax.SoftmaxJacobian].
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,23 +25,14 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _custom, _formulas
+from jsoftmax import _checks, _custom, _formulas, _kernel
 from jsoftmax._checks import Reduction, Rule
+from jsoftmax._kernel import Coefs, Flags
 from jsoftmax._operator import SoftmaxJacobian
-from jsoftmax._softmax import _nonzero, _scaled_logits, _shifted_exp, softmax
-
-
-class _Options(NamedTuple):
-    """The static options of a loss (hashable: a ``nondiff_argnum``)."""
-
-    axis: int
-    alpha: float = 0.0  # label smoothing
-    z_loss: float = 0.0
-    softcap: float | None = None
-
+from jsoftmax._softmax import softmax
 
 # --------------------------------------------------------------------------------------
-# Pieces shared by both rules.
+# The forward pass and the cotangent, shared by both rules.
 # --------------------------------------------------------------------------------------
 
 
@@ -50,6 +41,8 @@ def _is_integer(labels) -> bool:
 
 
 def _compute_dtype(logits, labels) -> np.dtype:
+    """float32 for 16-bit logits (a bfloat16 loss would be quantised), else the logits'
+    dtype, promoted with float labels."""
     cdt = _checks.accumulation_dtype(logits.dtype)
     if not _is_integer(labels):
         cdt = jnp.promote_types(cdt, _checks.accumulation_dtype(labels.dtype))
@@ -57,266 +50,116 @@ def _compute_dtype(logits, labels) -> np.dtype:
 
 
 def _label_index(labels, n: int, axis: int):
-    """``(clipped index, in_range)`` of integer labels, both with a size-1 class axis."""
+    """`(clipped index, in_range)` of integer labels, both with a size-1 class axis."""
     idx = jnp.expand_dims(labels.astype(jnp.result_type(int)), axis)
-    in_range = (idx >= 0) & (idx < n)
-    return jnp.clip(idx, 0, n - 1), in_range
+    return jnp.clip(idx, 0, n - 1), (idx >= 0) & (idx < n)
 
 
-def _pick(a, idx, axis: int):
-    """``a`` at the label index along ``axis`` (keepdims): a gather, or a one-hot sum
-    when the class axis is explicitly sharded (a plain reduction, one scalar per row)."""
-    if _formulas._sharded_along(a, (axis,)):
-        onehot = lax.broadcasted_iota(idx.dtype, a.shape, axis) == idx
-        if a.dtype == jnp.bool_:
-            return jnp.any(onehot & a, axis, keepdims=True)
-        return jnp.sum(jnp.where(onehot, a, jnp.zeros((), a.dtype)), axis, keepdims=True)
-    return jnp.take_along_axis(a, idx, axis=axis)
+def _picker(idx, shape, axis: int):
+    """`a` at the label index along `axis` (keepdims): a gather, or a one-hot sum when
+    the class axis is explicitly sharded (a plain reduction, one scalar per row)."""
+
+    def pick(a):
+        if _formulas.sharded_along(a, (axis,)):
+            onehot = lax.broadcasted_iota(idx.dtype, shape, axis) == idx
+            a = jnp.broadcast_to(a, shape)
+            return jnp.sum(jnp.where(onehot, a, jnp.zeros((), a.dtype)), axis, keepdims=True)
+        return jnp.take_along_axis(jnp.broadcast_to(a, shape), idx, axis=axis)
+
+    return pick
 
 
-def _capped(z, opts: _Options):
-    return z if opts.softcap is None else _formulas.softcap(z, opts.softcap)
-
-
-def _scale(u, temperature):
-    return u if temperature is None else u / temperature.astype(u.dtype)
-
-
-def _class_weights(weights, where, axis: int, ndim: int, cdt):
-    """The per-class weight vector ``w * valid`` shaped to broadcast against the logits
-    (``None`` when it is all ones)."""
-    w = None
-    if weights is not None:
-        shape = [1] * ndim
-        shape[axis] = weights.shape[0]
-        w = weights.astype(cdt).reshape(shape)
-    if where is not None:
-        w = jnp.where(where, jnp.ones((), cdt) if w is None else w, jnp.zeros((), cdt))
-    return w
-
-
-def _valid_count(where, n: int, axis: int, cdt):
-    """``m``: the number of unmasked classes per row (keepdims; at least 1)."""
-    if where is None:
-        return jnp.asarray(n, cdt)
-    return jnp.maximum(jnp.sum(where, axis=axis, keepdims=True), 1).astype(cdt)
-
-
-def _smoothing(where, w, n: int, axis: int, alpha: float, cdt):
-    """``(k, W)``: the per-row smoothing mass ``alpha / m`` of each of the ``m`` valid
-    classes and the total class weight ``W = sum_valid w`` (``m`` without weights)."""
-    count = _valid_count(where, n, axis, cdt)
-    total_w = count if w is None else jnp.sum(w, axis=axis, keepdims=True)
-    return _formulas.smoothing_mass(alpha, count), total_w
-
-
-def _finite_or_zero(a):
-    return jnp.where(a > -jnp.inf, a, jnp.zeros((), a.dtype))
-
-
-class _Pass(NamedTuple):
-    """The forward quantities of one row-wise pass, all keepdims along the class axis."""
-
-    z: jax.Array  # logits in the compute dtype
-    u: jax.Array  # soft-capped logits
-    shifted: jax.Array  # s - m, with s = u / T and masked entries -inf
-    total: jax.Array  # sum exp(s - m) (0 for a row without a finite entry)
-    m: jax.Array  # the row maximum of s (no gradient)
-
-
-def _forward_pass(logits, where, temperature, opts: _Options, cdt) -> tuple[_Pass, jax.Array]:
-    """The forward quantities and ``exp(s - m)``."""
-    z = logits.astype(cdt)
-    u = _capped(z, opts)
-    row_max = None
-    if opts.softcap is not None:
-        # softcap is increasing and T > 0, so the row maximum of softcap(z) / T is
-        # softcap(max z) / T: found from the logits, without a tanh per entry.
-        masked = z if where is None else jnp.where(where, z, -jnp.inf)
-        lowest = jnp.finfo(cdt).min
-        z_max = jnp.max(masked, axis=opts.axis, keepdims=True, initial=lowest)
-        m = lax.stop_gradient(_scale(_formulas.softcap(z_max, opts.softcap), temperature))
-        row_max = lambda _: m  # noqa: E731
-    shifted, e, total, _, m = _shifted_exp(u, where, temperature, (opts.axis,), row_max=row_max)
-    return _Pass(z, u, shifted, total, m), e
-
-
-def integer_loss(log_total, m, s_label, in_range, row_w, smooth, opts: _Options):
-    """The per-row loss for integer labels from per-row statistics (any shape):
-    ``b (log_total - (s_y - m)) + k (W (log_total - (s_y - m)) - S) + c lse^2`` with
-    ``b = (1 - alpha) w_y`` and ``smooth = (k, W, S)``, ``S = sum_valid w_i (s_i - s_y)``
-    (None without smoothing); NaN where the label is out of range.
-
-    ``m`` and ``log_total`` are kept apart, so the loss stays exact when ``|m|`` is near
-    the dtype's maximum. Shared by every loss with integer labels (chunked and sharded
-    ones compute the same statistics in pieces).
-    """
-    alpha = opts.alpha
-    nll = log_total - (s_label - m)  # -log p_y
-    loss = nll
-    if row_w is not None or alpha:
-        loss = ((1 - alpha) if row_w is None else (1 - alpha) * row_w) * loss
-    if alpha:
-        k, total_w, centred = smooth
-        loss = loss + k * (total_w * nll - centred)
-    if opts.z_loss:
-        loss = loss + _formulas.z_loss_term(m + log_total, opts.z_loss)
-    return jnp.where(in_range, loss, jnp.full((), jnp.nan, loss.dtype))
-
-
-def smoothing_sum(s, s_label, valid, w, axis: int):
-    """``S = sum_valid w_i (s_i - s_y)`` over ``axis`` (keepdims).
-
-    Centred on the target logit ``s_y`` rather than on the row maximum, so that this
-    sum reads the logits on its own and XLA does not keep ``s - m`` in memory. ``valid``
-    and ``w`` may be None (all valid, unit weights); zero weights contribute 0 even at
-    ``-inf`` logits.
-    """
-    d = s - s_label
-    if valid is not None:
-        d = jnp.where(valid, d, jnp.zeros((), d.dtype))
-    if w is not None:
-        d = jnp.where(w != 0, w * d, jnp.zeros((), d.dtype))
-    return jnp.sum(d, axis=axis, keepdims=True)
-
-
-def integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts: _Options):
-    """``d loss / d s = (sum q + 2 c lse) p - q`` for integer labels, with
-    ``q = b e_y + k w`` (``smooth = (k, W, w)``: the per-row smoothing mass, total class
-    weight and the class-weight vector, or None); NaN where the label is out of range.
-    Works on any block of classes (``onehot`` marks the label inside the block)."""
-    cdt = p.dtype
-    b = jnp.asarray(1 - opts.alpha, cdt) if row_w is None else (1 - opts.alpha) * row_w
-    mass = b
-    q = jnp.where(onehot, b, jnp.zeros((), cdt))
-    if opts.alpha:
-        k, total_w, w = smooth
-        mass = mass + k * total_w
-        q = q + (k if w is None else k * w)
-    g_s = _formulas.ce_cotangent(p, q, mass, lse, opts.z_loss)
-    return jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
-
-
-def _row_loss(fp: _Pass, labels, where, temperature, weights, row_w, opts: _Options):
-    """The per-row loss ``sum_i q_i (lse - s_i) + c lse^2`` (keepdims), before the row
-    mask. Integer labels read the target logit with a gather (no pass over the classes
-    unless label smoothing is on); probability labels use the dense targets."""
-    axis, alpha = opts.axis, opts.alpha
-    cdt = fp.z.dtype
-    log_total = jnp.log(_nonzero(fp.total))
-    w = _class_weights(weights, where, axis, fp.z.ndim, cdt)
-    if _is_integer(labels):
-        idx, in_range = _label_index(labels, fp.z.shape[axis], axis)
-        s_label = _scale(_capped(_pick(fp.z, idx, axis), opts), temperature)
-        smooth = None
-        if alpha:
-            k, total_w = _smoothing(where, w, fp.z.shape[axis], axis, alpha, cdt)
-            s = _scale(_capped(fp.z, opts), temperature)
-            smooth = (k, total_w, smoothing_sum(s, s_label, where, w, axis))
-        return integer_loss(log_total, fp.m, s_label, in_range, row_w, smooth, opts)
-    k = _prob_smoothing_mass(where, fp.z.shape[axis], axis, alpha, cdt)
-    q = prob_targets(labels, w, k, alpha, cdt)
-    mass, cross = target_sums(q, fp.shifted, axis)
-    return prob_loss(log_total, fp.m, mass, cross, opts)
-
-
-def _prob_smoothing_mass(where, n: int, axis: int, alpha: float, cdt):
-    """``k = alpha / m`` per row (None without label smoothing)."""
-    if not alpha:
+def _class_weights(weights, ndim: int, axis: int, cdt):
+    if weights is None:
         return None
-    return _formulas.smoothing_mass(alpha, _valid_count(where, n, axis, cdt))
+    shape = [1] * ndim
+    shape[axis] = weights.shape[0]
+    return weights.astype(cdt).reshape(shape)
 
 
-def prob_targets(labels, w, k, alpha: float, cdt):
-    """``q = w * ((1 - alpha) y + k)`` for probability labels ``y``, with ``w`` the
-    class weights times the class mask (None: all ones) and ``k`` the per-row smoothing
-    mass (None without smoothing; 0 gives the unsmoothed part ``(1 - alpha) w y``)."""
-    y = labels.astype(cdt)
-    if alpha:
-        y = (1 - alpha) * y
-    if k is not None:
-        y = y + k
-    return y if w is None else w * y
+def _logits_pass(logits, where, temperature, flags: Flags, cdt) -> _kernel.Pass:
+    z = logits.astype(cdt)
+    if flags.softcap is None:
+        return _kernel.exp_pass(z, where, (flags.axis,), temperature)
+    m = _kernel.softcap_row_max(z, where, flags.axis, flags.softcap)
+    u = _formulas.softcap(z, flags.softcap)
+    return _kernel.exp_pass(u, where, (flags.axis,), temperature, row_max=lambda _: m)
 
 
-def target_sums(q, d, axis: int):
-    """``(sum_i q_i, sum_i q_i d_i)`` over ``axis`` (keepdims) with ``d = s - m``; terms
-    with ``q_i = 0`` are left out, so a ``-inf`` logit without target mass adds 0
-    ("double where"), while ``q_i > 0`` there gives ``-inf``."""
-    cross = jnp.where(q != 0, q * d, jnp.zeros((), d.dtype))
-    return jnp.sum(q, axis=axis, keepdims=True), jnp.sum(cross, axis=axis, keepdims=True)
-
-
-def prob_loss(log_total, m, mass, cross, opts: _Options):
-    """The per-row loss for probability labels from per-row statistics (any shape):
-    ``sum_i q_i (lse - s_i) + c lse^2 = mass * log_total - cross + c lse^2`` with
-    ``mass = sum q``, ``cross = sum q (s - m)`` and ``lse = m + log_total``.
-
-    With ``q >= 0`` both ``mass * log_total`` and ``-cross`` are ``>= 0``: no
-    cancellation. Shared by every loss with probability labels (the sharded one sums
-    ``mass`` and ``cross`` over devices).
-    """
-    loss = mass * log_total - cross
-    if opts.z_loss:
-        loss = loss + _formulas.z_loss_term(m + log_total, opts.z_loss)
-    return loss
-
-
-def _cotangent_s(fp: _Pass, p, labels, where, weights, row_w, opts: _Options):
-    """``d loss / d s = (sum q + 2 c lse) p - q`` (dense, keepdims), before the row mask."""
-    axis, alpha = opts.axis, opts.alpha
-    cdt = fp.z.dtype
-    w = _class_weights(weights, where, axis, fp.z.ndim, cdt)
-    lse = fp.m + jnp.log(_nonzero(fp.total)) if opts.z_loss else None
+def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: Flags):
+    """`((loss, weight), residual row numbers)`: the per-row loss (0 where the row does
+    not count) and its weight in the mean."""
+    axis = flags.axis
+    cdt = _compute_dtype(logits, labels)
+    coefs = _kernel.coefs_as(coefs, cdt)
+    fp = _logits_pass(logits, where, temperature, flags, cdt)
+    w = _class_weights(weights, logits.ndim, axis, cdt)
+    ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
     if _is_integer(labels):
-        idx, in_range = _label_index(labels, fp.z.shape[axis], axis)
-        onehot = lax.broadcasted_iota(idx.dtype, fp.z.shape, axis) == idx
-        smooth = None
-        if alpha:
-            k, total_w = _smoothing(where, w, fp.z.shape[axis], axis, alpha, cdt)
-            smooth = (k, total_w, w)
-        return integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts)
-    k = _prob_smoothing_mass(where, fp.z.shape[axis], axis, alpha, cdt)
-    q = prob_targets(labels, w, k, alpha, cdt)
-    mass = jnp.sum(q, axis=axis, keepdims=True)
-    return _formulas.ce_cotangent(p, q, mass, lse, opts.z_loss)
+        idx, in_range = _label_index(labels, logits.shape[axis], axis)
+        pick = _picker(idx, fp.u.shape, axis)
+        st = _kernel.piece_stats(fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing)
+        loss, excluded, row = _kernel.integer_loss(st, coefs, flags, temperature)
+        loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
+        # An out-of-range label is NaN, not excluded.
+        ok = _kernel.both(ok, ~excluded | ~in_range)
+        w_y = st.w_y
+    else:
+        st = _kernel.piece_stats(fp, (axis,), w=w, y=labels, smoothing=flags.smoothing)
+        loss, empty, row = _kernel.prob_loss(st, coefs, flags, temperature)
+        ok = _kernel.both(ok, ~empty)
+        w_y = None
+    weight = _kernel.row_weight(ok, w_y, loss.shape, cdt)
+    loss = _kernel.mask_rows(loss, ok)
+    out = (jnp.squeeze(loss, axis), jnp.squeeze(weight, axis))
+    return out, (ok, row, fp.total)
 
 
-def _label_cotangent(fp: _Pass, weights, where, opts: _Options):
-    """``d loss / d y_i = (1 - alpha) w_i (lse - s_i) = -(1 - alpha) w_i log p_i``
-    (0 where ``p_i = 0``) for probability labels, before the row mask."""
-    cdt = fp.z.dtype
-    log_p = fp.shifted - jnp.log(_nonzero(fp.total))
-    d = -(1 - opts.alpha) * _finite_or_zero(log_p)
-    w = _class_weights(weights, where, opts.axis, fp.z.ndim, cdt)
-    return d if w is None else w * d
+def _cotangent(logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p):
+    """`(d loss / d s, valid, u)` on the dense row (0 where the row does not count)."""
+    axis = flags.axis
+    cdt = row.m.dtype
+    coefs = _kernel.coefs_as(coefs, cdt)
+    z = logits.astype(cdt)
+    u = z if flags.softcap is None else _formulas.softcap(z, flags.softcap)
+    valid = u > -jnp.inf
+    if where is not None:
+        valid = valid & where
+    w = _class_weights(weights, logits.ndim, axis, cdt)
+    if _is_integer(labels):
+        idx, in_range = _label_index(labels, logits.shape[axis], axis)
+        onehot = lax.broadcasted_iota(idx.dtype, logits.shape, axis) == idx
+        q = _kernel.targets(row, valid, onehot=onehot, w=w)
+        g_s = _kernel.score_cotangent(p, q, row)
+        g_s = jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
+    else:
+        alpha = coefs.alpha if flags.smoothing else None
+        q = _kernel.targets(row, valid, w=w, y=labels, alpha=alpha)
+        g_s = _kernel.score_cotangent(p, q, row)
+    # Selects, not products: a row that does not count gets exactly 0, even if NaN.
+    return _kernel.mask_rows(g_s, ok), valid, u, w
 
 
-def _mask_rows(a, row_ok):
-    """``a`` where the row counts, 0 elsewhere (a select: NaN in an ignored row stays out)."""
-    if row_ok is None:
-        return a
-    return jnp.where(row_ok, a, jnp.zeros((), a.dtype))
-
-
-def _out_dtype(logits, labels):
-    """float32 for 16-bit logits (a bfloat16 loss would be quantised), else the logits'
-    dtype, promoted with float labels."""
-    return _compute_dtype(logits, labels)
-
-
-def _chain_to_logits(fp: _Pass, g_s, temperature, opts: _Options):
-    """``(dL/dz, dL/dT)`` from ``g_s = dL/ds``, with ``s = softcap(z) / T``."""
-    g_u = g_s if temperature is None else g_s / temperature.astype(g_s.dtype)
-    g_t = None
+def _probs(logits, where, temperature, flags: Flags, row, total):
+    """`p` recomputed from the logits and the row's numbers."""
+    cdt = row.m.dtype
+    z = logits.astype(cdt)
+    if flags.softcap is not None:
+        # The soft-cap is recomputed behind an optimization barrier, so XLA recomputes
+        # tanh in the pass that writes the gradient instead of keeping the forward's
+        # logits-sized tanh in memory (which costs more than a second tanh on a CPU).
+        z = _formulas.softcap(lax.optimization_barrier(z), flags.softcap)
+    u = z if where is None else jnp.where(where, z, -jnp.inf)
+    d = u - row.m
     if temperature is not None:
-        # dL/dT = -<g_s, s> / T. With a z-loss g_s does not sum to 0, so s itself
-        # (not the shift-invariant log p) is used; 0 at masked and -inf entries.
-        s = _finite_or_zero(fp.shifted + fp.m)
-        g_t = -jnp.sum(g_s * s, axis=opts.axis, keepdims=True) / temperature.astype(g_s.dtype)
-    if opts.softcap is not None:
-        g_u = g_u * _formulas.softcap_derivative(fp.u, opts.softcap)
-    return g_u, g_t
+        d = d / temperature.astype(cdt)
+    if cdt == logits.dtype:
+        # exp((u - m) / T) exactly as in the forward pass: compiled together with it,
+        # XLA computes it once (and this pass writes the gradient over it).
+        return jnp.exp(d) * (1 / jnp.where(total == 0, jnp.ones((), cdt), total))
+    # 16-bit logits: a differently written exponential, so XLA does not keep a float32
+    # copy of the logits' size between the passes.
+    return jnp.exp(d - row.log_total)
 
 
 # --------------------------------------------------------------------------------------
@@ -325,52 +168,31 @@ def _chain_to_logits(fp: _Pass, g_s, temperature, opts: _Options):
 
 
 @partial(_custom.custom_vjp, nondiff_argnums=(7,))
-def _ce_vjp(
-    logits, labels, where, temperature, weights, row_ok, row_w, opts: _Options
-) -> jax.Array:
-    return _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, row_w, opts)[0]
+def _ce_vjp(logits, labels, where, temperature, weights, row_ok, coefs, flags: Flags):
+    return _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags)[0]
 
 
-def _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, row_w, opts):
-    cdt = _compute_dtype(logits, labels)
-    fp, _ = _forward_pass(logits, where, temperature, opts, cdt)
-    loss = _row_loss(fp, labels, where, temperature, weights, row_w, opts)
-    out = _mask_rows(jnp.squeeze(loss, opts.axis), row_ok).astype(_out_dtype(logits, labels))
-    residuals = (logits, labels, where, temperature, weights, row_ok, row_w, fp.m, fp.total)
-    return out, residuals
+def _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, coefs, flags):
+    out, (ok, row, total) = _forward(
+        logits, labels, where, temperature, weights, row_ok, coefs, flags
+    )
+    return out, (logits, labels, where, temperature, weights, coefs, ok, row, total)
 
 
-def _ce_vjp_bwd(opts, residuals, g):
-    logits, labels, where, temperature, weights, row_ok, row_w, m, total = residuals
-    cdt = _compute_dtype(logits, labels)
-    z = logits.astype(cdt)
-    u = _capped(z, opts)
-    shifted = _scaled_logits(u, where, temperature) - m
-    if cdt == logits.dtype:
-        # exp(s - m) exactly as in the forward pass: compiled together with it, XLA
-        # computes it once (and this pass writes the gradient over it).
-        p = jnp.exp(shifted) * (1 / _nonzero(total))
-    else:
-        # 16-bit logits: a differently written exponential, so XLA does not keep a
-        # float32 copy of the logits' size between the passes.
-        p = jnp.exp(shifted - jnp.log(_nonzero(total)))
-    if opts.softcap is not None:
-        # The soft-cap derivative needs tanh(z / cap) again. Written behind an
-        # optimization barrier, XLA recomputes it in the pass that writes the gradient
-        # instead of keeping the forward's logits-sized tanh in memory (which costs
-        # more than the second tanh on a CPU).
-        u = _capped(lax.optimization_barrier(z), opts)
-    fp = _Pass(z, u, shifted, total, m)
-    g = jnp.expand_dims(g.astype(cdt), opts.axis)
-    ok = None if row_ok is None else jnp.expand_dims(row_ok, opts.axis)
-    # Selects, not products: an ignored row's gradients are 0 even if its logits are NaN.
-    g_s = _mask_rows(_cotangent_s(fp, p, labels, where, weights, row_w, opts) * g, ok)
-    g_z, g_t = _chain_to_logits(fp, g_s, temperature, opts)
-    g_z = _mask_rows(g_z, ok)
+def _ce_vjp_bwd(flags, residuals, g):
+    logits, labels, where, temperature, weights, coefs, ok, row, total = residuals
+    axis = flags.axis
+    p = _probs(logits, where, temperature, flags, row, total)
+    g_s, valid, u, w = _cotangent(
+        logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p
+    )
+    g = jnp.expand_dims(g[0].astype(row.m.dtype), axis)
+    g_z, g_t = _kernel.chain_to_logits(g_s * g, u, valid, (axis,), flags, temperature)
     g_labels = None
     if not _is_integer(labels):
-        g_lab = _mask_rows(_label_cotangent(fp, weights, where, opts) * g, ok)
-        g_labels = g_lab.astype(labels.dtype)
+        alpha = _kernel.coefs_as(coefs, row.m.dtype).alpha if flags.smoothing else None
+        g_y = _kernel.label_cotangent(u, row, valid, w, alpha, temperature) * g
+        g_labels = _kernel.mask_rows(g_y, ok).astype(labels.dtype)
     g_t = None if g_t is None else g_t.astype(temperature.dtype)
     return g_z.astype(logits.dtype), g_labels, None, g_t, None, None, None
 
@@ -384,210 +206,43 @@ _ce_vjp.defvjp(_ce_vjp_fwd, _ce_vjp_bwd)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(7,))
-def _ce_jvp(
-    logits, labels, where, temperature, weights, row_ok, row_w, opts: _Options
-) -> jax.Array:
-    return _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, row_w, opts)[0]
+def _ce_jvp(logits, labels, where, temperature, weights, row_ok, coefs, flags: Flags):
+    return _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags)[0]
 
 
 @partial(_ce_jvp.defjvp)
-def _ce_jvp_rule(opts, primals, tangents):
-    logits, labels, where, temperature, weights, row_ok, row_w = primals
+def _ce_jvp_rule(flags, primals, tangents):
+    logits, labels, where, temperature, weights, row_ok, coefs = primals
     logits_dot, labels_dot, _, t_dot, _, _, _ = tangents
-    cdt = _compute_dtype(logits, labels)
-    fp, e = _forward_pass(logits, where, temperature, opts, cdt)
-    loss = _row_loss(fp, labels, where, temperature, weights, row_w, opts)
-    p = e / _nonzero(fp.total)
-    # Rows that do not count are selected away before the products, so that reverse
-    # mode (the transpose of this rule) multiplies their NaN (out-of-range) entries by
-    # nothing.
-    ok = None if row_ok is None else jnp.expand_dims(row_ok, opts.axis)
-    g_s = _mask_rows(_cotangent_s(fp, p, labels, where, weights, row_w, opts), ok)
-    # The tangent of s = softcap(z) / T (0 at masked entries). At a -inf logit g_s is
-    # 0, or -q_i if it has target mass: the same finite gradient as the vjp rule.
-    u_dot = logits_dot.astype(cdt)
-    if where is not None:
-        u_dot = jnp.where(where, u_dot, jnp.zeros((), cdt))
-    if opts.softcap is not None:
-        u_dot = u_dot * _formulas.softcap_derivative(fp.u, opts.softcap)
+    axis = flags.axis
+    out, (ok, row, total) = _forward(
+        logits, labels, where, temperature, weights, row_ok, coefs, flags
+    )
+    cdt = row.m.dtype
+    z = logits.astype(cdt)
+    u = z if flags.softcap is None else _formulas.softcap(z, flags.softcap)
+    masked = u if where is None else jnp.where(where, u, -jnp.inf)
+    p = _kernel.probs(masked, row, temperature)
+    g_s, valid, u, w = _cotangent(
+        logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p
+    )
+    # The tangent of s = softcap(z) / T, 0 off the valid classes (their tangents, maybe
+    # inf, are dropped).
+    zero = jnp.zeros((), cdt)
+    u_dot = jnp.where(valid, logits_dot.astype(cdt), zero)
+    if flags.softcap is not None:
+        u_dot = u_dot * _formulas.softcap_derivative(jnp.where(valid, u, zero), flags.softcap)
     s_dot = u_dot
     if temperature is not None:
-        s = _finite_or_zero(fp.shifted + fp.m)
+        s = jnp.where(valid, u, zero) / temperature.astype(cdt)
         s_dot = (u_dot - s * t_dot.astype(cdt)) / temperature.astype(cdt)
-    loss_dot = jnp.sum(g_s * s_dot, axis=opts.axis, keepdims=True)
+    loss_dot = jnp.sum(g_s * s_dot, axis=axis, keepdims=True)
     if not _is_integer(labels):
-        d_y = _mask_rows(_label_cotangent(fp, weights, where, opts), ok)
-        loss_dot = loss_dot + jnp.sum(d_y * labels_dot.astype(cdt), opts.axis, keepdims=True)
-    out_dtype = _out_dtype(logits, labels)
-    sq = lambda a: _mask_rows(jnp.squeeze(a, opts.axis), row_ok).astype(out_dtype)  # noqa: E731
-    return sq(loss), sq(loss_dot)
-
-
-# --------------------------------------------------------------------------------------
-# Argument checks.
-# --------------------------------------------------------------------------------------
-
-
-def _check_labels(labels, logits: jax.Array, axis: int, ignore_index) -> jax.Array:
-    labels = _checks.as_array(labels, "labels")
-    batch = tuple(s for k, s in enumerate(logits.shape) if k != axis)
-    n = logits.shape[axis]
-    if labels.dtype == jnp.bool_ or jnp.issubdtype(labels.dtype, jnp.complexfloating):
-        raise TypeError(
-            "labels must be integer class indices or real probabilities, got dtype "
-            f"{labels.dtype}. Convert one-hot booleans with labels.astype(logits.dtype)."
-        )
-    if _is_integer(labels):
-        if labels.shape == logits.shape:
-            raise ValueError(
-                f"integer labels of shape {labels.shape} have a class axis: integer labels "
-                f"are class indices with the batch shape {batch} (the logits' shape without "
-                "axis). For one-hot or probability targets pass float labels, e.g. "
-                "labels.astype(logits.dtype)."
-            )
-        if labels.shape != batch:
-            raise ValueError(
-                f"integer labels of shape {labels.shape} do not match the logits: class "
-                f"indices must have the batch shape {batch} (logits {logits.shape} without "
-                f"axis {axis})."
-            )
-        check_label_range(labels, n, ignore_index)
-        return labels
-    if ignore_index is not None:
-        raise ValueError(
-            "ignore_index applies to integer class labels; got float (probability) labels. "
-            "Mask examples of probability labels with a batch-shaped where instead."
-        )
-    if labels.shape != logits.shape:
-        hint = " For class indices use an integer dtype." if labels.shape == batch else ""
-        raise ValueError(
-            f"float labels (a probability vector per row) must have the logits' shape "
-            f"{logits.shape}, got {labels.shape}.{hint}"
-        )
-    return labels
-
-
-def check_label_range(labels, n: int, ignore_index) -> None:
-    """Raises ``IndexError`` for concrete integer labels outside ``[0, n)`` other than
-    ``ignore_index`` (traced labels cannot be checked: those rows become NaN)."""
-    if not (_checks.is_concrete(labels) and labels.size):
-        return
-    values = np.asarray(labels)  # numpy: jnp would be staged inside a trace
-    if ignore_index is not None:
-        values = values[values != ignore_index]
-    if values.size:
-        lo, hi = int(values.min()), int(values.max())
-        if lo < 0 or hi >= n:
-            raise IndexError(
-                f"labels has entries out of range for {n} classes: got values in "
-                f"[{lo}, {hi}], valid class indices are 0 to {n - 1}"
-                + ("." if ignore_index is None else f" (or ignore_index={ignore_index}).")
-            )
-
-
-def _static_number(value, name: str, what: str) -> float:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be {what}, got {value!r}.")
-    if not isinstance(value, (int, float, np.integer, np.floating)):
-        arr = jnp.asarray(value)
-        if not _checks.is_concrete(arr) or arr.ndim != 0:
-            raise TypeError(
-                f"{name} must be a Python number (or concrete scalar), {what}; it is a "
-                "static argument and cannot be traced."
-            )
-        value = arr.item()
-    return float(value)
-
-
-def _check_label_smoothing(alpha) -> float:
-    alpha = _static_number(alpha, "label_smoothing", "a number in [0, 1]")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {alpha!r}.")
-    return alpha
-
-
-def _check_z_loss(z_loss) -> float:
-    c = _static_number(z_loss, "z_loss", "a number >= 0")
-    if not (c >= 0.0 and np.isfinite(c)):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}.")
-    return c
-
-
-def _check_softcap(cap) -> float | None:
-    if cap is None:
-        return None
-    c = _static_number(cap, "logit_softcap", "None or a number > 0")
-    if not (c > 0.0 and np.isfinite(c)):
-        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {cap!r}.")
-    return c
-
-
-def _check_ignore_index(ignore_index) -> int | None:
-    if ignore_index is None:
-        return None
-    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
-        ignore_index, (int, np.integer)
-    ):
-        raise TypeError(f"ignore_index must be None or a Python int, got {ignore_index!r}.")
-    return int(ignore_index)
-
-
-def _check_weights(weights, n: int):
-    if weights is None:
-        return None
-    w = _checks.as_array(weights, "weights")
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        if jnp.issubdtype(w.dtype, jnp.integer):
-            w = w.astype(jnp.result_type(float))
-        else:
-            raise TypeError(f"weights must be a real array, got dtype {w.dtype}.")
-    if w.shape != (n,):
-        raise ValueError(
-            f"weights must have one entry per class, shape ({n},), got shape {w.shape}."
-        )
-    return lax.stop_gradient(w)
-
-
-def _split_where(where, shape: tuple[int, ...], axes: tuple[int, ...]):
-    """``(class mask or None, example mask or None)``.
-
-    A mask with exactly the batch shape (``shape`` without ``axes``) and a lower rank
-    than the logits is a per-example mask, as in optax; any other mask must broadcast
-    to the logits and masks classes.
-    """
-    if where is None:
-        return None, None
-    where = _checks.as_bool_mask(where)
-    batch = tuple(s for k, s in enumerate(shape) if k not in axes)
-    if where.ndim == len(batch) and where.ndim < len(shape) and where.shape == batch:
-        return None, where
-    try:
-        return _checks.check_where(where, shape), None
-    except ValueError:
-        raise ValueError(
-            f"where of shape {where.shape} is neither a class mask broadcastable to the "
-            f"logits' shape {tuple(shape)} nor a per-example mask of the batch shape {batch}."
-        ) from None
-
-
-def _flatten_classes(logits, labels, where, axes: tuple[int, ...]):
-    """Moves the class axes to the end and flattens them into one (optax's convention
-    for a tuple ``axis``: integer labels index the row-major flattened classes)."""
-    nb = logits.ndim - len(axes)
-    batch_axes = tuple(k for k in range(logits.ndim) if k not in axes)
-    order = batch_axes + axes
-    shape = logits.shape
-    batch = tuple(shape[k] for k in batch_axes)
-
-    def merge(a):
-        return jnp.transpose(jnp.broadcast_to(a, shape), order).reshape(batch + (-1,))
-
-    logits = merge(logits)
-    if where is not None:
-        where = merge(where)
-    if not _is_integer(labels):
-        labels = merge(labels)
-    return logits, labels, where, nb
+        alpha = _kernel.coefs_as(coefs, cdt).alpha if flags.smoothing else None
+        d_y = _kernel.mask_rows(_kernel.label_cotangent(u, row, valid, w, alpha, temperature), ok)
+        loss_dot = loss_dot + jnp.sum(d_y * labels_dot.astype(cdt), axis, keepdims=True)
+    loss_dot = jnp.squeeze(loss_dot, axis).astype(out[0].dtype)
+    return out, (loss_dot, jnp.zeros_like(out[1]))
 
 
 # --------------------------------------------------------------------------------------
@@ -595,102 +250,136 @@ def _flatten_classes(logits, labels, where, axes: tuple[int, ...]):
 # --------------------------------------------------------------------------------------
 
 
+def _flatten_classes(logits, labels, where, axes: tuple[int, ...]):
+    """Moves the class axes to the end, in the order given, and flattens them into one
+    (optax's convention for a tuple `axis`: integer labels index the row-major flattened
+    classes of `logits.transpose(batch_axes + axes)`)."""
+    batch_axes = tuple(k for k in range(logits.ndim) if k not in axes)
+    order = batch_axes + axes
+    shape = logits.shape
+    batch = tuple(shape[k] for k in batch_axes)
+    n = math.prod(shape[k] for k in axes)
+
+    def merge(a):
+        return jnp.transpose(jnp.broadcast_to(a, shape), order).reshape(batch + (n,))
+
+    logits = merge(logits)
+    if where is not None:
+        where = merge(where)
+    if not _is_integer(labels):
+        labels = merge(labels)
+    return logits, labels, where, len(batch)
+
+
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    axis: int | tuple[int, ...] = -1,
-    *,
+    axis: int | tuple[int, ...] | None = -1,
     where: ArrayLike | None = None,
-    label_smoothing: float = 0.0,
+    *,
+    label_smoothing: float | ArrayLike = 0.0,
     temperature: ArrayLike = 1.0,
     rule: Rule = "vjp",
     ignore_index: int | None = None,
     weights: ArrayLike | None = None,
-    z_loss: float = 0.0,
+    z_loss: float | ArrayLike = 0.0,
     logit_softcap: float | None = None,
     reduction: Reduction = "none",
 ) -> jax.Array:
-    r"""Softmax cross-entropy with the fused :math:`p - y` derivative and the options of
+    r"""Softmax cross-entropy with the fused $p - y$ derivative and the options of
     training code (ignored labels, class weights, label smoothing, z-loss, soft-capping,
     reductions).
 
-    With :math:`s = \mathrm{softcap}(z) / T` over ``axis`` (masked classes excluded),
-    :math:`p = \mathrm{softmax}(s)`, :math:`\mathrm{lse} = \log\sum_i e^{s_i}`, class
-    weights :math:`w` (1 by default) and the effective target :math:`\tilde y =
-    (1-\alpha)\,y + \alpha/m` over the :math:`m` valid classes (:math:`y` one-hot for
-    integer labels), each row's loss is
+    The call `cross_entropy(logits, labels, axis, where)` is a drop-in for optax's
+    `softmax_cross_entropy_with_integer_labels` (integer labels) and
+    `softmax_cross_entropy` (probability labels).
 
-    .. math::
-        \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,\mathrm{lse}^2
-        = -\sum_i q_i \log p_i + c\,\mathrm{lse}^2,
+    With $s = \mathrm{softcap}(z) / T$ over `axis`, the valid classes (not masked by
+    `where`, not $-\infty$), $p = \mathrm{softmax}(s)$ over them,
+    $\mathrm{lse} = \log\sum_i e^{s_i}$, class weights $w$ (1 by default) and the
+    effective target $\tilde y = (1-\alpha)\,y + \alpha/m$ over the $m$ valid classes
+    ($y$ one-hot for integer labels), each row's loss is
 
-    .. math::
-        \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,\mathrm{lse}\Bigr)\,p
-        - q, \qquad \frac{\partial \ell}{\partial z} = \frac{1}{T}
-        \frac{\partial \ell}{\partial s}\,\bigl(1 - \mathrm{softcap}(z)^2/\kappa^2\bigr),
+    $$
+    \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,b\,\mathrm{lse}^2
+         = -\sum_i q_i \log p_i + c\,b\,\mathrm{lse}^2,
+    $$
 
-    with :math:`q = w_y(1-\alpha)e_y + \frac{\alpha}{m}w` for integer labels (PyTorch's
-    ``weight`` with ``label_smoothing``) and :math:`q = w\odot\tilde y` for probability
-    labels; without options this is :math:`p - y`. Also
-    :math:`\partial\ell/\partial T = -\langle\partial\ell/\partial s, s\rangle/T` and
-    :math:`\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i`.
+    $$
+    \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,b\,\mathrm{lse}\Bigr)\,p - q,
+    \qquad
+    \frac{\partial \ell}{\partial z} = \frac{1}{T}\frac{\partial \ell}{\partial s}
+    \bigl(1 - \mathrm{softcap}(z)^2/\kappa^2\bigr),
+    $$
+
+    with $q = w_y(1-\alpha)\,e_y + \frac{\alpha}{m}\,w$ and the row weight $b = w_y$ for
+    integer labels (PyTorch's `weight` with `label_smoothing`), and
+    $q = w\odot\tilde y$, $b = 1$ for probability labels; without options this is
+    $p - y$. Also $\partial\ell/\partial T = -\langle\partial\ell/\partial s,
+    s\rangle/T$ and $\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i$.
 
     Args:
       logits: any rank >= 1; integer input is promoted to the default float dtype.
-      labels: either integer class indices with the batch shape (``logits.shape``
-        without ``axis``), or a real probability vector per row with the shape of
-        ``logits`` (not required to be normalised; differentiable).
-      axis: the class axis, or a tuple of axes whose entries together are the classes
-        (integer labels then index them flattened in row-major order, as in optax).
-      where: optional boolean mask. Broadcastable to ``logits``: masked classes get
-        probability 0 and **no target mass**. With exactly the batch shape (rank
-        lower than the logits'): a per-example mask; masked examples behave like
-        ``ignore_index``.
-      label_smoothing: :math:`\alpha \in [0, 1]`, a static Python number. The
-        smoothing mass :math:`\alpha/m` goes to the :math:`m` unmasked classes.
-      temperature: ``T > 0``, a scalar or an array broadcastable to the batch shape;
+      labels: either integer class indices with the batch shape (`logits.shape`
+        without `axis`), or a real probability vector per row with the shape of
+        `logits` (not required to be normalised; differentiable).
+      axis: the class axis; a tuple of axes whose entries together are the classes
+        (integer labels index them flattened in the order given, as in optax); or
+        None, every axis (one row: integer labels are a scalar).
+      where: optional boolean mask, by optax's rule. With **fewer dimensions than
+        the logits** it is a per-example mask that must broadcast to the batch shape:
+        masked examples behave like `ignore_index`. With the **logits' rank** it masks
+        entries: masked classes get probability 0 and no target mass.
+      label_smoothing: $\alpha \in [0, 1]$, a number or a traced scalar (e.g. a
+        schedule inside `jax.jit`; not differentiated). The smoothing mass $\alpha/m$
+        goes to the $m$ valid classes.
+      temperature: $T > 0$, a scalar or an array broadcastable to the batch shape;
         differentiable.
-      rule: ``"vjp"`` (default): a :func:`jax.custom_vjp` that keeps no new
-        logits-sized array for the backward pass (it recomputes :math:`p` from the
-        logits and two numbers per row); reverse mode only
-        (``jax.grad(jax.grad(...))`` works). ``"jvp"``: a :func:`jax.custom_jvp`
-        with the same values and formula, so :func:`jax.jvp`, :func:`jax.jacfwd`
-        and :func:`jax.hessian` work too.
-      ignore_index: an int (integer labels only): rows whose label equals it have
-        loss 0 and gradient 0 and are left out of the ``"mean"`` denominator.
-      weights: per-class weights, shape ``(n,)`` (``n`` classes; PyTorch's
-        ``weight``). Not differentiated.
-      z_loss: :math:`c \ge 0`, adds :math:`c\,\mathrm{lse}^2` per row (PaLM).
-      logit_softcap: ``None`` or :math:`\kappa > 0`: logits become
-        :math:`\kappa\tanh(z/\kappa)` before everything else (Gemma 2).
-      reduction: ``"none"`` (per row), ``"sum"`` or ``"mean"``: PyTorch's weighted
-        mean :math:`\sum_r \ell_r / \sum_r w_{y_r}` over the rows that count (for
-        probability labels every counted row has weight 1). A batch whose total
+      rule: `"vjp"` (default): a `jax.custom_vjp` that keeps no new logits-sized array
+        for the backward pass (it recomputes $p$ from the logits and a few numbers per
+        row); reverse mode only (`jax.grad(jax.grad(...))` works). `"jvp"`: a
+        `jax.custom_jvp` with the same values and formula, so `jax.jvp`, `jax.jacfwd`
+        and `jax.hessian` work too.
+      ignore_index: an int (integer labels only) that the labels' dtype can hold: rows
+        whose label equals it have loss 0 and gradient 0 and are left out of the
+        `"mean"` denominator.
+      weights: per-class weights, shape `(n,)` (`n` classes; PyTorch's `weight`).
+        Not differentiated.
+      z_loss: $c \ge 0$, a number or a traced scalar: adds $c\,b\,\mathrm{lse}^2$ per
+        row (PaLM), weighted like the row's cross-entropy so that the `"mean"` does
+        not change when every class weight is scaled alike.
+      logit_softcap: None or a Python number $\kappa > 0$: logits become
+        $\kappa\tanh(z/\kappa)$ before everything else (Gemma 2).
+      reduction: `"none"` (per row), `"sum"` or `"mean"`: PyTorch's weighted mean
+        $\sum_r \ell_r / \sum_r b_r$ over the rows that count. A batch whose total
         weight is 0 gives 0 with zero gradients.
 
     Returns:
-      The loss per example (shape ``logits.shape`` without ``axis``) or its sum or
-      mean (a scalar). float32 for 16-bit logits (computed in float32, without a
-      float32 copy of the logits), else the logits' dtype promoted with float labels.
-      Gradients have the logits' dtype.
+      The loss per example (shape `logits.shape` without `axis`) or its sum or mean (a
+      scalar). float32 for 16-bit logits (computed in float32, without a float32 copy of
+      the logits), else the logits' dtype promoted with float labels. Gradients have the
+      logits' dtype.
 
     Note:
-      * Rows that do not count — label equal to ``ignore_index``, example masked by a
-        batch-shaped ``where``, integer label on a masked class, or no unmasked class
-        at all — give loss 0 and zero gradients (even if their logits are NaN) and
-        are not in the ``"mean"`` denominator.
-      * ``-inf`` logits (and masked classes) with zero target mass contribute 0:
-        loss and gradients stay finite (optax gives NaN there). A ``-inf`` logit that
-        receives target mass (its label, float mass, or label smoothing, which reaches
-        every unmasked class) makes the loss ``+inf``; its gradient stays finite.
-        Mask such classes with ``where`` to exclude them from smoothing.
-      * ``logit_softcap`` keeps ``-inf`` logits at ``-inf`` (excluded classes) and
-        maps ``+inf`` to :math:`\kappa`.
-      * Out-of-range integer labels other than ``ignore_index`` raise ``IndexError``
-        when ``labels`` is concrete; under :func:`jax.jit` that row's loss and
-        gradient are NaN.
-      * ``+inf``/NaN logits in a counted row give NaN, as in
-        :func:`jsoftmax.log_softmax`.
+      * Rows that do not count — label equal to `ignore_index`, example masked by a
+        per-example `where`, integer label on an excluded class (masked or $-\infty$),
+        or no valid class at all — give loss 0 and zero gradients (even if their
+        logits are NaN) and are not in the `"mean"` denominator.
+      * A $-\infty$ logit is an excluded class, exactly as a masked one: probability
+        0, no target mass (neither label smoothing nor probability labels put mass
+        there), zero gradient. So `cross_entropy(x @ w + b, ...)` equals
+        [`linear_cross_entropy`][jsoftmax.linear_cross_entropy]`(x, w, ..., bias=b)`
+        with $-\infty$ entries in `b` (padded classes). optax gives NaN or `inf`.
+      * The loss is never negative: the label's logit and the row maximum are read
+        from the same array.
+      * `logit_softcap` keeps $-\infty$ logits at $-\infty$ and maps $+\infty$ to
+        $\kappa$.
+      * Out-of-range integer labels other than `ignore_index` raise `IndexError` when
+        `labels` (and a per-example `where`) are concrete, in the rows that count;
+        under `jax.jit` such a row's loss and gradient are NaN.
+      * $+\infty$/NaN logits in a counted row give NaN, as in
+        [`log_softmax`][jsoftmax.log_softmax].
+      * Traced `label_smoothing` and `z_loss` are not range-checked.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -709,85 +398,45 @@ def cross_entropy(
       >>> with jnp.printoptions(precision=4):
       ...     print(jsoftmax.cross_entropy(logits, jnp.array([0, 2]), z_loss=1e-2,
       ...                                  logit_softcap=1.5, weights=jnp.array([1.0, 2, 3])))
-      [0.6912 3.3079]
+      [0.6912 3.3428]
     """
     logits = _checks.as_float_array(logits, "logits")
     axes = _checks.canonical_axes(axis, logits.ndim)
     _checks.check_rule(rule)
-    reduction = _checks.check_reduction(reduction)
-    ignore_index = _check_ignore_index(ignore_index)
-    alpha = _check_label_smoothing(label_smoothing)
-    opts_z = _check_z_loss(z_loss)
-    cap = _check_softcap(logit_softcap)
-    where, example_mask = _split_where(where, logits.shape, axes)
     labels = _checks.as_array(labels, "labels")
+    opts = _checks.loss_options(
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        labels_dtype=labels.dtype,
+    )
+    where, example_mask = _checks.split_where(where, logits.shape, axes)
     ax = axes[0]
-    if len(axes) > 1:
+    if len(axes) > 1 or logits.ndim == 0:
         if not _is_integer(labels) and labels.shape != logits.shape:
-            _check_labels(labels, logits, ax, ignore_index)  # raises with the shapes
+            _checks.check_labels(labels, logits.shape, ax, opts.ignore_index)  # raises
         logits, labels, where, ax = _flatten_classes(logits, labels, where, axes)
-    labels = _check_labels(labels, logits, ax, ignore_index)
+    labels = _checks.check_labels(labels, logits.shape, ax, opts.ignore_index)
     n = logits.shape[ax]
-    weights = _check_weights(weights, n)
+    weights = _checks.check_weights(weights, n)
     t = _checks.prepare_temperature(temperature, logits.shape, (ax,))  # None for T = 1
-    out_dtype = _out_dtype(logits, labels)
-    if n == 0:
+    out_dtype = _compute_dtype(logits, labels)
+    if n == 0 or logits.size == 0:
         batch = tuple(s for k, s in enumerate(logits.shape) if k != ax)
         per_row = jnp.zeros(batch, out_dtype)
-        return per_row if reduction == "none" else jnp.zeros((), out_dtype)
-    row_ok, row_w = _row_weights(labels, where, example_mask, weights, ignore_index, ax, n)
-    opts = _Options(ax, alpha, opts_z, cap)
-    kernel = _ce_vjp if rule == "vjp" else _ce_jvp
-    row_w_k = None if row_w is None else jnp.expand_dims(row_w, ax)
-    per_row = kernel(logits, labels, where, t, weights, row_ok, row_w_k, opts)
-    return reduce_rows(per_row, row_ok, row_w, reduction)
-
-
-def _row_weights(
-    labels, where, example_mask, weights, ignore_index, axis: int, n: int, label_ok=None
-):
-    """``(row_ok, row_w)``: which rows count (None: all) and, for integer labels with
-    class weights, each row's weight ``w[label]`` (None: 1). ``label_ok``, if given,
-    says per row whether the label's class is valid (instead of reading ``where``)."""
+        return per_row if opts.reduction == "none" else jnp.zeros((), out_dtype)
     row_ok = example_mask
-    row_w = None
-
-    def both(a, b):
-        return b if a is None else a & b
-
     if _is_integer(labels):
-        if ignore_index is not None:
-            row_ok = both(row_ok, labels != ignore_index)
-        if label_ok is not None:
-            row_ok = both(row_ok, label_ok)
-        if where is not None or weights is not None:
-            idx, _ = _label_index(labels, n, axis)
-            if where is not None:
-                row_ok = both(row_ok, jnp.squeeze(_pick(where, idx, axis), axis))
-            if weights is not None:
-                row_w = weights[jnp.squeeze(idx, axis)]
-    elif where is not None:
-        row_ok = both(row_ok, jnp.any(where, axis=axis))
-    return row_ok, row_w
-
-
-def reduce_rows(per_row, row_ok, row_w, reduction: Reduction):
-    """``"none"``, ``"sum"`` or the weighted ``"mean"`` of per-row losses: the sum over
-    the sum of the counted rows' weights (0, with zero gradients, if that is 0)."""
-    if reduction == "none":
-        return per_row
-    total = jnp.sum(per_row)
-    if reduction == "sum":
-        return total
-    if row_w is None:
-        weight = jnp.ones(per_row.shape, per_row.dtype)
-    else:
-        weight = row_w.astype(per_row.dtype)
-    if row_ok is not None:
-        weight = jnp.where(row_ok, weight, jnp.zeros((), per_row.dtype))
-    denom = lax.stop_gradient(jnp.sum(weight))
-    positive = denom > 0
-    return jnp.where(positive, total / jnp.where(positive, denom, 1), jnp.zeros((), total.dtype))
+        _checks.check_label_range(labels, n, opts.ignore_index, counted=example_mask)
+        if opts.ignore_index is not None:
+            row_ok = _kernel.both(row_ok, labels != opts.ignore_index)
+    flags = Flags(ax, opts.label_smoothing is not None, opts.z_loss is not None, opts.logit_softcap)
+    coefs = jax.tree.map(lax.stop_gradient, Coefs(opts.label_smoothing, opts.z_loss))
+    kernel = _ce_vjp if rule == "vjp" else _ce_jvp
+    per_row, weight = kernel(logits, labels, where, t, weights, row_ok, coefs, flags)
+    return _kernel.reduce_rows(per_row.astype(out_dtype), weight, opts.reduction)
 
 
 def cross_entropy_hessian(
@@ -798,31 +447,34 @@ def cross_entropy_hessian(
     temperature: ArrayLike = 1.0,
     scale: ArrayLike = 1.0,
 ) -> SoftmaxJacobian:
-    r"""Hessian of :func:`cross_entropy` with respect to the logits, as an operator.
+    r"""Hessian of [`cross_entropy`][jsoftmax.cross_entropy] with respect to the logits,
+    as an operator.
 
     For targets summing to 1 (one-hot, smoothed or probability labels) the Hessian of
     one row's loss does not depend on the labels:
 
-    .. math::
-        \frac{\partial^2 L}{\partial z\,\partial z^\top}
-        = \frac{1}{T^2}\bigl(\mathrm{diag}(p) - pp^\top\bigr),
-        \qquad p = \mathrm{softmax}(z/T).
+    $$
+    \frac{\partial^2 L}{\partial z\,\partial z^\top}
+    = \frac{1}{T^2}\bigl(\mathrm{diag}(p) - pp^\top\bigr),
+    \qquad p = \mathrm{softmax}(z/T).
+    $$
 
-    The loss is separable over rows, so the Hessian of ``scale * sum(losses)`` is
-    block diagonal with these blocks times ``scale``: pass ``scale=1/B`` for the mean
-    over ``B`` rows. The result is a :class:`jsoftmax.SoftmaxJacobian`: ``H @ v`` costs
-    :math:`O(n)` per row and ``H.pinv_solve(g)`` gives the Newton step on the logits
-    (the gradient :math:`p - y` lies in the range of ``H``).
+    The loss is separable over rows, so the Hessian of `scale * sum(losses)` is block
+    diagonal with these blocks times `scale`: pass `scale=1/B` for the mean over `B`
+    rows. The result is a [`SoftmaxJacobian`][jsoftmax.SoftmaxJacobian]: `H @ v` costs
+    $O(n)$ per row and `H.pinv_solve(g)` gives the Newton step on the logits (the
+    gradient $p - y$ lies in the range of `H`).
 
     Args:
       logits: any rank >= 1.
       axis: the class axis.
-      where: optional boolean class mask, as in :func:`cross_entropy`.
-      temperature: ``T > 0``, scalar or broadcastable to the batch shape.
-      scale: a factor (scalar or broadcastable to the batch shape), e.g. ``1/B``.
+      where: optional boolean class mask broadcastable to the logits (masked classes
+        have probability 0).
+      temperature: $T > 0$, scalar or broadcastable to the batch shape.
+      scale: a factor (scalar or broadcastable to the batch shape), e.g. `1/B`.
 
     Returns:
-      A :class:`jsoftmax.SoftmaxJacobian` with ``scale`` :math:`= \mathrm{scale}/T^2`.
+      A [`SoftmaxJacobian`][jsoftmax.SoftmaxJacobian] with `scale` $= \mathrm{scale}/T^2$.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -842,7 +494,7 @@ def cross_entropy_hessian(
     logits = _checks.as_float_array(logits, "logits")
     ax = _checks.canonical_axis(axis, logits.ndim)
     t = _checks.prepare_temperature(temperature, logits.shape, (ax,))
-    p = softmax(logits, ax, where=where, rule="jvp", temperature=temperature)
+    p = softmax(logits, ax, where, rule="jvp", temperature=temperature)
     if t is None and isinstance(scale, (int, float)) and scale == 1:
         return SoftmaxJacobian(p, ax)
     hess = SoftmaxJacobian(p, ax, scale=scale)  # checks scale, shapes it like t

@@ -21,9 +21,9 @@ arguments:
 * over devices (:mod:`jsoftmax.sharded`, :func:`merge_across`): ``lax.pmax`` of the
   per-row shifts, then one ``lax.psum`` of the rescaled sums (with any other per-row
   quantity riding in the same all-reduce);
-* across the steps of a :func:`jax.lax.scan` over chunks (a chunked loss):
-  :func:`merge_running` folds a chunk's statistics into a running pair, starting from
-  :func:`empty_stats`; :func:`merge_lse` does the same for log-sum-exp values.
+* across the steps of a :func:`jax.lax.scan` over chunks (a chunked loss): the
+  per-row statistics of :mod:`jsoftmax._kernel` (``merge_pair``), built on
+  :func:`rescale`.
 
 A piece without entries (all masked) has ``total = 0`` and any shift (the kernels of
 :mod:`jsoftmax._softmax` give the lowest finite value; a log-sum-exp of ``-inf`` is
@@ -52,8 +52,10 @@ _Tree = TypeVar("_Tree")  # a pytree of per-piece arrays reduced with the sums (
 # --------------------------------------------------------------------------------------
 
 
-def rescale(m: jax.Array, total: jax.Array, m_new: jax.Array) -> jax.Array:
-    """``total * exp(m - m_new)``: a piece's sum-exp re-expressed against the shift ``m_new``.
+def rescale(m: jax.Array, total: jax.Array, m_new: jax.Array, temperature=None) -> jax.Array:
+    """``total * exp(m - m_new)``: a piece's sum-exp re-expressed against the shift ``m_new``
+    (``exp((m - m_new) / T)`` with a ``temperature`` ``T``, for shifts in the units of the
+    logits before the temperature divides them).
 
     An empty piece (``total == 0``) gives 0 whatever ``m`` and ``m_new`` hold (also
     ``-inf`` for both); NaN propagates, and so does ``m = m_new = +inf``
@@ -61,6 +63,8 @@ def rescale(m: jax.Array, total: jax.Array, m_new: jax.Array) -> jax.Array:
     """
     empty = total == 0
     gap = jnp.where(empty, jnp.zeros((), m.dtype), m - m_new)
+    if temperature is not None:
+        gap = gap / temperature.astype(gap.dtype)
     return jnp.where(empty, jnp.zeros((), total.dtype), total * jnp.exp(gap))
 
 
@@ -197,35 +201,6 @@ def merge_over(m: jax.Array, total: jax.Array, axis: int) -> tuple[jax.Array, ja
     )
 
 
-def empty_stats(shape, dtype) -> tuple[jax.Array, jax.Array]:
-    """The statistics of a piece without entries: the starting carry of a scan."""
-    return jnp.full(shape, jnp.finfo(dtype).min, dtype), jnp.zeros(shape, dtype)
-
-
-def merge_running(running, chunk) -> tuple[jax.Array, jax.Array]:
-    """Folds a chunk's ``(m, total)`` into the running ``(m, total)`` of a scan.
-
-    For a chunked loss over a vocabulary split into chunks, each step computes the
-    chunk's row maximum and sum-exp (``m, total`` from
-    ``jsoftmax._softmax._shifted_exp``, keepdims) and carries ``merge_running(carry,
-    (m, total))``, starting from :func:`empty_stats`; :func:`lse_of` of the final carry
-    is the row's log-sum-exp. Exact in the sense of :func:`merge_stats` and
-    associative up to rounding, so the chunk order does not matter.
-    """
-    m = jnp.stack((running[0], chunk[0]))
-    total = jnp.stack((running[1], chunk[1]))
-    m_new, total_new = merge_over(m, total, 0)
-    return m_new[0], total_new[0]
-
-
-def merge_lse(lse_a: jax.Array, lse_b: jax.Array) -> jax.Array:
-    """``log(exp(lse_a) + exp(lse_b))`` by :func:`merge_stats`, for carrying log-sum-exp
-    values across scan steps (``-inf`` is an empty piece; ``-inf`` and ``-inf`` give
-    ``-inf`` with a zero derivative)."""
-    lse = jnp.stack((lse_a, lse_b))
-    return lse_of(*merge_over(lse, _count(lse), 0))[0]
-
-
 def _count(lse: jax.Array) -> jax.Array:
     """The sum-exp of a piece given by its log-sum-exp: 1, or 0 for an empty piece."""
     return (lse != -jnp.inf).astype(lse.dtype)
@@ -243,7 +218,7 @@ def _merge_primal(values, lse, axis: int):
     m, total = merge_over(lse, count, axis)
     w = rescale(lse, count, m) / _nonzero(total)
     o = jnp.where(valid, values, jnp.zeros((), values.dtype))  # empty pieces never contribute
-    value = _formulas._dot(w, o, (axis,))
+    value = _formulas.dot(w, o, (axis,))
     return value, lse_of(m, total), (w, o, valid)
 
 

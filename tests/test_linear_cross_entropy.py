@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jsoftmax
-from jsoftmax._linear import default_chunk_size
+from jsoftmax._chunks import default_chunk_size
 
 from helpers import REF_DTYPE, f64, fast_subset, make_logits, tol
 

@@ -79,7 +79,7 @@ def test_keepdims_and_tuple_axis(keepdims):
     chex.assert_trees_all_close(out, ref, rtol=rtol)
     # Equivalent to reducing the flattened axes.
     flat = jnp.moveaxis(x, 1, 0).reshape(4, -1)
-    chex.assert_trees_all_close(out.reshape(4), jsoftmax.logsumexp(flat), rtol=rtol)
+    chex.assert_trees_all_close(out.reshape(4), jsoftmax.logsumexp(flat, axis=-1), rtol=rtol)
 
 
 @pytest.mark.x64  # float64 rows, up to 1.7e308
@@ -97,7 +97,7 @@ def test_matches_mpmath_within_the_rounding_bound():
     ]
     x = np.stack(rows).astype(np.float64)
     for rule in RULES:
-        out = np.asarray(jsoftmax.logsumexp(jnp.asarray(x), rule=rule))
+        out = np.asarray(jsoftmax.logsumexp(jnp.asarray(x), axis=-1, rule=rule))
         for r, row in enumerate(x):
             exact = mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(float(v))) for v in row))
             err = abs(mpmath.mpf(float(out[r])) - exact)
@@ -107,7 +107,7 @@ def test_matches_mpmath_within_the_rounding_bound():
 
 def test_log_softmax_identity():
     x = make_logits((5, 8), REF_DTYPE)
-    lse = jsoftmax.logsumexp(x, keepdims=True)
+    lse = jsoftmax.logsumexp(x, axis=-1, keepdims=True)
     t = tol(REF_DTYPE, 1e-13, 1e-6)  # a few ULP of lse (about 4)
     chex.assert_trees_all_close(x - lse, jax.nn.log_softmax(x), rtol=t, atol=t)
 
@@ -115,14 +115,16 @@ def test_log_softmax_identity():
 @pytest.mark.parametrize("rule", RULES)
 def test_shift_invariance(rule):
     x = make_logits((5, 8), REF_DTYPE)
-    a = jsoftmax.logsumexp(x, rule=rule)
+    a = jsoftmax.logsumexp(x, axis=-1, rule=rule)
     rtol = tol(REF_DTYPE, 1e-14, 5e-7)
-    chex.assert_trees_all_close(jsoftmax.logsumexp(x + 123.0, rule=rule), a + 123.0, rtol=rtol)
+    chex.assert_trees_all_close(
+        jsoftmax.logsumexp(x + 123.0, axis=-1, rule=rule), a + 123.0, rtol=rtol
+    )
 
 
 def test_huge_logits_do_not_overflow():
     x = jnp.array([[3e38, 3e38, -3e38], [1e4, 1e4 + 1.0, -1e4]], jnp.float32)
-    out = jsoftmax.logsumexp(x)
+    out = jsoftmax.logsumexp(x, axis=-1)
     chex.assert_tree_all_finite(out)
     np.testing.assert_allclose(np.asarray(out, np.float64), _np_logsumexp(x, -1), rtol=1e-6)
 
@@ -130,7 +132,7 @@ def test_huge_logits_do_not_overflow():
 @pytest.mark.parametrize("rule", RULES)
 def test_vmap_and_jit_match_batched_call(rule):
     x = make_logits((6, 4, 10), REF_DTYPE)
-    f = lambda z: jsoftmax.logsumexp(z, rule=rule)
+    f = lambda z: jsoftmax.logsumexp(z, axis=-1, rule=rule)
     rtol = tol(REF_DTYPE, 1e-15, 5e-7)
     chex.assert_trees_all_close(jax.vmap(f)(x), f(x), rtol=rtol)
     chex.assert_trees_all_close(jax.jit(f)(x), f(x), rtol=rtol)
@@ -144,7 +146,7 @@ def test_no_retracing_for_equal_shapes():
     @jax.jit
     @chex.assert_max_traces(n=1)
     def f(z):
-        return jsoftmax.logsumexp(z)
+        return jsoftmax.logsumexp(z, axis=-1)
 
     for seed in range(3):
         f(make_logits((4, 7), jnp.float32, seed=seed)).block_until_ready()
@@ -173,7 +175,9 @@ def test_grad_is_softmax_and_matches_jax_nn(shape, axis, rule):
 @pytest.mark.parametrize("rule", RULES)
 def test_grad_dtype_and_accuracy(dtype, rule):
     x = make_logits((4, 16), dtype)
-    g = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, rule=rule).astype(jnp.float32)))(x)
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, axis=-1, rule=rule).astype(jnp.float32)))(
+        x
+    )
     assert g.dtype == dtype
     eps = float(jnp.finfo(dtype).eps)
     p = _np_softmax(x, -1)
@@ -185,7 +189,7 @@ def test_grad_dtype_and_accuracy(dtype, rule):
 def test_jvp_rule_forward_mode_matches_jax_nn():
     x = make_logits((3, 6), REF_DTYPE)
     t = make_logits((3, 6), REF_DTYPE, seed=2)
-    f = lambda z: jsoftmax.logsumexp(z, rule="jvp")
+    f = lambda z: jsoftmax.logsumexp(z, axis=-1, rule="jvp")
     out, dout = jax.jvp(f, (x,), (t,))
     ref, dref = jax.jvp(lambda z: jax.nn.logsumexp(z, -1), (x,), (t,))
     rtol, atol = tol(REF_DTYPE, 1e-13, 1e-6), tol(REF_DTYPE, 1e-14, 1e-6)
@@ -197,7 +201,7 @@ def test_jvp_rule_forward_mode_matches_jax_nn():
 @pytest.mark.parametrize("rule", RULES)
 def test_second_derivative_is_the_softmax_jacobian(rule):
     x = make_logits((6,), REF_DTYPE)
-    f = lambda z: jsoftmax.logsumexp(z, rule=rule)
+    f = lambda z: jsoftmax.logsumexp(z, axis=-1, rule=rule)
     h = jax.hessian(f)(x) if rule == "jvp" else jax.jacrev(jax.grad(f))(x)
     p = _np_softmax(x, -1)
     rtol, atol = tol(REF_DTYPE, 1e-12, 2e-6), tol(REF_DTYPE, 1e-15, 1e-8)
@@ -210,15 +214,17 @@ def test_second_derivative_is_the_softmax_jacobian(rule):
 def test_vjp_rule_cannot_be_forward_differentiated():
     x = make_logits((4,), jnp.float32)
     with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jacfwd(lambda z: jsoftmax.logsumexp(z, rule="vjp"))(x)
-    jax.jacfwd(lambda z: jsoftmax.logsumexp(z, rule="jvp"))(x)
+        jax.jacfwd(lambda z: jsoftmax.logsumexp(z, axis=-1, rule="vjp"))(x)
+    jax.jacfwd(lambda z: jsoftmax.logsumexp(z, axis=-1, rule="jvp"))(x)
 
 
 @pytest.mark.x64  # float32 finite differences carry errors near check_grads' tolerance
 def test_check_grads_order_2():
     x = make_logits((3, 5), jnp.float64)
-    check_grads(lambda z: jsoftmax.logsumexp(z, rule="vjp"), (x,), order=2, modes=["rev"])
-    check_grads(lambda z: jsoftmax.logsumexp(z, rule="jvp"), (x,), order=2, modes=["fwd", "rev"])
+    check_grads(lambda z: jsoftmax.logsumexp(z, axis=-1, rule="vjp"), (x,), order=2, modes=["rev"])
+    check_grads(
+        lambda z: jsoftmax.logsumexp(z, axis=-1, rule="jvp"), (x,), order=2, modes=["fwd", "rev"]
+    )
 
 
 @pytest.mark.x64
@@ -237,7 +243,7 @@ def test_check_grads_with_mask_tuple_axis():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
 def test_vjp_rule_saves_exactly_one_array(dtype):
     x = make_logits((8, 32), dtype)
-    res = saved_residuals(lambda z: jsoftmax.logsumexp(z), x)
+    res = saved_residuals(lambda z: jsoftmax.logsumexp(z, axis=-1), x)
     assert len(res) == 1, res
     ((aval, _),) = res
     assert aval.shape == x.shape and aval.dtype == dtype
@@ -248,7 +254,7 @@ def test_vjp_rule_saves_exactly_one_array(dtype):
 def test_vjp_rule_with_mask_saves_no_mask():
     x = make_logits((8, 32), jnp.float32)
     where = jnp.arange(32) < 20
-    res = saved_residuals(lambda z: jsoftmax.logsumexp(z, where=where), x)
+    res = saved_residuals(lambda z: jsoftmax.logsumexp(z, axis=-1, where=where), x)
     assert len(res) == 1 and res[0][0].shape == x.shape
 
 
@@ -259,12 +265,12 @@ def test_vjp_rule_with_mask_saves_no_mask():
 def test_mask_matches_jax_nn_where(rule):
     x = make_logits((3, 6), REF_DTYPE)
     where = jnp.array([[True, False, True, True, False, True]] * 3)
-    out = jsoftmax.logsumexp(x, where=where, rule=rule)
+    out = jsoftmax.logsumexp(x, axis=-1, where=where, rule=rule)
     rtol = tol(REF_DTYPE, 1e-14, 5e-7)
     chex.assert_trees_all_close(out, jax.nn.logsumexp(x, -1, where=where), rtol=rtol)
     ref = _np_logsumexp(np.where(where, f64(x), -np.inf), -1)
     chex.assert_trees_all_close(f64(out), ref, rtol=rtol)
-    g = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, where=where, rule=rule) ** 2))(x)
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, axis=-1, where=where, rule=rule) ** 2))(x)
     g_ref = jax.grad(lambda z: jnp.sum(jax.nn.logsumexp(jnp.where(where, z, -jnp.inf), -1) ** 2))(x)
     rtol, atol = tol(REF_DTYPE, 1e-12, 2e-6), tol(REF_DTYPE, 1e-15, 1e-7)
     chex.assert_trees_all_close(g, g_ref, rtol=rtol, atol=atol)
@@ -275,9 +281,9 @@ def test_mask_matches_jax_nn_where(rule):
 def test_large_masked_values_do_not_leak_nan(rule):
     x = jnp.array([1.0, 2.0, 1e38, jnp.inf, jnp.nan], jnp.float32)
     where = jnp.array([True, True, False, False, False])
-    out = jsoftmax.logsumexp(x, where=where, rule=rule)
+    out = jsoftmax.logsumexp(x, axis=-1, where=where, rule=rule)
     np.testing.assert_allclose(out, _np_logsumexp(np.array([1.0, 2.0]), -1), rtol=1e-6)
-    g = jax.grad(lambda z: jsoftmax.logsumexp(z, where=where, rule=rule))(x)
+    g = jax.grad(lambda z: jsoftmax.logsumexp(z, axis=-1, where=where, rule=rule))(x)
     chex.assert_tree_all_finite(g)
     np.testing.assert_allclose(g[:2], _np_softmax(np.array([1.0, 2.0]), -1), rtol=1e-6)
     assert np.all(np.asarray(g[2:]) == 0)
@@ -287,7 +293,7 @@ def test_large_masked_values_do_not_leak_nan(rule):
 def test_fully_masked_row_gives_neg_inf_with_zero_gradient(rule):
     x = make_logits((3, 4), REF_DTYPE)
     where = jnp.array([[False] * 4, [True, True, False, True], [True] * 4])
-    f = lambda z: jsoftmax.logsumexp(z, where=where, rule=rule)
+    f = lambda z: jsoftmax.logsumexp(z, axis=-1, where=where, rule=rule)
     out = f(x)
     assert out[0] == -jnp.inf
     chex.assert_trees_all_close(out[1:], jax.nn.logsumexp(x[1:], -1, where=where[1:]))
@@ -311,8 +317,8 @@ def test_fully_masked_row_gives_neg_inf_with_zero_gradient(rule):
 def test_neg_inf_entries_behave_as_masked(rule):
     x = jnp.array([[0.5, -jnp.inf, 1.5, -jnp.inf], [-jnp.inf] * 4], REF_DTYPE)
     where = jnp.isfinite(x)
-    f = lambda z: jsoftmax.logsumexp(z, rule=rule)
-    chex.assert_trees_all_close(f(x), jsoftmax.logsumexp(x, where=where))
+    f = lambda z: jsoftmax.logsumexp(z, axis=-1, rule=rule)
+    chex.assert_trees_all_close(f(x), jsoftmax.logsumexp(x, axis=-1, where=where))
     assert f(x)[1] == -jnp.inf
     ref = np.log(np.exp(0.5) + np.exp(1.5))
     chex.assert_trees_all_close(f64(f(x)[0]), ref)
@@ -327,11 +333,11 @@ def test_pos_inf_gives_pos_inf_and_nan_gives_nan(rule):
         [[1.0, jnp.inf, 0.0], [1.0, jnp.nan, 0.0], [jnp.inf, jnp.nan, 0.0], [1.0, 2.0, 3.0]],
         jnp.float32,
     )
-    out = np.asarray(jsoftmax.logsumexp(x, rule=rule))
+    out = np.asarray(jsoftmax.logsumexp(x, axis=-1, rule=rule))
     assert out[0] == np.inf and np.isnan(out[1]) and np.isnan(out[2])
     np.testing.assert_allclose(out[3], _np_logsumexp(np.array([1.0, 2.0, 3.0]), -1), rtol=1e-6)
     assert jax.nn.logsumexp(x[0]) == jnp.inf  # the same value as jax.nn
-    g = np.asarray(jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, rule=rule)))(x))
+    g = np.asarray(jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, axis=-1, rule=rule)))(x))
     # The gradient of a row with +inf or NaN is NaN (its softmax); other rows are
     # unaffected.
     assert np.all(np.isnan(g[:3]))
@@ -340,21 +346,21 @@ def test_pos_inf_gives_pos_inf_and_nan_gives_nan(rule):
 
 def test_n_equals_one():
     x = jnp.array([[3.0], [-7.0]], REF_DTYPE)
-    chex.assert_trees_all_close(jsoftmax.logsumexp(x), x[:, 0])
-    g = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z)))(x)
+    chex.assert_trees_all_close(jsoftmax.logsumexp(x, axis=-1), x[:, 0])
+    g = jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, axis=-1)))(x)
     assert np.all(np.asarray(g) == 1)
 
 
 def test_empty_axis_gives_neg_inf():
     x = jnp.zeros((3, 0), jnp.float32)
-    out = jsoftmax.logsumexp(x)
+    out = jsoftmax.logsumexp(x, axis=-1)
     assert out.shape == (3,) and out.dtype == jnp.float32 and np.all(np.asarray(out) == -np.inf)
-    assert jsoftmax.logsumexp(x, keepdims=True).shape == (3, 1)
-    assert jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z)))(x).shape == (3, 0)
+    assert jsoftmax.logsumexp(x, axis=-1, keepdims=True).shape == (3, 1)
+    assert jax.grad(lambda z: jnp.sum(jsoftmax.logsumexp(z, axis=-1)))(x).shape == (3, 0)
 
 
 def test_integer_input_is_promoted_to_default_float():
-    out = jsoftmax.logsumexp(jnp.array([1, 2, 3], jnp.int32))
+    out = jsoftmax.logsumexp(jnp.array([1, 2, 3], jnp.int32), axis=-1)
     assert out.dtype == jnp.result_type(float)
     ref = _np_logsumexp(np.array([1.0, 2.0, 3.0]), -1)
     np.testing.assert_allclose(out, ref, rtol=tol(out.dtype, 1e-12, 2e-6))
@@ -364,10 +370,10 @@ def test_integer_input_is_promoted_to_default_float():
 def test_regression_low_precision_accumulates_in_float32(dtype):
     # A 16-bit sum of 100 000 ones overflows float16 (max 65504) and rounds in bfloat16.
     x = jnp.zeros((100_000,), dtype)
-    out = jsoftmax.logsumexp(x)
+    out = jsoftmax.logsumexp(x, axis=-1)
     assert out.dtype == dtype
     np.testing.assert_allclose(float(out), np.log(1e5), rtol=float(jnp.finfo(dtype).eps))
-    g = jax.grad(lambda z: jsoftmax.logsumexp(z).astype(jnp.float32))(x)
+    g = jax.grad(lambda z: jsoftmax.logsumexp(z, axis=-1).astype(jnp.float32))(x)
     chex.assert_tree_all_finite(g)
     # 1e-5 is subnormal in float16: its spacing there is the smallest subnormal.
     fi = jnp.finfo(dtype)
@@ -380,7 +386,7 @@ def test_regression_low_precision_accumulates_in_float32(dtype):
 
 def test_error_scalar_input():
     with pytest.raises(ValueError, match="x must have at least one dimension"):
-        jsoftmax.logsumexp(jnp.float32(1.0))
+        jsoftmax.logsumexp(jnp.float32(1.0), axis=-1)
 
 
 @pytest.mark.parametrize("axis", [2, -3, (0, 0)])
@@ -391,16 +397,16 @@ def test_error_bad_axis(axis):
 
 def test_error_where():
     with pytest.raises(ValueError, match=r"where of shape \(4,\) does not broadcast"):
-        jsoftmax.logsumexp(jnp.zeros((2, 3)), where=jnp.ones(4, bool))
+        jsoftmax.logsumexp(jnp.zeros((2, 3)), axis=-1, where=jnp.ones(4, bool))
     with pytest.raises(TypeError, match="where must be a boolean mask"):
-        jsoftmax.logsumexp(jnp.zeros((2, 3)), where=jnp.ones(3))
+        jsoftmax.logsumexp(jnp.zeros((2, 3)), axis=-1, where=jnp.ones(3))
 
 
 def test_error_unknown_rule_and_complex_input():
     with pytest.raises(ValueError, match="rule must be one of"):
-        jsoftmax.logsumexp(jnp.zeros(3), rule="fwd")
+        jsoftmax.logsumexp(jnp.zeros(3), axis=-1, rule="fwd")
     with pytest.raises(TypeError, match="x must be real"):
-        jsoftmax.logsumexp(jnp.zeros(3, jnp.complex64))
+        jsoftmax.logsumexp(jnp.zeros(3, jnp.complex64), axis=-1)
 
 
 def test_error_raised_before_tracing():

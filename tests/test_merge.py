@@ -20,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 from jax.test_util import check_grads
 
 import jsoftmax
-from jsoftmax import _merge, _softmax
+from jsoftmax import _kernel, _merge
 
 from helpers import REF_DTYPE, X64, tol
 
@@ -525,14 +525,15 @@ def _chunked_logsumexp(x, where, chunk):
     xs = jnp.moveaxis(x.reshape(rows, n // chunk, chunk), 1, 0)
     ws = jnp.moveaxis(where.reshape(rows, n // chunk, chunk), 1, 0)
 
-    def step(carry, xw):
-        xc, wc = xw
-        _, _, total, _, m = _softmax._shifted_exp(xc, wc, None, (1,))
-        return _merge.merge_running(carry, (m, total)), None
+    def stats(xc, wc):
+        return _kernel.piece_stats(_kernel.exp_pass(xc, wc, (1,)), (1,))
 
-    init = _merge.empty_stats((rows, 1), x.dtype)
-    (m, total), _ = jax.lax.scan(step, init, (xs, ws))
-    return _merge.lse_of(m, total)[:, 0]
+    def step(carry, xw):
+        return _kernel.merge_pair(carry, stats(*xw)), None
+
+    init = _kernel.empty_like(stats(xs[0], ws[0]))
+    st, _ = jax.lax.scan(step, init, (xs, ws))
+    return _merge.lse_of(st.m, st.total)[:, 0]
 
 
 def _chunked_lse_fold(x, where, chunk):
@@ -541,7 +542,8 @@ def _chunked_lse_fold(x, where, chunk):
     ws = jnp.moveaxis(where.reshape(rows, n // chunk, chunk), 1, 0)
 
     def step(carry, xw):
-        return _merge.merge_lse(carry, jsoftmax.logsumexp(xw[0], where=xw[1])), None
+        both = jnp.stack([carry, jsoftmax.logsumexp(xw[0], -1, where=xw[1])])
+        return jsoftmax.merge_partials(jnp.zeros_like(both), both)[1], None
 
     out, _ = jax.lax.scan(step, jnp.full((rows,), -jnp.inf, x.dtype), (xs, ws))
     return out

@@ -1,0 +1,234 @@
+r"""The vocabulary-chunk loop of the fused output-layer losses.
+
+The logits `x @ w + b` of a large vocabulary are never built: a `lax.scan` visits
+chunks of `w`'s columns, computes each chunk's logits with float32 accumulation,
+reduces them to per-row statistics of [`jsoftmax._kernel`][jsoftmax._kernel] (merged
+across chunks by its merge rule) and drops them. The backward pass recomputes each
+chunk's logits and accumulates `dx`, `dw` and `db` from the chunk's cotangent. The
+losses pass in what a chunk contributes (`stats_fn`) and its cotangent (`grad_fn`);
+the loop, the chunk layout and the matmuls are here, once. `w` may be one device's
+block of a vocabulary split over a mesh axis: `limit` then excludes its padded
+columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jsoftmax import _checks, _formulas, _kernel
+
+# Elements of one chunk's logits: 2**20 float32 values (4 MiB), see default_chunk_size.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def default_chunk_size(rows: int, vocab: int) -> int:
+    """The default vocabulary chunk: about `2**20` logits (4 MiB in float32) per chunk.
+
+    The power of two nearest below `2**20 / rows`, clipped to `[128, 8192]` and to the
+    vocabulary size. E.g. 512 columns for 2048 rows, 128 for 8192 rows or more.
+    """
+    per_row = max(_CHUNK_ELEMENTS // max(rows, 1), 1)
+    chunk = 1 << int(math.floor(math.log2(per_row)))
+    return int(min(max(chunk, 128), 8192, vocab))
+
+
+def chunk_size(chunk_size, rows: int, vocab: int) -> int:
+    """The checked `chunk_size` argument (None: `default_chunk_size`)."""
+    return _checks.check_chunk_size(chunk_size, default_chunk_size(rows, vocab), max(vocab, 1))
+
+
+def compute_dtype(x, w) -> np.dtype:
+    return np.dtype(_checks.accumulation_dtype(jnp.promote_types(x.dtype, w.dtype)))
+
+
+class Chunk:
+    """One chunk of `w`'s columns: where it starts, its columns and which are its own.
+
+    The last chunk is shifted back to end at the vocabulary's end (its columns that an
+    earlier chunk covered are not `fresh`), so `w` is never padded or copied.
+    """
+
+    def __init__(self, k, vocab: int, size: int, limit=None):
+        self.start = jnp.minimum(k * size, vocab - size)
+        self.size = size
+        self.cols = self.start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+        self.fresh = self.cols >= k * size
+        self.limit = limit
+
+    def slice(self, a, axis: int):
+        return lax.dynamic_slice_in_dim(a, self.start, self.size, axis=axis)
+
+    def logits(self, x, w, bias, va: int, softcap, cdt):
+        """`softcap(x @ w[:, chunk] + b[chunk])` with `cdt` (float32 or wider)
+        accumulation; `va` is the vocabulary axis of `w` (1: `(H, V)`, 0: `(V, H)`)."""
+        z = lax.dot_general(
+            x, self.slice(w, va), (((1,), (1 - va,)), ((), ())), preferred_element_type=cdt
+        )
+        if bias is not None:
+            z = z + self.slice(bias, 0).astype(cdt)[None, :]
+        return z if softcap is None else _formulas.softcap(z, softcap)
+
+    def valid(self, bias):
+        """Columns that count: fresh ones whose bias is not `-inf` and whose index is
+        below `limit` (the padding of a split vocabulary)."""
+        valid = self.fresh
+        if self.limit is not None:
+            valid = valid & (self.cols < self.limit)
+        if bias is not None:
+            valid = valid & (self.slice(bias, 0) > -jnp.inf)[None, :]
+        return valid
+
+    def weights(self, weights, cdt):
+        """The chunk's class weights, `(1, size)` (None: unit weights)."""
+        if weights is None:
+            return None
+        return self.slice(weights, 0).astype(cdt)[None, :]
+
+    def onehot(self, idx):
+        """True at the column of `idx` (per row, `(rows, 1)`), if it is in this chunk."""
+        return (self.cols == idx) & self.fresh
+
+
+def varying_axes(a) -> frozenset:
+    """The mesh axes `a` varies over inside `jax.shard_map` (empty outside)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def vary_like(tree, ref):
+    """`tree` cast to vary over the mesh axes `ref` varies over inside `jax.shard_map`
+    (the carries of a scan over one shard's columns); unchanged elsewhere."""
+    axes = tuple(sorted(varying_axes(ref)))
+    return lax.pcast(tree, axes, to="varying") if axes else tree
+
+
+def scan_stats(
+    x,
+    w,
+    bias,
+    stats_fn: Callable[[Chunk, jax.Array, jax.Array], _kernel.RowStats],
+    size: int,
+    va: int,
+    softcap,
+    cdt,
+    temperature=None,
+    limit=None,
+) -> _kernel.RowStats:
+    """The row statistics over `w`'s columns, one chunk at a time.
+
+    `stats_fn(chunk, u, valid)` gives a chunk's statistics from its (soft-capped)
+    logits `u` and its valid columns; they are merged by
+    [`merge_pair`][jsoftmax._kernel.merge_pair].
+    """
+    vocab = w.shape[va]
+    n_chunks = -(-vocab // size)
+
+    def chunk_stats(k):
+        c = Chunk(k, vocab, size, limit)
+        return stats_fn(c, c.logits(x, w, bias, va, softcap, cdt), c.valid(bias))
+
+    def body(running, k):
+        return _kernel.merge_pair(running, chunk_stats(k), temperature), None
+
+    shape = jax.eval_shape(chunk_stats, jnp.zeros((), jnp.int32))
+    init = _kernel.empty_like(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape))
+    st, _ = lax.scan(body, vary_like(init, w), jnp.arange(n_chunks))
+    return st
+
+
+def scan_grads(
+    x,
+    w,
+    bias,
+    grad_fn: Callable[[Chunk, jax.Array, jax.Array], jax.Array],
+    size: int,
+    va: int,
+    softcap,
+    cdt,
+    limit=None,
+):
+    """`(dx, dw, db)` accumulated over `w`'s columns, one chunk at a time.
+
+    `grad_fn(chunk, u, valid)` gives the chunk's cotangent with respect to its
+    (soft-capped) logits `u`, 0 on columns that do not count; the soft-cap's
+    derivative is applied here. `dx` is in `cdt`: for a shard of a split vocabulary it
+    is this shard's part, to be summed over the shards.
+    """
+    vocab = w.shape[va]
+    n_chunks = -(-vocab // size)
+
+    def body(carry, k):
+        dx, dw, db = carry
+        c = Chunk(k, vocab, size, limit)
+        u = c.logits(x, w, bias, va, softcap, cdt)
+        valid = c.valid(bias)
+        g = jnp.where(valid, grad_fn(c, u, valid), jnp.zeros((), cdt))
+        if softcap is not None:
+            g = g * _formulas.softcap_derivative(jnp.where(valid, u, 0), softcap)
+        # The matmuls take the inputs' dtype with float32 accumulation (no float32 GEMM
+        # for 16-bit inputs).
+        g_in = g.astype(jnp.promote_types(x.dtype, w.dtype))
+        w_c = c.slice(w, va)
+        dx = dx + lax.dot_general(g_in, w_c, (((1,), (va,)), ((), ())), preferred_element_type=cdt)
+        a, b = (x, g_in) if va == 1 else (g_in, x)  # dw_c = x^T g in w's layout
+        dw_c = lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=cdt)
+        dw_c = (c.slice(dw, va).astype(cdt) + dw_c).astype(dw.dtype)
+        dw = lax.dynamic_update_slice_in_dim(dw, dw_c, c.start, axis=va)
+        if db is not None:
+            db_c = (c.slice(db, 0).astype(cdt) + jnp.sum(g, axis=0)).astype(db.dtype)
+            db = lax.dynamic_update_slice_in_dim(db, db_c, c.start, axis=0)
+        return (dx, dw, db), None
+
+    init = (
+        jnp.zeros(x.shape, cdt),
+        jnp.zeros(w.shape, w.dtype),
+        None if bias is None else jnp.zeros(bias.shape, bias.dtype),
+    )
+    (dx, dw, db), _ = lax.scan(body, vary_like(init, w), jnp.arange(n_chunks))
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------
+# The cross-entropy of integer labels over chunks (the fused and the sharded fused loss).
+# --------------------------------------------------------------------------------------
+
+
+def ce_stats_fn(idx, weights, flags: _kernel.Flags, cdt, temperature=None):
+    """`stats_fn` of a cross-entropy with integer labels at column `idx` (per row,
+    `(rows, 1)`; -1 or out of range: not in this `w`)."""
+
+    def stats_fn(c: Chunk, u, valid):
+        fp = _kernel.exp_pass(u, valid, (1,), temperature)
+        onehot = c.onehot(idx)
+
+        def pick(a):
+            return jnp.sum(jnp.where(onehot, a, jnp.zeros((), a.dtype)), 1, keepdims=True)
+
+        w_c = None if weights is None else c.weights(weights, cdt)
+        st = _kernel.piece_stats(fp, (1,), pick=pick, smoothing=flags.smoothing, w=w_c)
+        return st._replace(w_y=None)  # the label's weight is gathered once, outside
+
+    return stats_fn
+
+
+def ce_grad_fn(idx, in_range, weights, row: _kernel.Row, g, ok, cdt, temperature=None):
+    """`grad_fn` of a cross-entropy with integer labels: the fused cotangent
+    $(\\sum q + 2cb\\,\\mathrm{lse})p - q$ times the loss's cotangent `g` (0 where the
+    row does not count, `ok`), divided by the temperature."""
+
+    def grad_fn(c: Chunk, u, valid):
+        p = _kernel.probs(jnp.where(valid, u, -jnp.inf), row, temperature)
+        q = _kernel.targets(row, valid, onehot=c.onehot(idx), w=c.weights(weights, cdt))
+        g_s = _kernel.score_cotangent(p, q, row)
+        g_s = jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt)) * g
+        g_s = _kernel.mask_rows(g_s, ok)
+        return g_s if temperature is None else g_s / temperature.astype(cdt)
+
+    return grad_fn

@@ -1,0 +1,430 @@
+r"""The per-row statistics → loss kernel of every cross-entropy of jsoftmax.
+
+A loss row is a softmax over classes that may come in **pieces**: the whole row at once
+(`cross_entropy`), chunks of a vocabulary visited by a `lax.scan`
+(`linear_cross_entropy`), or the blocks held by the devices of a mesh axis
+(`jsoftmax.sharded`), or chunks on each device. Every piece is reduced to the same
+per-row statistics ([`RowStats`][jsoftmax._kernel.RowStats]); pieces are merged by one
+rule whose reductions are passed in ([`merge`][jsoftmax._kernel.merge]: a pair of
+pieces in a scan, `lax.pmax`/`lax.psum` over a mesh axis); the loss and its cotangent
+are functions of the merged statistics and of the piece's own logits. Every option of
+the losses is defined here, once.
+
+With $u = \mathrm{softcap}(z)$, $s = u / T$, the valid classes (not masked, not
+$-\infty$), class weights $w$ (1 by default), label smoothing $\alpha$ over the $m$
+valid classes, z-loss coefficient $c$ and the row's weight $b$ ($w_y$ for an integer
+label $y$, 1 for probability labels), each row's loss is
+
+$$
+\ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,b\,\mathrm{lse}^2, \qquad
+\frac{\partial\ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,b\,\mathrm{lse}\Bigr)\,p - q,
+$$
+
+with $q = (1-\alpha)\,b\,e_y + \frac{\alpha}{m}\,w$ (integer labels) or
+$q = w\odot\bigl((1-\alpha)\,y + \frac{\alpha}{m}\bigr)$ (probability labels), both
+zero off the valid classes.
+
+Numerics. A piece's statistics are taken relative to its own row maximum $M$ of $u$
+(in $u$'s units): $t = \sum \exp((u - M)/T)$, the label's raw $u_y$, and the centred
+sums $\sum w (u - M)$, $\sum w y (u - M)$. The label's logit comes from the same
+array as the maximum, so $u_y - M \le 0$ exactly and $-\log p_y = \log t - (u_y -
+M)/T \ge 0$: no cross-entropy is ever negative. A piece without valid classes has
+$t = 0$ and $M$ the lowest finite value; every select on emptiness is doubled, so
+derivatives stay finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jsoftmax import _formulas, _merge
+
+# --------------------------------------------------------------------------------------
+# The static flags and dynamic coefficients of a loss.
+# --------------------------------------------------------------------------------------
+
+
+class Flags(NamedTuple):
+    """The static part of a loss's options (hashable: a `nondiff_argnum`)."""
+
+    axis: int
+    smoothing: bool = False  # label smoothing on (its coefficient may be traced)
+    z_loss: bool = False  # z-loss on (its coefficient may be traced)
+    softcap: float | None = None
+
+
+class Coefs(NamedTuple):
+    """The dynamic coefficients: label smoothing $\\alpha$ and z-loss $c$ (None: off)."""
+
+    alpha: jax.Array | None = None
+    z_loss: jax.Array | None = None
+
+
+def coefs_as(coefs: Coefs, dtype) -> Coefs:
+    """`coefs` in `dtype` (Python numbers and traced scalars alike)."""
+    cast = lambda a: None if a is None else jnp.asarray(a).astype(dtype)  # noqa: E731
+    return Coefs(cast(coefs.alpha), cast(coefs.z_loss))
+
+
+# --------------------------------------------------------------------------------------
+# The one max-exp-sum pass.
+# --------------------------------------------------------------------------------------
+
+
+class Pass(NamedTuple):
+    """One piece's max-exp-sum pass (keepdims along the reduced axes)."""
+
+    u: jax.Array  # the (soft-capped) logits, -inf where not valid
+    d: jax.Array  # (u - m) / T: -inf where not valid
+    e: jax.Array  # exp(d)
+    total: jax.Array  # sum exp(d): 0 for a piece without valid entries
+    m: jax.Array  # the row maximum of u (no gradient; the lowest finite value if empty)
+
+
+def exp_pass(u, valid, axes: tuple[int, ...], temperature=None, row_max=None) -> Pass:
+    """The max-exp-sum pass over `axes` of `u` (in the accumulation dtype).
+
+    Entries where `valid` is False become `-inf` before the maximum and the exponential
+    ("double where"), so a large masked logit never reaches `exp`. The maximum starts
+    from the lowest finite value, so a piece without a finite entry is shifted by a
+    finite amount and sums to 0. The temperature divides the shifted values,
+    $(u - m)/T$, so that the largest entry is exactly 0 however XLA rewrites the
+    division; `+inf` and NaN propagate to NaN. `row_max`, if given, maps the local
+    maximum to the one to shift by (e.g. one computed from the logits before a
+    monotone soft-cap).
+    """
+    if valid is not None:
+        u = jnp.where(valid, u, -jnp.inf)
+    m = jnp.max(u, axis=axes, keepdims=True, initial=jnp.finfo(u.dtype).min)
+    m = lax.stop_gradient(m if row_max is None else row_max(m))
+    d = u - m
+    if temperature is not None:
+        d = d / temperature.astype(d.dtype)
+    e = jnp.exp(d)
+    return Pass(u, d, e, jnp.sum(e, axis=axes, keepdims=True), m)
+
+
+def softcap_row_max(z, valid, axis: int, cap: float):
+    """The row maximum of `softcap(z)` from the maximum of `z` (the soft-cap is
+    increasing): one `tanh` per row instead of per entry before the reduction."""
+    masked = z if valid is None else jnp.where(valid, z, -jnp.inf)
+    z_max = jnp.max(masked, axis=axis, keepdims=True, initial=jnp.finfo(z.dtype).min)
+    return lax.stop_gradient(_formulas.softcap(z_max, cap))
+
+
+# --------------------------------------------------------------------------------------
+# Row statistics of a piece, and the merge of pieces.
+# --------------------------------------------------------------------------------------
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of a piece of a loss row, relative to its maximum `m` (of `u`).
+
+    Fields other than `m` and `total` are None when the loss does not need them; all
+    but `m` add up over pieces once expressed against a common maximum (`recentre`).
+    """
+
+    m: jax.Array  # row maximum of u
+    total: jax.Array  # sum_valid exp((u - m) / T)
+    label: jax.Array | None = None  # u at the integer label (0 off the piece; -inf: excluded)
+    w_y: jax.Array | None = None  # the label's class weight (0 off the piece)
+    count: jax.Array | None = None  # number of valid classes
+    wsum: jax.Array | None = None  # sum_valid w
+    centred: jax.Array | None = None  # sum_valid w (u - m)
+    mass: jax.Array | None = None  # probability labels: sum_valid w y
+    cross: jax.Array | None = None  # probability labels: sum_valid w y (u - m)
+
+
+def _sum(a, axes):
+    return jnp.sum(a, axis=axes, keepdims=True)
+
+
+def piece_stats(
+    fp: Pass,
+    axes: tuple[int, ...],
+    *,
+    pick: Callable[[jax.Array], jax.Array] | None = None,
+    w=None,
+    y=None,
+    smoothing: bool = False,
+) -> RowStats:
+    """The statistics of one piece from its pass `fp`.
+
+    `pick(a)` gives `a` at the integer label (keepdims; 0 on a piece without the label),
+    for integer labels; `y` are probability labels (the piece's block); `w` the class
+    weights broadcastable to the piece (None: 1).
+    """
+    zero = jnp.zeros((), fp.u.dtype)
+    valid = fp.u > -jnp.inf
+    st = RowStats(fp.m, fp.total)
+    if pick is not None:
+        st = st._replace(label=pick(fp.u))
+        if w is not None:
+            st = st._replace(w_y=pick(jnp.broadcast_to(w, fp.u.shape)))
+    gap = None
+    if smoothing or y is not None:
+        gap = jnp.where(valid, fp.u - fp.m, zero)
+    if smoothing:
+        st = st._replace(count=_sum(valid.astype(fp.u.dtype), axes))
+        if w is None:
+            st = st._replace(centred=_sum(gap, axes))
+        else:
+            w_valid = jnp.where(valid, w, zero)
+            st = st._replace(wsum=_sum(w_valid, axes), centred=_sum(w_valid * gap, axes))
+    if y is not None:
+        q = y.astype(fp.u.dtype) if w is None else w * y.astype(fp.u.dtype)
+        q = jnp.where(valid, q, zero)
+        st = st._replace(mass=_sum(q, axes), cross=_sum(q * gap, axes))
+    return st
+
+
+def _shift(x, weight, gap):
+    """`x + weight * gap`, 0 added where `weight` is 0 (an empty piece's gap may be -inf)."""
+    if x is None:
+        return None
+    return x + jnp.where(weight == 0, jnp.zeros((), x.dtype), weight * gap)
+
+
+def recentre(st: RowStats, m_new, temperature=None) -> RowStats:
+    """`st` expressed against the maximum `m_new >= st.m`."""
+    gap = st.m - m_new
+    weight = st.count if st.wsum is None else st.wsum
+    return st._replace(
+        m=m_new,
+        total=_merge.rescale(st.m, st.total, m_new, temperature),
+        centred=None if st.centred is None else _shift(st.centred, weight, gap),
+        cross=None if st.cross is None else _shift(st.cross, st.mass, gap),
+    )
+
+
+def merge(st: RowStats, reduce_max: Callable, reduce_sum: Callable, temperature=None) -> RowStats:
+    """Merges pieces: `M = reduce_max(m)`, then every other field recentred to `M` and
+    reduced by one `reduce_sum` call (over devices: one `lax.psum` of all fields)."""
+    m_new = lax.stop_gradient(reduce_max(lax.stop_gradient(st.m)))
+    fields = recentre(st, m_new, temperature)._replace(m=None)
+    return reduce_sum(fields)._replace(m=m_new)
+
+
+def merge_pair(a: RowStats, b: RowStats, temperature=None) -> RowStats:
+    """The merge of two pieces' statistics (a step of a scan over chunks)."""
+    m_new = jnp.maximum(a.m, b.m)
+    ra, rb = recentre(a, m_new, temperature), recentre(b, m_new, temperature)
+    add = lambda x, y: None if x is None else x + y  # noqa: E731
+    return RowStats(m_new, *[add(x, y) for x, y in zip(ra[1:], rb[1:], strict=True)])
+
+
+def merge_devices(st: RowStats, axis_name, temperature=None) -> RowStats:
+    """[`merge`][jsoftmax._kernel.merge] over a mesh axis: one `pmax`, one `psum`."""
+    return merge(
+        st,
+        lambda m: lax.pmax(m, axis_name),
+        lambda tree: lax.psum(tree, axis_name),
+        temperature,
+    )
+
+
+def empty_like(st: RowStats) -> RowStats:
+    """The statistics of a piece without entries, shaped like `st` (a scan's first carry)."""
+    m = jnp.full(st.m.shape, jnp.finfo(st.m.dtype).min, st.m.dtype)
+    return jax.tree.map(jnp.zeros_like, st)._replace(m=m)
+
+
+# --------------------------------------------------------------------------------------
+# The loss of a row from its merged statistics.
+# --------------------------------------------------------------------------------------
+
+
+class Row(NamedTuple):
+    """What the loss's cotangent needs of a merged row (all keepdims)."""
+
+    m: jax.Array
+    log_total: jax.Array  # log of the merged sum-exp (0 for a row without valid classes)
+    scale: jax.Array  # the factor of p in d loss / d s: sum q + 2 c b lse
+    onehot_q: jax.Array | None  # (1 - alpha) b, the target mass at the integer label
+    k: jax.Array | None  # alpha / m, the smoothing mass of each valid class
+
+
+def log_total_of(total):
+    """`log t` with `t = 0` (a row without valid classes) read as 1."""
+    return jnp.log(jnp.where(total == 0, jnp.ones((), total.dtype), total))
+
+
+def _over_t(a, temperature):
+    return a if temperature is None else a / temperature.astype(a.dtype)
+
+
+def lse_of(st: RowStats, temperature=None):
+    """The row's log-sum-exp $M/T + \\log t$ (`-inf` for a row without valid classes)."""
+    return _merge.lse_of(_over_t(st.m, temperature), st.total)
+
+
+def _smoothing(st: RowStats, coefs: Coefs):
+    """`(k, W)`: the smoothing mass $\\alpha/m$ and the valid classes' total weight."""
+    assert coefs.alpha is not None and st.count is not None
+    k = _formulas.smoothing_mass(coefs.alpha, jnp.maximum(st.count, 1))
+    return k, st.count if st.wsum is None else st.wsum
+
+
+def integer_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
+    """`(loss, excluded, row)` of integer labels from merged statistics.
+
+    `excluded` marks rows whose label is on an excluded class (masked, `-inf` logit,
+    padding): they do not count. The loss is NaN where the label is NaN-poisoned.
+    """
+    log_total = log_total_of(st.total)
+    assert st.label is not None
+    excluded = st.label == -jnp.inf
+    # u_y <= m exactly (the same array); the minimum guards a soft-cap whose rounding
+    # is not monotone. -log p_y >= 0.
+    gap = jnp.minimum(st.label - st.m, jnp.zeros((), st.m.dtype))
+    gap = jnp.where(excluded, jnp.zeros((), gap.dtype), gap)
+    nll = log_total - _over_t(gap, temperature)
+    b = st.w_y
+    onehot_q = jnp.ones((), nll.dtype) if b is None else b
+    loss = nll if b is None else b * nll
+    mass = onehot_q
+    k = None
+    if flags.smoothing:
+        assert coefs.alpha is not None and st.centred is not None
+        k, wsum = _smoothing(st, coefs)
+        onehot_q = (1 - coefs.alpha) * onehot_q
+        # sum_valid w_i (lse - s_i) >= 0, each term; rounding may not cancel exactly.
+        smooth = jnp.maximum(wsum * log_total - _over_t(st.centred, temperature), 0)
+        loss = (1 - coefs.alpha) * loss + k * smooth
+        mass = onehot_q + k * wsum
+    scale = mass
+    if flags.z_loss:
+        assert coefs.z_loss is not None
+        lse = _over_t(st.m, temperature) + log_total
+        cb = coefs.z_loss if b is None else coefs.z_loss * b
+        loss = loss + _formulas.z_loss_term(lse, cb)
+        scale = _formulas.ce_cotangent_scale(scale, lse, cb)
+    return loss, excluded, Row(st.m, log_total, scale, onehot_q, k)
+
+
+def prob_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
+    """`(loss, empty, row)` of probability labels from merged statistics: the loss is
+    $(\\sum q)\\log t - \\sum q (u - M)/T + c\\,\\mathrm{lse}^2$, two non-negative
+    terms; `empty` marks rows without valid classes (they do not count)."""
+    assert st.mass is not None and st.cross is not None
+    log_total = log_total_of(st.total)
+    mass, cross, k = st.mass, st.cross, None
+    if flags.smoothing:
+        assert coefs.alpha is not None and st.centred is not None
+        k, wsum = _smoothing(st, coefs)
+        mass = (1 - coefs.alpha) * mass + k * wsum
+        cross = (1 - coefs.alpha) * cross + k * st.centred
+    loss = mass * log_total - _over_t(cross, temperature)
+    scale = mass
+    if flags.z_loss:
+        assert coefs.z_loss is not None
+        lse = _over_t(st.m, temperature) + log_total
+        loss = loss + _formulas.z_loss_term(lse, coefs.z_loss)
+        scale = _formulas.ce_cotangent_scale(scale, lse, coefs.z_loss)
+    return loss, st.total == 0, Row(st.m, log_total, scale, None, k)
+
+
+# --------------------------------------------------------------------------------------
+# The cotangent of a piece, from its own logits and the merged row.
+# --------------------------------------------------------------------------------------
+
+
+def probs(u, row: Row, temperature=None):
+    """The softmax of the merged row on a piece: `exp((u - M)/T - log t)`; 0 where `u` is
+    `-inf` (not valid)."""
+    return jnp.exp(_over_t(u - row.m, temperature) - row.log_total)
+
+
+def targets(row: Row, valid, *, onehot=None, w=None, y=None, alpha=None):
+    """The target mass `q` on a piece: `(1 - alpha) b` at the integer label (`onehot`),
+    or `(1 - alpha) w y` for probability labels, plus `k w` on every valid class."""
+    zero = jnp.zeros((), row.m.dtype)
+    if onehot is not None:
+        assert row.onehot_q is not None
+        q = jnp.where(onehot, row.onehot_q, zero)
+    else:
+        assert y is not None
+        q = y.astype(row.m.dtype)
+        if alpha is not None:
+            q = (1 - alpha) * q
+        if w is not None:
+            q = w * q
+    if row.k is not None:
+        q = q + (row.k if w is None else row.k * w)
+    return jnp.where(valid, q, zero)
+
+
+def score_cotangent(p, q, row: Row):
+    """$\\partial\\ell/\\partial s = (\\sum q + 2cb\\,\\mathrm{lse})\\,p - q$."""
+    return _formulas.ce_cotangent(p, q, row.scale)
+
+
+def chain_to_logits(g_s, u, valid, axes, flags: Flags, temperature=None):
+    """`(dL/dz, dL/dT)` from `g_s = dL/ds`, with `s = softcap(z) / T`; 0 off the valid
+    classes (`u` holds `-inf` there)."""
+    zero = jnp.zeros((), g_s.dtype)
+    g_s = jnp.where(valid, g_s, zero)
+    g_u = _over_t(g_s, temperature)
+    g_t = None
+    if temperature is not None:
+        # dL/dT = -<g_s, s> / T, with s itself: with a z-loss g_s does not sum to 0.
+        s = _over_t(jnp.where(valid, u, zero), temperature)
+        g_t = -_over_t(_sum(g_s * s, axes), temperature)
+    if flags.softcap is not None:
+        g_u = g_u * _formulas.softcap_derivative(jnp.where(valid, u, zero), flags.softcap)
+    return g_u, g_t
+
+
+def label_cotangent(u, row: Row, valid, w, alpha, temperature=None):
+    """$\\partial\\ell/\\partial y_i = (1-\\alpha)\\,w_i\\,(\\mathrm{lse} - s_i) =
+    -(1-\\alpha) w_i \\log p_i$ on valid classes, 0 elsewhere."""
+    zero = jnp.zeros((), row.m.dtype)
+    neg_log_p = row.log_total - _over_t(jnp.where(valid, u, row.m) - row.m, temperature)
+    d = jnp.where(valid, neg_log_p, zero)
+    if alpha is not None:
+        d = (1 - alpha) * d
+    return d if w is None else w * d
+
+
+# --------------------------------------------------------------------------------------
+# Rows that count, and the reductions over rows.
+# --------------------------------------------------------------------------------------
+
+
+def mask_rows(a, row_ok):
+    """`a` where the row counts, 0 elsewhere (a select: NaN in an ignored row stays out)."""
+    if row_ok is None:
+        return a
+    return jnp.where(row_ok, a, jnp.zeros((), a.dtype))
+
+
+def both(a, b):
+    """`a & b` for optional masks (None: all True)."""
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def reduce_rows(per_row, weight, reduction: str):
+    """`"none"`, `"sum"` or the weighted `"mean"`: the sum over the total `weight` of the
+    rows (0 where a row does not count; 1 per counted row without class weights). A
+    total weight of 0 gives 0 with zero gradients; a negative one divides as well."""
+    if reduction == "none":
+        return per_row
+    total = jnp.sum(per_row)
+    if reduction == "sum":
+        return total
+    denom = lax.stop_gradient(jnp.sum(weight.astype(per_row.dtype)))
+    nonzero = denom != 0
+    return jnp.where(nonzero, total / jnp.where(nonzero, denom, 1), jnp.zeros((), total.dtype))
+
+
+def row_weight(row_ok, w_y, shape, dtype):
+    """The weight of each row in the `"mean"` denominator (0 where it does not count)."""
+    w = jnp.ones(shape, dtype) if w_y is None else jnp.broadcast_to(w_y, shape).astype(dtype)
+    return lax.stop_gradient(mask_rows(w, row_ok))

@@ -1,0 +1,134 @@
+"""What the functions of `jsoftmax.sharded` share: argument checks for mesh axes, the
+global class index of a shard's block, the sums over a split axis, and the casts that
+make cotangents sum over the right mesh axes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jsoftmax import _chunks, _formulas, _kernel
+
+Axes = tuple[int, ...]
+AxisName = str | tuple[str, ...]
+
+
+def check_axis_name(axis_name, name: str = "axis_name") -> AxisName:
+    """A mesh axis name (str) or a non-empty tuple of distinct names, made hashable."""
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)
+    if isinstance(axis_name, str) and axis_name:
+        return axis_name
+    if (
+        isinstance(axis_name, tuple)
+        and axis_name
+        and all(isinstance(a, str) and a for a in axis_name)
+    ):
+        if len(set(axis_name)) != len(axis_name):
+            raise ValueError(f"{name}={axis_name!r} names the same mesh axis twice.")
+        return axis_name[0] if len(axis_name) == 1 else axis_name
+    raise TypeError(
+        f"{name} must be the name of the mesh axis the softmax axis is split over "
+        f"(a non-empty str) or a non-empty tuple of such names, got {axis_name!r}."
+    )
+
+
+def num_shards(axis_name: AxisName, fname: str) -> int:
+    """The number of shards along `axis_name`; a clear error outside shard_map."""
+    try:
+        return int(lax.axis_size(axis_name))
+    except NameError as e:
+        raise ValueError(
+            f"jsoftmax.sharded.{fname}: axis_name={axis_name!r} is not a mesh axis bound "
+            "here. Call it inside jax.shard_map over a mesh that has this axis, with the "
+            "softmax axis of the input sharded over it (for jit-sharded arrays use "
+            f"jsoftmax.{fname} instead)."
+        ) from e
+
+
+def check_num_classes(num_classes, local: int, shards: int) -> int | None:
+    """None, or the true class count of a padded split axis (None when not padded)."""
+    if num_classes is None:
+        return None
+    if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)):
+        raise TypeError(f"num_classes must be a Python int or None, got {num_classes!r}.")
+    total = local * shards
+    if not 1 <= int(num_classes) <= total:
+        raise ValueError(
+            f"num_classes={int(num_classes)} must lie in [1, {total}]: the split axis holds "
+            f"{local} classes on each of {shards} shards."
+        )
+    return None if int(num_classes) == total else int(num_classes)
+
+
+def offset(local: int, axis_name: AxisName):
+    """The global index of this shard's first class."""
+    return lax.axis_index(axis_name) * local
+
+
+def pad_mask(shape, axis: int, axis_name: AxisName, where, num_classes):
+    """`where` combined with the mask of padded classes (global index >= num_classes)."""
+    if num_classes is None:
+        return where
+    index = offset(shape[axis], axis_name) + lax.broadcasted_iota(jnp.int32, shape, axis)
+    real = index < num_classes
+    return real if where is None else jnp.logical_and(where, real)
+
+
+def global_sum(a: jax.Array, axes: Axes, axis_name: AxisName) -> jax.Array:
+    """Sum over the whole split softmax axis: local partial sum, then one all-reduce."""
+    return lax.psum(jnp.sum(a, axis=axes, keepdims=True), axis_name)
+
+
+def global_dot(a: jax.Array, b: jax.Array, axes: Axes, axis_name: AxisName) -> jax.Array:
+    """$\\langle a, b\\rangle$ over the whole split axis (the local contraction, then psum)."""
+    return lax.psum(_formulas.dot(a, b, axes), axis_name)
+
+
+def check_data_axis_name(data_axis_name, axis_name, fname: str):
+    if data_axis_name is None:
+        return None
+    name = check_axis_name(data_axis_name, "data_axis_name")
+    names = set(name if isinstance(name, tuple) else (name,))
+    split = set(axis_name if isinstance(axis_name, tuple) else (axis_name,))
+    if names & split:
+        raise ValueError(
+            f"data_axis_name={data_axis_name!r} must name mesh axes that the rows are split "
+            f"over, not the class axis_name={axis_name!r}."
+        )
+    num_shards(name, fname)
+    return name
+
+
+def reduce(per_row, weight, reduction: str, data_axis_name):
+    """`reduction` of the per-row losses; over every row of `data_axis_name` too."""
+    if reduction == "none" or data_axis_name is None:
+        return _kernel.reduce_rows(per_row, weight, reduction)
+    # One all-reduce of two scalars: this block's sum and its total row weight.
+    sums = lax.psum((jnp.sum(per_row)[None], jnp.sum(weight)[None]), data_axis_name)
+    return _kernel.reduce_rows(sums[0], sums[1], reduction)
+
+
+def axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def varying(arrays, axis_names):
+    """Casts the arrays to vary over the mesh axes any of them (or `axis_names`) varies
+    over, so the kernel's cotangents have its inputs' types; autodiff then sums each
+    cotangent over the axes its input was cast along (`dx` over the vocabulary axis,
+    `dw` over data axes), one all-reduce each."""
+    axes = set(axis_names)
+    for a in arrays:
+        if a is not None:
+            axes |= _chunks.varying_axes(a)
+    out = []
+    for a in arrays:
+        if a is not None:
+            missing = tuple(sorted(axes - _chunks.varying_axes(a)))
+            if missing:
+                a = lax.pcast(a, missing, to="varying")
+        out.append(a)
+    return out

@@ -1,0 +1,324 @@
+"""`cross_entropy`: Megatron-style vocab-parallel loss with the options of
+`jsoftmax.cross_entropy`, inside `shard_map`. Each shard reduces its block of classes to
+the per-row statistics of `jsoftmax._kernel`; one `pmax` and one `psum` merge them; the
+loss and its cotangent are the kernel's."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jsoftmax import _checks, _custom, _formulas, _kernel
+from jsoftmax._checks import Reduction
+from jsoftmax._kernel import Coefs, Flags
+from jsoftmax.sharded import _common
+from jsoftmax.sharded._common import AxisName
+
+
+def _is_integer(labels) -> bool:
+    return bool(jnp.issubdtype(labels.dtype, jnp.integer))
+
+
+def _compute_dtype(x, labels):
+    cdt = _checks.accumulation_dtype(x.dtype)
+    if not _is_integer(labels):
+        cdt = jnp.promote_types(cdt, _checks.accumulation_dtype(labels.dtype))
+    return cdt
+
+
+def _onehot(labels, shape, axis: int, axis_name: AxisName):
+    """True at the label's entry of this shard's block (nowhere on the other shards)."""
+    local = labels - _common.offset(shape[axis], axis_name)
+    return lax.broadcasted_iota(jnp.int32, shape, axis) == jnp.expand_dims(local, axis)
+
+
+def _class_weights(weights, ndim: int, axis: int, cdt):
+    if weights is None:
+        return None
+    shape = [1] * ndim
+    shape[axis] = weights.shape[0]
+    return weights.astype(cdt).reshape(shape)
+
+
+def _capped(x, where, flags: Flags, cdt, barrier: bool = False):
+    z = x.astype(cdt)
+    if barrier:
+        z = lax.optimization_barrier(z)
+    u = z if flags.softcap is None else _formulas.softcap(z, flags.softcap)
+    return u, u if where is None else jnp.where(where, u, -jnp.inf)
+
+
+@partial(_custom.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ce_kernel(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_name, n_classes):
+    args = (x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_name, n_classes)
+    return _ce_fwd(*args)[0]
+
+
+def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_name, n_classes):
+    axis = flags.axis
+    cdt = _compute_dtype(x, labels)
+    coefs_c = _kernel.coefs_as(coefs, cdt)
+    u, _ = _capped(x, None, flags, cdt)
+    fp = _kernel.exp_pass(u, where, (axis,), temperature)
+    w = _class_weights(weights, x.ndim, axis, cdt)
+    ok = None if ex_ok is None else jnp.expand_dims(ex_ok, axis)
+    if _is_integer(labels):
+        onehot = _onehot(labels, x.shape, axis, axis_name)
+
+        def pick(a):
+            a = jnp.broadcast_to(a, onehot.shape)
+            return jnp.sum(jnp.where(onehot, a, jnp.zeros((), a.dtype)), axis, keepdims=True)
+
+        st = _kernel.piece_stats(fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing)
+        st = _kernel.merge_devices(st, axis_name, temperature)
+        loss, excluded, row = _kernel.integer_loss(st, coefs_c, flags, temperature)
+        in_range = jnp.expand_dims((labels >= 0) & (labels < n_classes), axis)
+        loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
+        ok = _kernel.both(ok, ~excluded | ~in_range)
+        w_y = st.w_y
+    else:
+        st = _kernel.piece_stats(fp, (axis,), w=w, y=labels, smoothing=flags.smoothing)
+        st = _kernel.merge_devices(st, axis_name, temperature)
+        loss, empty, row = _kernel.prob_loss(st, coefs_c, flags, temperature)
+        ok = _kernel.both(ok, ~empty)
+        w_y = None
+    weight = _kernel.row_weight(ok, w_y, loss.shape, cdt)
+    out_dtype = cdt  # float32 for 16-bit logits
+    loss = _kernel.mask_rows(loss, ok)
+    out = (jnp.squeeze(loss, axis).astype(out_dtype), jnp.squeeze(weight, axis))
+    return out, (x, labels, where, temperature, weights, coefs, ok, row)
+
+
+def _ce_kernel_fwd(
+    x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_name, n_classes
+):
+    args = (x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_name, n_classes)
+    return _ce_fwd(*args)
+
+
+def _ce_kernel_bwd(flags, axis_name, n_classes, residuals, g):
+    # d loss / d s = (sum q + 2 c b lse) p - q: local, from the merged row statistics
+    # (and d loss / d y = -(1 - alpha) w log p for probability labels, local too). Only
+    # the temperature's derivative (a sum over the classes) needs an all-reduce.
+    x, labels, where, temperature, weights, coefs, ok, row = residuals
+    axis = flags.axis
+    cdt = row.m.dtype
+    coefs_c = _kernel.coefs_as(coefs, cdt)
+    u, masked = _capped(x, where, flags, cdt, barrier=flags.softcap is not None)
+    p = _kernel.probs(masked, row, temperature)
+    valid = masked > -jnp.inf
+    w = _class_weights(weights, x.ndim, axis, cdt)
+    integer = _is_integer(labels)
+    if integer:
+        onehot = _onehot(labels, x.shape, axis, axis_name)
+        q = _kernel.targets(row, valid, onehot=onehot, w=w)
+        g_s = _kernel.score_cotangent(p, q, row)
+        in_range = jnp.expand_dims((labels >= 0) & (labels < n_classes), axis)
+        g_s = jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
+    else:
+        alpha = coefs_c.alpha if flags.smoothing else None
+        q = _kernel.targets(row, valid, w=w, y=labels, alpha=alpha)
+        g_s = _kernel.score_cotangent(p, q, row)
+    g = jnp.expand_dims(g[0].astype(cdt), axis)
+    g_s = _kernel.mask_rows(g_s * g, ok)
+    g_z, g_t = _kernel.chain_to_logits(g_s, u, valid, (axis,), flags, temperature)
+    if g_t is not None:
+        g_t = lax.psum(g_t, axis_name).astype(temperature.dtype)
+    g_labels = None
+    if not integer:
+        alpha = coefs_c.alpha if flags.smoothing else None
+        g_y = _kernel.label_cotangent(u, row, valid, w, alpha, temperature) * g
+        g_labels = _kernel.mask_rows(g_y, ok).astype(labels.dtype)
+    return g_z.astype(x.dtype), g_labels, None, g_t, None, None, None
+
+
+_ce_kernel.defvjp(_ce_kernel_fwd, _ce_kernel_bwd)
+
+
+def cross_entropy(
+    logits_shard: ArrayLike,
+    labels: ArrayLike,
+    axis_name: AxisName,
+    axis: int = -1,
+    *,
+    where: ArrayLike | None = None,
+    num_classes: int | None = None,
+    label_smoothing: float = 0.0,
+    temperature: ArrayLike = 1.0,
+    ignore_index: int | None = None,
+    weights: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: Reduction = "none",
+    data_axis_name: AxisName | None = None,
+) -> jax.Array:
+    r"""Vocab-parallel softmax cross-entropy; call inside `jax.shard_map`.
+
+    The loss of [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy] (same options, same formulas) with the
+    class axis split over `axis_name`:
+
+    $$
+    \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,\mathrm{lse}^2, \qquad
+    \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,\mathrm{lse}\Bigr)\,p - q,
+    $$
+    with $s = \mathrm{softcap}(z)/T$ and $q = w_y(1-\alpha)e_y +
+    \frac{\alpha}{m}w$ for an integer label $y$ (a **global** class index), or
+    $q = w\odot\bigl((1-\alpha)\,y + \frac{\alpha}{m}\bigr)$ for probability
+    labels $y$ (split over the devices like the logits). Shard `i` along
+    `axis_name` holds classes `i * n_local ... (i + 1) * n_local - 1`. Forward: one
+    all-reduce of the row max, then one all-reduce carrying, per row, the sum of
+    exponentials, the target logit (from the shard holding $y$, 0 from the
+    others) or, for probability labels, the shard's parts of $\sum_i q_i$ and
+    $\sum_i q_i (s_i - M)$, and whatever the options need (a flag for a label on
+    a masked class, the label's class weight, the smoothing sum
+    $\sum_i w_i (s_i - M)$, the number and weight of valid classes). Backward:
+    $g\,\partial\ell/\partial s$ (and for probability labels
+    $\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i$) from the merged row
+    statistics, with **no communication** (with a `temperature`, one all-reduce of
+    $\langle \partial\ell/\partial s, s\rangle$ per row for its derivative).
+
+    Args:
+      logits_shard: this device's contiguous block of logits, any rank >= 1.
+      labels: either an integer array of global class indices with the shape of
+        `logits_shard` without `axis` (the local batch block, the same on every
+        shard of `axis_name`), or real probabilities (a target vector per row, not
+        required to be normalised; differentiable) with the shape of `logits_shard`:
+        this shard's block of the targets, split like the logits (the same
+        `in_specs`).
+      axis_name: the mesh axis name(s) the class axis is split over.
+      axis: the local class axis (an int).
+      where: optional boolean mask. Broadcastable to `logits_shard`: masked classes
+        are left out of the normaliser, get gradient 0 and no target mass. With exactly
+        the batch shape (rank lower than the logits'): a per-example mask, masked
+        examples behave like `ignore_index`.
+      num_classes: the true class count when the class axis was padded at the end to a
+        multiple of the shard count; padded classes are masked.
+      label_smoothing: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
+      temperature: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
+      ignore_index: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
+      z_loss: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
+      logit_softcap: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
+      weights: per-class weights of **this shard's block** of classes, shape
+        `(n_local,)` (a `(n,)` vector sharded like the class axis, e.g. with
+        `in_specs` `P(axis_name)`). Not differentiated.
+      reduction: `"none"`, `"sum"` or `"mean"` (weighted, as in
+        [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]) over the rows of this `shard_map` block. When
+        the rows are also split over a data axis, pass it as `data_axis_name` to sum
+        (and average) over every row of that axis; without it each data shard gets the
+        mean of its own rows, and the global mean is the `psum` over the data axis of
+        the sums divided by the `psum` of the counted rows' weights (not the mean of
+        the means).
+      data_axis_name: `None` or the mesh axis name(s) the rows are split over; used by
+        `"sum"` and `"mean"` only (one more all-reduce of two scalars). The result is
+        then the same on every device.
+
+    Returns:
+      Per-example losses, shape of `logits_shard` without `axis`, or their sum or
+      mean (a scalar); dtype as [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]: float32 for 16-bit
+      logits, else the logits' dtype promoted with float labels. They are equal on
+      every shard of `axis_name`, so an `out_specs` that does not mention
+      `axis_name` fits.
+
+    Note:
+      * A label outside `[0, C)` (`C` = `num_classes`, or the global size of the
+        split axis) other than `ignore_index` gives a NaN loss and NaN gradient for
+        that row, never a silently wrong loss (labels are traced inside
+        `jax.shard_map`, so they cannot be checked eagerly).
+      * As in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]: a label on a masked (or padded) class
+        carries no target mass, so the row's loss is 0 with zero gradient (an "ignore"
+        label), and it is left out of the `"mean"` denominator; a fully masked row
+        therefore gives 0. A label on an unmasked `-inf` logit gives loss `+inf`
+        with a finite gradient.
+      * Probability labels: a row without any unmasked class (on any shard) gives 0,
+        with zero gradients, and is not in the `"mean"` denominator; every other
+        counted row has weight 1. Masked (and padded) classes get no target mass, but
+        a NaN label there still gives NaN ($0 \cdot \mathrm{NaN}$): pad the
+        labels with 0. `ignore_index` is for integer labels only (a
+        `ValueError` otherwise); mask examples with a batch-shaped `where`.
+      * `+inf` or NaN among the unmasked logits of a counted row gives NaN.
+      * float16/bfloat16 logits: computed in float32 and the loss is returned in
+        float32 (a 16-bit loss would be quantised), as by
+        [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]; gradients come back in the logits' dtype.
+      * Reverse mode only. The saved residuals are the local block of logits (and of
+        probability labels) and a few numbers per row; the backward pass recomputes
+        the probabilities.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> from jsoftmax import sharded
+      >>> mesh = jax.make_mesh((1,), ("vocab",))
+      >>> f = jax.jit(jax.shard_map(lambda z, y: sharded.cross_entropy(z, y, "vocab"),
+      ...                           mesh=mesh, in_specs=(P(None, "vocab"), P()), out_specs=P()))
+      >>> z = jax.device_put(jnp.zeros((2, 8), jnp.float32),
+      ...                    jax.NamedSharding(mesh, P(None, "vocab")))
+      >>> y = jax.device_put(jnp.array([0, 7]), jax.NamedSharding(mesh, P()))
+      >>> with jnp.printoptions(precision=4):
+      ...     print(f(z, y))
+      [2.0794 2.0794]
+      >>> g = jax.jit(jax.shard_map(
+      ...     lambda z, y: sharded.cross_entropy(z, y, "vocab", label_smoothing=0.1,
+      ...                                        z_loss=1e-2, reduction="mean"),
+      ...     mesh=mesh, in_specs=(P(None, "vocab"), P()), out_specs=P()))
+      >>> print(f"{g(z, y):.4f}")
+      2.1227
+      >>> q = jax.nn.softmax(jnp.arange(16.0).reshape(2, 8))  # probability labels
+      >>> q = jax.device_put(q, jax.NamedSharding(mesh, P(None, "vocab")))
+      >>> h = jax.jit(jax.shard_map(lambda z, q: sharded.cross_entropy(z, q, "vocab"),
+      ...                           mesh=mesh, in_specs=(P(None, "vocab"), P(None, "vocab")),
+      ...                           out_specs=P()))
+      >>> with jnp.printoptions(precision=4):
+      ...     print(h(z, q))
+      [2.0794 2.0794]
+    """
+    axis_name = _common.check_axis_name(axis_name)
+    x = _checks.as_float_array(logits_shard, "logits_shard")
+    axis = _checks.canonical_axis(axis, x.ndim)
+    labels = _checks.as_array(labels, "labels")
+    opts = _checks.loss_options(
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        labels_dtype=labels.dtype,
+    )
+    labels = _checks.check_labels(
+        labels, x.shape, axis, opts.ignore_index, logits_name="logits_shard"
+    )
+    where, example_mask = _checks.split_where(where, x.shape, (axis,))
+    shards = _common.num_shards(axis_name, "cross_entropy")
+    data_axis_name = _common.check_data_axis_name(data_axis_name, axis_name, "cross_entropy")
+    if x.shape[axis] == 0:
+        raise ValueError("logits_shard has an empty class axis; cross-entropy is undefined.")
+    num_classes = _common.check_num_classes(num_classes, x.shape[axis], shards)
+    weights = _checks.check_weights(
+        weights,
+        x.shape[axis],
+        " weights holds this shard's block of class weights (the full vector split like "
+        "the classes, e.g. in_specs P(axis_name)).",
+    )
+    t = _checks.prepare_temperature(temperature, x.shape, (axis,))  # None for T = 1
+    where = _common.pad_mask(x.shape, axis, axis_name, where, num_classes)
+    n_classes = x.shape[axis] * shards if num_classes is None else num_classes
+    ex_ok = example_mask
+    if _is_integer(labels):
+        labels = labels.astype(jnp.int32)
+        if opts.ignore_index is not None:
+            ex_ok = _kernel.both(ex_ok, labels != opts.ignore_index)
+    else:
+        # Probability labels are differentiated: their cotangent is local, so they must
+        # vary over the mesh axes the logits vary over (and the logits over theirs).
+        x, labels = _common.varying((x, labels), ())
+    flags = Flags(
+        axis, opts.label_smoothing is not None, opts.z_loss is not None, opts.logit_softcap
+    )
+    coefs = jax.tree.map(lax.stop_gradient, Coefs(opts.label_smoothing, opts.z_loss))
+    per_row, weight = _ce_kernel(
+        x, labels, where, t, weights, ex_ok, coefs, flags, axis_name, n_classes
+    )
+    return _common.reduce(per_row, weight, opts.reduction, data_axis_name)
