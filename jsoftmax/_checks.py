@@ -276,8 +276,8 @@ def coefficient(value, name: str, what: str, ok) -> float | jax.Array | None:
 
 def loss_options(
     *,
-    label_smoothing=0.0,
-    z_loss=0.0,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
     logit_softcap=None,
     ignore_index=None,
     reduction="none",
@@ -360,7 +360,13 @@ def split_where(where, shape: tuple[int, ...], axes: tuple[int, ...]):
 
 
 def check_labels(
-    labels, shape: tuple[int, ...], axis: int, ignore_index, *, logits_name: str = "logits"
+    labels,
+    shape: tuple[int, ...],
+    axis: int,
+    ignore_index,
+    *,
+    logits_name: str = "logits",
+    float_hint: str = "",
 ) -> jax.Array:
     """Integer class indices with the batch shape, or real probabilities with the
     logits' `shape` (the class axis `axis`)."""
@@ -374,17 +380,18 @@ def check_labels(
             f"{labels.dtype}. Convert one-hot booleans with labels.astype({logits_name}.dtype)."
         )
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        if labels.shape != batch:
-            hint = (
-                " For one-hot or probability targets pass float labels, e.g. "
+        if labels.shape == tuple(shape) and labels.shape != batch:
+            raise ValueError(
+                f"integer labels of shape {labels.shape} have a class axis: integer labels "
+                f"are class indices with the batch shape {batch} ({logits_name}' shape "
+                "without axis). For one-hot or probability targets pass float labels, e.g. "
                 f"labels.astype({logits_name}.dtype)."
-                if labels.shape == tuple(shape)
-                else ""
             )
+        if labels.shape != batch:
             raise ValueError(
                 f"integer labels of shape {labels.shape} do not match {logits_name}: class "
                 f"indices must have the batch shape {batch} ({logits_name} {tuple(shape)} "
-                f"without axis {axis}).{hint}"
+                f"without axis {axis})."
             )
         return labels
     if ignore_index is not None:
@@ -395,8 +402,8 @@ def check_labels(
     if labels.shape != tuple(shape):
         hint = " For class indices use an integer dtype." if labels.shape == batch else ""
         raise ValueError(
-            f"float labels (a probability vector per row) must have {logits_name}'s shape "
-            f"{tuple(shape)}, got {labels.shape}.{hint}"
+            f"float labels (a probability vector per row) must have the shape of "
+            f"{logits_name}, {tuple(shape)}{float_hint}; got {labels.shape}.{hint}"
         )
     return labels
 

@@ -185,7 +185,7 @@ def softcap_derivative(u: jax.Array, cap: float) -> jax.Array:
     return jnp.where(u == -jnp.inf, jnp.zeros((), u.dtype), 1 - r * r)
 
 
-def ce_cotangent_scale(mass: jax.Array, lse: jax.Array, z_loss) -> jax.Array:
+def ce_cotangent_scale(mass, lse: jax.Array, z_loss) -> jax.Array:
     """The factor of ``p`` in ``d loss / d s = (sum q + 2 c lse) p - q``: ``mass = sum q``
     plus the z-loss term ``2 c lse`` (``c`` per row: the z-loss times the row's weight)."""
     return mass + (2 * z_loss) * lse
@@ -198,12 +198,12 @@ def ce_cotangent(p, q, scale) -> jax.Array:
     return scale * p - q
 
 
-def z_loss_term(lse: jax.Array, z_loss: float) -> jax.Array:
+def z_loss_term(lse: jax.Array, z_loss) -> jax.Array:
     """PaLM's auxiliary loss ``c * lse^2`` per row."""
     return z_loss * (lse * lse)
 
 
-def smoothing_mass(alpha: float, count: jax.Array) -> jax.Array:
+def smoothing_mass(alpha, count: jax.Array) -> jax.Array:
     """``k = alpha / m``: the smoothing mass each of the ``m`` valid classes receives."""
     return alpha / count
 

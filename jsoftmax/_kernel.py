@@ -61,8 +61,8 @@ class Flags(NamedTuple):
 class Coefs(NamedTuple):
     """The dynamic coefficients: label smoothing $\\alpha$ and z-loss $c$ (None: off)."""
 
-    alpha: jax.Array | None = None
-    z_loss: jax.Array | None = None
+    alpha: jax.Array | float | None = None
+    z_loss: jax.Array | float | None = None
 
 
 def coefs_as(coefs: Coefs, dtype) -> Coefs:
@@ -102,11 +102,20 @@ def exp_pass(u, valid, axes: tuple[int, ...], temperature=None, row_max=None) ->
         u = jnp.where(valid, u, -jnp.inf)
     m = jnp.max(u, axis=axes, keepdims=True, initial=jnp.finfo(u.dtype).min)
     m = lax.stop_gradient(m if row_max is None else row_max(m))
-    d = u - m
-    if temperature is not None:
-        d = d / temperature.astype(d.dtype)
+    d = shifted(u, m, temperature)
     e = jnp.exp(d)
     return Pass(u, d, e, jnp.sum(e, axis=axes, keepdims=True), m)
+
+
+def shifted(u, m, temperature=None):
+    """`(u - m) / T`, `-inf` where `u` is `-inf`. With a temperature the excluded entries
+    are selected after the division ("double where"), so that their value does not
+    depend on `T` (a derivative in `T` would otherwise meet `exp(-inf) * inf`)."""
+    if temperature is None:
+        return u - m
+    live = u > -jnp.inf
+    d = (jnp.where(live, u, m) - m) / temperature.astype(u.dtype)
+    return jnp.where(live, d, -jnp.inf)
 
 
 def softcap_row_max(z, valid, axis: int, cap: float):
@@ -166,9 +175,7 @@ def piece_stats(
         st = st._replace(label=pick(fp.u))
         if w is not None:
             st = st._replace(w_y=pick(jnp.broadcast_to(w, fp.u.shape)))
-    gap = None
-    if smoothing or y is not None:
-        gap = jnp.where(valid, fp.u - fp.m, zero)
+    gap = jnp.where(valid, fp.u - fp.m, zero)  # dead code for XLA when unused
     if smoothing:
         st = st._replace(count=_sum(valid.astype(fp.u.dtype), axes))
         if w is None:
@@ -206,16 +213,16 @@ def merge(st: RowStats, reduce_max: Callable, reduce_sum: Callable, temperature=
     """Merges pieces: `M = reduce_max(m)`, then every other field recentred to `M` and
     reduced by one `reduce_sum` call (over devices: one `lax.psum` of all fields)."""
     m_new = lax.stop_gradient(reduce_max(lax.stop_gradient(st.m)))
-    fields = recentre(st, m_new, temperature)._replace(m=None)
-    return reduce_sum(fields)._replace(m=m_new)
+    fields = recentre(st, m_new, temperature)
+    summed = reduce_sum(fields[1:])  # every field but the maximum, in one reduction
+    return RowStats(m_new, *summed)
 
 
 def merge_pair(a: RowStats, b: RowStats, temperature=None) -> RowStats:
     """The merge of two pieces' statistics (a step of a scan over chunks)."""
     m_new = jnp.maximum(a.m, b.m)
     ra, rb = recentre(a, m_new, temperature), recentre(b, m_new, temperature)
-    add = lambda x, y: None if x is None else x + y  # noqa: E731
-    return RowStats(m_new, *[add(x, y) for x, y in zip(ra[1:], rb[1:], strict=True)])
+    return jax.tree.map(jnp.add, ra, rb)._replace(m=m_new)
 
 
 def merge_devices(st: RowStats, axis_name, temperature=None) -> RowStats:
@@ -244,9 +251,9 @@ class Row(NamedTuple):
 
     m: jax.Array
     log_total: jax.Array  # log of the merged sum-exp (0 for a row without valid classes)
-    scale: jax.Array  # the factor of p in d loss / d s: sum q + 2 c b lse
-    onehot_q: jax.Array | None  # (1 - alpha) b, the target mass at the integer label
-    k: jax.Array | None  # alpha / m, the smoothing mass of each valid class
+    scale: jax.Array | float | None  # the factor of p in d loss / d s (None: 1)
+    onehot_q: jax.Array | float | None  # (1 - alpha) b, the target mass at the label (None: 1)
+    k: jax.Array | float | None  # alpha / m, the smoothing mass of each valid class
 
 
 def log_total_of(total):
@@ -281,20 +288,24 @@ def integer_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
     excluded = st.label == -jnp.inf
     # u_y <= m exactly (the same array); the minimum guards a soft-cap whose rounding
     # is not monotone. -log p_y >= 0.
-    gap = jnp.minimum(st.label - st.m, jnp.zeros((), st.m.dtype))
-    gap = jnp.where(excluded, jnp.zeros((), gap.dtype), gap)
+    # (Selects, not jnp.minimum: at a tie the derivative must pass through whole.)
+    zero = jnp.zeros((), st.m.dtype)
+    gap = st.label - st.m
+    gap = jnp.where(excluded | (gap > 0), zero, gap)
     nll = log_total - _over_t(gap, temperature)
     b = st.w_y
-    onehot_q = jnp.ones((), nll.dtype) if b is None else b
+    # None stands for 1 (no class weights, no smoothing): nothing saved, nothing scaled.
+    onehot_q = b
     loss = nll if b is None else b * nll
     mass = onehot_q
     k = None
     if flags.smoothing:
         assert coefs.alpha is not None and st.centred is not None
         k, wsum = _smoothing(st, coefs)
-        onehot_q = (1 - coefs.alpha) * onehot_q
+        onehot_q = (1 - coefs.alpha) * (1 if b is None else b)
         # sum_valid w_i (lse - s_i) >= 0, each term; rounding may not cancel exactly.
-        smooth = jnp.maximum(wsum * log_total - _over_t(st.centred, temperature), 0)
+        smooth = wsum * log_total - _over_t(st.centred, temperature)
+        smooth = jnp.where(smooth < 0, zero, smooth)
         loss = (1 - coefs.alpha) * loss + k * smooth
         mass = onehot_q + k * wsum
     scale = mass
@@ -303,7 +314,9 @@ def integer_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
         lse = _over_t(st.m, temperature) + log_total
         cb = coefs.z_loss if b is None else coefs.z_loss * b
         loss = loss + _formulas.z_loss_term(lse, cb)
-        scale = _formulas.ce_cotangent_scale(scale, lse, cb)
+        scale = _formulas.ce_cotangent_scale(
+            jnp.ones((), lse.dtype) if scale is None else scale, lse, cb
+        )
     return loss, excluded, Row(st.m, log_total, scale, onehot_q, k)
 
 
@@ -337,7 +350,7 @@ def prob_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
 def probs(u, row: Row, temperature=None):
     """The softmax of the merged row on a piece: `exp((u - M)/T - log t)`; 0 where `u` is
     `-inf` (not valid)."""
-    return jnp.exp(_over_t(u - row.m, temperature) - row.log_total)
+    return jnp.exp(shifted(u, row.m, temperature) - row.log_total)
 
 
 def targets(row: Row, valid, *, onehot=None, w=None, y=None, alpha=None):
@@ -345,8 +358,8 @@ def targets(row: Row, valid, *, onehot=None, w=None, y=None, alpha=None):
     or `(1 - alpha) w y` for probability labels, plus `k w` on every valid class."""
     zero = jnp.zeros((), row.m.dtype)
     if onehot is not None:
-        assert row.onehot_q is not None
-        q = jnp.where(onehot, row.onehot_q, zero)
+        one = jnp.ones((), row.m.dtype) if row.onehot_q is None else row.onehot_q
+        q = jnp.where(onehot, one, zero)
     else:
         assert y is not None
         q = y.astype(row.m.dtype)
@@ -361,7 +374,7 @@ def targets(row: Row, valid, *, onehot=None, w=None, y=None, alpha=None):
 
 def score_cotangent(p, q, row: Row):
     """$\\partial\\ell/\\partial s = (\\sum q + 2cb\\,\\mathrm{lse})\\,p - q$."""
-    return _formulas.ce_cotangent(p, q, row.scale)
+    return _formulas.ce_cotangent(p, q, 1 if row.scale is None else row.scale)
 
 
 def chain_to_logits(g_s, u, valid, axes, flags: Flags, temperature=None):
@@ -374,7 +387,8 @@ def chain_to_logits(g_s, u, valid, axes, flags: Flags, temperature=None):
     if temperature is not None:
         # dL/dT = -<g_s, s> / T, with s itself: with a z-loss g_s does not sum to 0.
         s = _over_t(jnp.where(valid, u, zero), temperature)
-        g_t = -_over_t(_sum(g_s * s, axes), temperature)
+        # A select: a row that does not count (g_s = 0) adds 0 even where s is inf.
+        g_t = -_over_t(_sum(jnp.where(g_s == 0, zero, g_s * s), axes), temperature)
     if flags.softcap is not None:
         g_u = g_u * _formulas.softcap_derivative(jnp.where(valid, u, zero), flags.softcap)
     return g_u, g_t

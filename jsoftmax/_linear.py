@@ -25,9 +25,9 @@ from jsoftmax._checks import Reduction
 from jsoftmax._kernel import Coefs, Flags
 
 
-def check_inputs(x, w, labels, bias, vocab_axis, *, w_name: str = "w", bias_name: str = "bias"):
-    """`(x, w, labels, bias, va)` checked: `x` `(..., H)`, `w` `(H, V)` (`va = 1`) or
-    `(V, H)` (`va = 0`), integer `labels` of `x`'s batch shape, `bias` `(V,)`."""
+def check_inputs(x, w, bias, vocab_axis, *, w_name: str = "w", bias_name: str = "bias"):
+    """`(x, w, bias, va)` checked: `x` `(..., H)`, `w` `(H, V)` (`va = 1`) or `(V, H)`
+    (`va = 0`), `bias` `(V,)`."""
     if isinstance(vocab_axis, (bool, np.bool_)) or vocab_axis not in (0, 1, -1, -2):
         raise ValueError(
             f"vocab_axis must be 1 ({w_name} of shape (H, V)) or 0 ({w_name} of shape "
@@ -47,18 +47,6 @@ def check_inputs(x, w, labels, bias, vocab_axis, *, w_name: str = "w", bias_name
             f"{w_name} must have shape {layout} with H = x.shape[-1] = {x.shape[-1]}, got "
             f"{w.shape}.{hint}"
         )
-    if labels is not None:
-        labels = _checks.as_array(labels, "labels")
-        if not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise TypeError(
-                f"labels must be integer class indices, got dtype {labels.dtype} "
-                "(the fused losses take integer labels only)."
-            )
-        if labels.shape != x.shape[:-1]:
-            raise ValueError(
-                f"labels must have x's batch shape {x.shape[:-1]} (x without its last "
-                f"axis), got {labels.shape}."
-            )
     vocab = w.shape[va]
     if bias is not None:
         bias = _checks.as_array(bias, bias_name)
@@ -68,7 +56,23 @@ def check_inputs(x, w, labels, bias, vocab_axis, *, w_name: str = "w", bias_name
             raise ValueError(
                 f"{bias_name} must have one entry per class, shape ({vocab},), got {bias.shape}."
             )
-    return x, w, labels, bias, va
+    return x, w, bias, va
+
+
+def check_int_labels(labels, x) -> jax.Array:
+    """Integer class indices with `x`'s batch shape (`x` without its last axis)."""
+    labels = _checks.as_array(labels, "labels")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"labels must be integer class indices, got dtype {labels.dtype} "
+            "(the fused losses take integer labels only)."
+        )
+    if labels.shape != x.shape[:-1]:
+        raise ValueError(
+            f"labels must have x's batch shape {x.shape[:-1]} (x without its last axis), "
+            f"got {labels.shape}."
+        )
+    return labels
 
 
 def flags_and_coefs(opts: _checks.LossOptions, axis: int) -> tuple[Flags, Coefs]:
@@ -237,7 +241,8 @@ def linear_cross_entropy(
       >>> print(bool(jnp.allclose(fused, dense, rtol=1e-6)))
       True
     """
-    x, w, labels, bias, va = check_inputs(x, w, labels, bias, vocab_axis)
+    x, w, bias, va = check_inputs(x, w, bias, vocab_axis)
+    labels = check_int_labels(labels, x)
     opts = _checks.loss_options(
         label_smoothing=label_smoothing,
         z_loss=z_loss,

@@ -299,7 +299,7 @@ def merge_partials(values: ArrayLike, lse: ArrayLike, axis: int = 0) -> tuple[ja
       >>> v = jnp.array([10.0, 20.0, 30.0, 40.0], jnp.float32)
       >>> pieces = z.reshape(2, 2), v.reshape(2, 2)
       >>> o_k = jnp.sum(jsoftmax.softmax(pieces[0]) * pieces[1], axis=-1)
-      >>> value, lse = jsoftmax.merge_partials(o_k, jsoftmax.logsumexp(pieces[0]))
+      >>> value, lse = jsoftmax.merge_partials(o_k, jsoftmax.logsumexp(pieces[0], -1))
       >>> unsplit = jnp.sum(jsoftmax.softmax(z) * v), jsoftmax.logsumexp(z)
       >>> with jnp.printoptions(precision=4):
       ...     print(jnp.stack([value, lse]), jnp.stack(unsplit))

@@ -141,3 +141,71 @@ def collectives(compiled_text: str) -> list[tuple[str, list[int]]]:
 def compiled_hlo(f, *args) -> str:
     """The compiled (optimised, partitioned) HLO text of ``jax.jit(f)(*args)``."""
     return jax.jit(f).lower(*args).compile().as_text()
+
+
+def ce_reference(
+    z,
+    labels,
+    *,
+    where=None,
+    example_mask=None,
+    ignore_index=None,
+    weights=None,
+    alpha=0.0,
+    z_loss=0.0,
+    cap=None,
+    temperature=1.0,
+    reduction="none",
+    dtype=REF_DTYPE,
+):
+    """The cross-entropy of every jsoftmax loss, from its definitions, in ``dtype``, over
+    the last axis of (B, N) logits (the one reference of the loss tests).
+
+    Valid classes are those not masked by ``where`` (a class mask broadcastable to the
+    logits) whose logit is not -inf. Per row, with p the softmax over the valid classes
+    of s = softcap(z) / T and the m valid classes:
+    l = (1 - a) w_y (-log p_y) + (a / m) sum_valid w_c (-log p_c) + c w_y lse^2 for
+    integer labels (PyTorch's weight and label_smoothing; the z-loss weighted like the
+    row), l = -sum_valid w_c ((1 - a) y_c + a / m) log p_c + c lse^2 for probability
+    labels. Rows that do not count (ignore_index, example_mask, an integer label on an
+    excluded class, no valid class) give 0; the mean divides by the sum of w_y (integer
+    labels) or the number of counted rows, and is 0 when that is 0.
+    """
+    z = jnp.asarray(z).astype(dtype)
+    n = z.shape[-1]
+    valid = z > -jnp.inf
+    if where is not None:
+        valid = valid & jnp.broadcast_to(where, z.shape)
+    if cap is not None:
+        z = jnp.where(z > -jnp.inf, cap * jnp.tanh(z / cap), z)
+    t = jnp.asarray(temperature, dtype)
+    s = z / (t[:, None] if t.ndim else t)
+    s = jnp.where(valid, s, -1e30)  # exp underflows to exactly 0
+    lse = jax.scipy.special.logsumexp(s, axis=-1)
+    log_p = jnp.where(valid, s - lse[:, None], 0.0)
+    w = jnp.ones(n, dtype) if weights is None else jnp.asarray(weights, dtype)
+    m = jnp.sum(valid, axis=-1)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        safe = jnp.clip(labels, 0, n - 1)
+        nll = -jnp.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0]
+        smooth = -jnp.sum(jnp.where(valid, w[None] * log_p, 0.0), axis=-1) / jnp.maximum(m, 1)
+        row_weight = w[safe]
+        row = (1 - alpha) * row_weight * nll + alpha * smooth + z_loss * row_weight * lse**2
+        counted = jnp.take_along_axis(valid, safe[:, None], axis=-1)[:, 0]
+        if ignore_index is not None:
+            counted &= labels != ignore_index
+    else:
+        y = jnp.asarray(labels).astype(dtype)
+        y = jnp.where(valid, (1 - alpha) * y + alpha / jnp.maximum(m, 1)[:, None], 0.0)
+        row = -jnp.sum(w[None] * y * log_p, axis=-1) + z_loss * lse**2
+        counted = jnp.any(valid, axis=-1)
+        row_weight = jnp.ones(row.shape, dtype)
+    if example_mask is not None:
+        counted &= example_mask
+    row = jnp.where(counted, row, 0.0)
+    if reduction == "none":
+        return row
+    if reduction == "sum":
+        return jnp.sum(row)
+    denom = jnp.sum(jnp.where(counted, row_weight, 0.0))
+    return jnp.where(denom != 0, jnp.sum(row) / jnp.where(denom != 0, denom, 1.0), 0.0)

@@ -18,7 +18,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import jsoftmax
 
-from helpers import REF_DTYPE, f64, fast_subset, make_logits, np_log_softmax, tol
+from helpers import REF_DTYPE, ce_reference, f64, fast_subset, make_logits, np_log_softmax, tol
 
 B, N = 6, 5
 
@@ -40,69 +40,12 @@ def saved_residuals(f, *args):
     return out
 
 
-def reference(
-    z,
-    labels,
-    *,
-    where=None,
-    example_mask=None,
-    ignore_index=None,
-    weights=None,
-    alpha=0.0,
-    z_loss=0.0,
-    cap=None,
-    temperature=1.0,
-    reduction="none",
-    dtype=REF_DTYPE,
-):
-    """The definitions, in ``dtype``, over the last axis of (B, N) logits.
-
-    Per row: l = (1 - a) w_y (-log p_y) + (a / m) sum_{valid c} w_c (-log p_c) + c lse^2
-    for integer labels (PyTorch), l = -sum_c w_c ((1 - a) y_c + a / m) log p_c + c lse^2
-    over valid classes for probability labels. Rows that do not count give 0; the mean
-    divides by the sum of w_y (integer labels) or the number of counted rows.
-    """
-    z = z.astype(dtype)
-    n = z.shape[-1]
-    if cap is not None:
-        z = cap * jnp.tanh(z / cap)
-    t = jnp.asarray(temperature, dtype)
-    s = z / (t[:, None] if t.ndim else t)
-    valid = jnp.ones(z.shape, bool) if where is None else jnp.broadcast_to(where, z.shape)
-    s = jnp.where(valid, s, -1e30)  # exp underflows to exactly 0
-    lse = jax.scipy.special.logsumexp(s, axis=-1)
-    log_p = s - lse[:, None]
-    w = jnp.ones(n, dtype) if weights is None else jnp.asarray(weights, dtype)
-    m = jnp.sum(valid, axis=-1)
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-        safe = jnp.clip(labels, 0, n - 1)
-        nll = -jnp.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0]
-        smooth = -jnp.sum(jnp.where(valid, w[None] * log_p, 0.0), axis=-1) / jnp.maximum(m, 1)
-        row = (1 - alpha) * w[safe] * nll + alpha * smooth
-        counted = jnp.take_along_axis(valid, safe[:, None], axis=-1)[:, 0]
-        if ignore_index is not None:
-            counted &= labels != ignore_index
-        row_weight = w[safe]
-    else:
-        y = jnp.where(valid, (1 - alpha) * labels + alpha / jnp.maximum(m, 1)[:, None], 0.0)
-        row = -jnp.sum(w[None] * y * log_p, axis=-1)
-        counted = jnp.any(valid, axis=-1)
-        row_weight = jnp.ones(row.shape, dtype)
-    row = row + z_loss * lse**2
-    if example_mask is not None:
-        counted &= example_mask
-    row = jnp.where(counted, row, 0.0)
-    if reduction == "none":
-        return row
-    if reduction == "sum":
-        return jnp.sum(row)
-    denom = jnp.sum(jnp.where(counted, row_weight, 0.0))
-    return jnp.where(denom > 0, jnp.sum(row) / jnp.where(denom > 0, denom, 1.0), 0.0)
+reference = ce_reference
 
 
 LABELS = jnp.array([0, 4, 2, -100, 1, 3])  # row 3 is ignored with ignore_index=-100
 WEIGHTS = jnp.array([0.5, 2.0, 1.0, 3.0, 0.25])
-CLASS_MASK = jnp.array([True, True, True, True, False])
+CLASS_MASK = jnp.array([[True, True, True, True, False]])  # the logits' rank: a class mask
 EXAMPLE_MASK = jnp.array([True, True, False, True, True, True])
 
 # Each option alone, pairs, and everything at once.
@@ -500,7 +443,10 @@ def test_errors_name_the_argument():
         jsoftmax.cross_entropy(z, y, ignore_index=-100)
     with pytest.raises(TypeError, match="ignore_index must be None or a Python int"):
         jsoftmax.cross_entropy(z, lab, ignore_index=1.5)
-    with pytest.raises(ValueError, match="per-example mask of the batch shape"):
+    with pytest.raises(
+        ValueError,
+        match="where of shape .* per-example mask, and must broadcast to the batch shape",
+    ):
         jsoftmax.cross_entropy(z, lab, where=jnp.ones((B + 1,), bool))
     with pytest.raises(TypeError, match="where must be a boolean mask"):
         jsoftmax.cross_entropy(z, lab, where=jnp.ones((B,), jnp.int32))

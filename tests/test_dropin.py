@@ -139,3 +139,80 @@ def test_cross_entropy_axis_none_integer_label_indexes_flattened_classes():
     out = jsoftmax.cross_entropy(X, lab, None)
     assert out.shape == ()
     close(out, -jax.nn.log_softmax(X, None).reshape(-1)[17], REF_DTYPE, 4)
+
+
+# --------------------------------------------------------------------------------------
+# The differences that stay by design (docs/howto/migrating.md), each shown here.
+# --------------------------------------------------------------------------------------
+
+
+def test_difference_16bit_losses_are_float32():
+    z = make_logits((4, 6), jnp.bfloat16)
+    lab = jnp.array([0, 1, 2, 3])
+    ours = jsoftmax.cross_entropy(z, lab)
+    theirs = optax.softmax_cross_entropy_with_integer_labels(z, lab)
+    assert ours.dtype == jnp.float32 and theirs.dtype == jnp.bfloat16
+    # The float32 loss is the float64 value rounded once; the bfloat16 one is quantised.
+    exact = -np.take_along_axis(
+        f64(z) - np.log(np.exp(f64(z)).sum(-1, keepdims=True)), np.asarray(lab)[:, None], -1
+    )[:, 0]
+    assert np.max(np.abs(f64(ours) - exact)) < np.max(np.abs(f64(theirs) - exact))
+
+
+def test_difference_label_on_a_masked_class_does_not_count():
+    z = make_logits((2, 4), REF_DTYPE)
+    where = jnp.array([[True, True, False, True]] * 2)
+    lab = jnp.array([2, 0])  # row 0's label is masked
+    ours = jsoftmax.cross_entropy(z, lab, -1, where)
+    assert float(ours[0]) == 0.0
+    theirs = optax.softmax_cross_entropy_with_integer_labels(z, lab, -1, where)
+    assert np.isfinite(float(theirs[0])) and float(theirs[0]) != 0.0  # a number, not a loss
+    close(ours[1], theirs[1], REF_DTYPE, 4)
+    mean = jsoftmax.cross_entropy(z, lab, -1, where, reduction="mean")
+    close(mean, ours[1], REF_DTYPE, 4)  # row 0 is not in the denominator
+
+
+def test_difference_minus_inf_logits_give_finite_losses():
+    z = jnp.array([[-jnp.inf, 0.0, 1.0]], REF_DTYPE)
+    y = jnp.array([[0.0, 0.5, 0.5]], REF_DTYPE)
+    ours = jsoftmax.cross_entropy(z, y)
+    theirs = optax.softmax_cross_entropy(z, y)
+    assert np.isnan(float(theirs[0]))  # 0 * -inf
+    close(ours, [-(0.5 * np.log(1 / (1 + np.e)) + 0.5 * np.log(np.e / (1 + np.e)))], REF_DTYPE)
+
+
+def test_difference_out_of_range_labels_raise():
+    z = make_logits((2, 3), REF_DTYPE)
+    lab = jnp.array([0, 3])
+    with pytest.raises(IndexError, match="labels"):
+        jsoftmax.cross_entropy(z, lab)
+    theirs = optax.softmax_cross_entropy_with_integer_labels(z, lab)
+    assert np.isfinite(float(theirs[1]))  # silently a loss of some other class
+    assert np.isnan(float(jax.jit(jsoftmax.cross_entropy)(z, lab)[1]))  # traced: NaN
+
+
+def test_difference_default_rule_is_reverse_mode():
+    z = make_logits((3,), REF_DTYPE)
+    t = jnp.ones_like(z)
+    with pytest.raises(TypeError):
+        jax.jvp(jsoftmax.softmax, (z,), (t,))
+    ours = jax.jvp(lambda z: jsoftmax.softmax(z, rule="jvp"), (z,), (t,))
+    close(ours[1], jax.jvp(jax.nn.softmax, (z,), (t,))[1], REF_DTYPE, 4)
+    # jax.hessian works with either rule.
+    close(
+        jax.hessian(lambda z: jsoftmax.softmax(z)[0])(z),
+        jax.hessian(lambda z: jax.nn.softmax(z)[0])(z),
+        REF_DTYPE,
+        4,
+    )
+
+
+def test_difference_per_example_where_broadcasts_to_the_batch():
+    z = make_logits((2, 3, 4), REF_DTYPE)
+    lab = jnp.zeros((2, 3), jnp.int32)
+    where = jnp.array([True, False, True])
+    ours = jsoftmax.cross_entropy(z, lab, -1, where)
+    ref = optax.softmax_cross_entropy_with_integer_labels(
+        z, lab, -1, jnp.broadcast_to(where, (2, 3))
+    )
+    close(ours, ref, REF_DTYPE, 4)

@@ -11,7 +11,7 @@ import pytest
 import jsoftmax
 from jsoftmax._chunks import default_chunk_size
 
-from helpers import REF_DTYPE, f64, fast_subset, make_logits, tol
+from helpers import REF_DTYPE, ce_reference, f64, fast_subset, make_logits, tol
 
 N, H, V = 12, 8, 50
 
@@ -25,50 +25,13 @@ def _inputs(n=N, h=H, v=V, dtype=REF_DTYPE, seed=0):
     return *(jnp.asarray(a, dtype) for a in (x, w, b)), lab
 
 
-def reference(
-    x,
-    w,
-    b,
-    labels,
-    *,
-    ignore_index=None,
-    weights=None,
-    alpha=0.0,
-    z_loss=0.0,
-    cap=None,
-    reduction="none",
-    dtype=REF_DTYPE,
-):
-    """Dense logits x @ w + b in ``dtype``, then cross-entropy from the definitions
-    (PyTorch's weight / ignore_index / label_smoothing, z-loss, soft-capping);
-    -inf bias entries are padded classes (excluded)."""
+def reference(x, w, b, labels, *, dtype=REF_DTYPE, **options):
+    """Dense logits x @ w + b in ``dtype``, then the cross-entropy of ``ce_reference``
+    (-inf bias entries are excluded classes, as -inf logits)."""
     z = x.astype(dtype) @ w.astype(dtype)
-    valid = jnp.ones(z.shape[-1], bool)
     if b is not None:
         z = z + b.astype(dtype)[None, :]
-        valid = b > -jnp.inf
-    if cap is not None:
-        z = cap * jnp.tanh(z / cap)
-    s = jnp.where(valid[None, :], z, -1e30)
-    lse = jax.scipy.special.logsumexp(s, axis=-1)
-    log_p = s - lse[:, None]
-    n = z.shape[-1]
-    wt = jnp.ones(n, dtype) if weights is None else weights.astype(dtype)
-    safe = jnp.clip(labels, 0, n - 1)
-    nll = -jnp.take_along_axis(log_p, safe[:, None], axis=-1)[:, 0]
-    m = jnp.sum(valid)
-    smooth = -jnp.sum(jnp.where(valid[None, :], wt[None, :] * log_p, 0.0), axis=-1) / m
-    row = (1 - alpha) * wt[safe] * nll + alpha * smooth + z_loss * lse**2
-    counted = valid[safe]
-    if ignore_index is not None:
-        counted &= labels != ignore_index
-    row = jnp.where(counted, row, 0.0)
-    if reduction == "none":
-        return row
-    if reduction == "sum":
-        return jnp.sum(row)
-    denom = jnp.sum(jnp.where(counted, wt[safe], 0.0))
-    return jnp.where(denom > 0, jnp.sum(row) / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return ce_reference(z, labels, dtype=dtype, **options)
 
 
 OPTIONS = {

@@ -385,7 +385,7 @@ def test_regression_low_precision_accumulates_in_float32(dtype):
 
 
 def test_error_scalar_input():
-    with pytest.raises(ValueError, match="x must have at least one dimension"):
+    with pytest.raises(ValueError, match="a must have at least one dimension"):
         jsoftmax.logsumexp(jnp.float32(1.0), axis=-1)
 
 
@@ -405,7 +405,7 @@ def test_error_where():
 def test_error_unknown_rule_and_complex_input():
     with pytest.raises(ValueError, match="rule must be one of"):
         jsoftmax.logsumexp(jnp.zeros(3), axis=-1, rule="fwd")
-    with pytest.raises(TypeError, match="x must be real"):
+    with pytest.raises(TypeError, match="a must be real"):
         jsoftmax.logsumexp(jnp.zeros(3, jnp.complex64), axis=-1)
 
 

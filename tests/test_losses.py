@@ -216,19 +216,18 @@ def test_neg_inf_logits(rule):
         assert np.all(np.delete(np.asarray(g[row]), cols) == 0)
     gf = jax.grad(lambda x: jsoftmax.cross_entropy(x, y, rule=rule).sum())(x)
     chex.assert_tree_all_finite((jsoftmax.cross_entropy(x, y, rule=rule), gf))
-    # -inf logit with target mass: loss +inf, finite gradient -y / T there.
+    # A -inf logit is an excluded class: a label on it makes the row not count (as a
+    # label on a masked class, or a padded class of linear_cross_entropy) ...
     lab2 = jnp.array([0, 1])
     loss2 = jsoftmax.cross_entropy(x, lab2, rule=rule)
-    assert np.all(np.isposinf(np.asarray(loss2)))
+    np.testing.assert_array_equal(np.asarray(loss2), [0.0, 0.0])
     g2 = jax.grad(lambda x: jsoftmax.cross_entropy(x, lab2, rule=rule, temperature=2.0).sum())(x)
-    chex.assert_tree_all_finite(g2)
-    close(g2[0, 0], -0.5, REF_DTYPE)
-    close(g2[1, 1], -0.5, REF_DTYPE)
-    # Label smoothing reaches every unmasked class, so a -inf logit gives +inf ...
-    assert np.isposinf(jsoftmax.cross_entropy(x, lab, label_smoothing=0.1)[0])
-    # ... unless it is masked.
+    np.testing.assert_array_equal(np.asarray(g2), np.zeros(x.shape))
+    # ... and label smoothing gives it no mass: the same loss as masking it.
+    smoothed = jsoftmax.cross_entropy(x, lab, label_smoothing=0.1, rule=rule)
+    chex.assert_tree_all_finite(smoothed)
     masked = jsoftmax.cross_entropy(x, lab, where=x > -jnp.inf, label_smoothing=0.1)
-    chex.assert_tree_all_finite(masked)
+    close(smoothed, masked, REF_DTYPE)
 
 
 @pytest.mark.parametrize("rule", ["vjp", "jvp"])
@@ -329,7 +328,7 @@ def test_errors():
         jsoftmax.cross_entropy(x, jnp.zeros(4, jnp.int32))
     with pytest.raises(ValueError, match="have a class axis"):
         jsoftmax.cross_entropy(x, jnp.zeros((3, 4), jnp.int32))
-    with pytest.raises(ValueError, match="float labels .* must have the logits' shape"):
+    with pytest.raises(ValueError, match="float labels .* must have the shape of logits"):
         jsoftmax.cross_entropy(x, jnp.zeros((3, 5), jnp.float32))
     with pytest.raises(ValueError, match="integer dtype"):
         jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.float32))
@@ -340,12 +339,10 @@ def test_errors():
     with pytest.raises(ValueError, match="temperature must be positive"):
         jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), temperature=jnp.array([1.0, -1, 1]))
     for bad in (-0.1, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="label_smoothing must lie in"):
+        with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\]"):
             jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), label_smoothing=bad)
-    with pytest.raises(TypeError, match="label_smoothing must be a Python number"):
-        jax.jit(lambda a: jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), label_smoothing=a))(
-            0.1
-        )
+    with pytest.raises(TypeError, match="label_smoothing must be a number in"):
+        jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), label_smoothing=jnp.ones(2) / 10)
     with pytest.raises(ValueError, match="rule must be"):
         jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), rule="fwd")
     with pytest.raises(ValueError, match="where of shape"):

@@ -289,11 +289,11 @@ def test_cross_entropy_equals_linear_cross_entropy_with_minus_inf_bias(kw):
     assert not np.any(np.isnan(f64(dense)))
     close(dense, fused, REF_DTYPE, 4)
     for red in ["sum", "mean"]:
-        gd = jax.grad(lambda x: jsoftmax.cross_entropy(x @ w + b[None], lab, reduction=red, **kw))(
-            x
-        )
+        gd = jax.grad(
+            lambda x, red=red: jsoftmax.cross_entropy(x @ w + b[None], lab, reduction=red, **kw)
+        )(x)
         gf = jax.grad(
-            lambda x: jsoftmax.linear_cross_entropy(x, w, lab, bias=b, reduction=red, **kw)
+            lambda x, red=red: jsoftmax.linear_cross_entropy(x, w, lab, bias=b, reduction=red, **kw)
         )(x)
         close(gd, gf, REF_DTYPE, 4)
 
@@ -377,7 +377,7 @@ def test_16bit_derivatives_from_float32_probabilities(dtype):
     ref = np_softmax(f64(z))
     j_ref = np.diag(ref) - np.outer(ref, ref)
     for rule in ["vjp", "jvp"]:
-        j = jax.jacrev(lambda z: jsoftmax.softmax(z, rule=rule).astype(jnp.float32))(z)
+        j = jax.jacrev(lambda z, r=rule: jsoftmax.softmax(z, rule=r).astype(jnp.float32))(z)
         # One rounding of the exact value to the 16-bit dtype.
         np.testing.assert_allclose(f64(j), j_ref, rtol=float(jnp.finfo(dtype).eps))
     h = jax.hessian(lambda z: jsoftmax.softmax(z, rule="jvp")[0].astype(jnp.float32))(z)

@@ -359,9 +359,11 @@ def test_collectives_per_row_match_the_design(mesh_shape, names, spec, axis_name
         ce = _ce_sm(mesh, spec, axis_name)
         # max; then sum of exponentials and target logit in one all-reduce
         expect["cross_entropy forward"] = (compiled_hlo(ce, x, y), [[rows], [rows, rows]])
-        # the backward pass p - onehot adds nothing: only the max and the sum remain
+        # the backward pass p - onehot adds no all-reduce: the max, then the sum with the
+        # target logit (it says whether the label is on an excluded class, -inf or masked,
+        # whose row does not count)
         ce_vjp = lambda x, y, g: jax.vjp(lambda x: ce(x, y), x)[1](g)[0]
-        expect["cross_entropy vjp"] = (compiled_hlo(ce_vjp, x, y, ones), [[rows], [rows]])
+        expect["cross_entropy vjp"] = (compiled_hlo(ce_vjp, x, y, ones), [[rows], [rows, rows]])
         # Probability labels (split like the logits): max; then the sum of exponentials,
         # sum q and sum q (s - M) in one all-reduce. The backward pass needs sum q.
         ce_p = jax.shard_map(
@@ -404,9 +406,9 @@ def test_one_output_sized_residual():
             out_specs=P("b"),
         )
         res_p = saved_residuals(ce_p, x, put(np.asarray(jax.nn.softmax(_logits(13))), mesh, spec))
-    # the logits block (the backward pass recomputes p), the labels and the merged
-    # per-row max and sum of exponentials
-    assert sorted(r[0].size for r in res) == sorted([B * N, B, B, B])
+    # the logits block (the backward pass recomputes p), the labels, the merged per-row
+    # max and log-sum of exponentials, and which rows count (a label on an excluded class)
+    assert sorted(r[0].size for r in res) == sorted([B * N, B, B, B, B])
     # probability labels: the logits and labels blocks (inputs), max, sum exp, sum q
     assert sorted(r[0].size for r in res_p) == sorted([B * N, B * N, B, B, B])
 
@@ -481,8 +483,9 @@ def test_inf_and_nan_make_the_whole_row_nan_on_every_shard():
         lp = host(jax.jit(_sm(sharded.log_softmax, mesh, spec, "c", False))(x))
         loss = host(jax.jit(_ce_sm(mesh, spec, "c"))(x, y))
     assert np.all(np.isnan(p[:2])) and np.all(np.isnan(lp[:2])) and np.all(np.isnan(loss[:2]))
-    assert np.all(p[2] == 0.0) and np.all(lp[2] == -np.inf) and loss[2] == np.inf
-    assert p[3, 5] == 0.0 and lp[3, 5] == -np.inf and loss[3] == np.inf  # label on -inf
+    # A label on a -inf logit (an excluded class): the row does not count.
+    assert np.all(p[2] == 0.0) and np.all(lp[2] == -np.inf) and loss[2] == 0.0
+    assert p[3, 5] == 0.0 and lp[3, 5] == -np.inf and loss[3] == 0.0
     np.testing.assert_allclose(p[3], _ref_softmax(xh[3]), **F64)
 
 
@@ -571,7 +574,7 @@ def test_bad_labels_num_classes_and_where():
     with pytest.raises(ValueError, match="float labels .* shape of logits_shard.*integer dtype"):
         run(lambda x, y: sharded.cross_entropy(x, y, "c"), yf)
     y3 = put(np.zeros(3, np.int32), mesh, P())
-    with pytest.raises(ValueError, match="labels must have the shape"):
+    with pytest.raises(ValueError, match="labels of shape .* do not match logits_shard"):
         run(lambda x, y: sharded.cross_entropy(x, y, "c"), y3)
     y = put(np.zeros(2, np.int32), mesh, P())
     with pytest.raises(ValueError, match="num_classes=40"):

@@ -6,12 +6,14 @@ whose output layer is split by vocabulary ("vocab-parallel"). Each device holds 
 contiguous block of classes; the functions communicate only per-row scalars with JAX's
 own collectives (`lax.pmax`, `lax.psum`), never the logits:
 
-| function | forward all-reduces (per row) | backward all-reduces |
-|---|---|---|
-| `softmax` | max, sum of exponentials | $\langle g, p\rangle$ |
-| `log_softmax` | max, sum of exponentials | $\sum_i g_i$ |
-| `cross_entropy` | max; the sum of exponentials with the target logit, or $\sum q$ and $\sum q(s - M)$ for probability labels, and the options' per-row sums | none (the cotangent $(\sum q)p - q$ is local) |
-| `linear_cross_entropy` | as `cross_entropy` with integer labels | `dx` (`N * H` values) |
+* `softmax`: forward all-reduces the row max and the sum of exponentials; backward
+  all-reduces $\langle g, p\rangle$.
+* `log_softmax`: forward as `softmax`; backward all-reduces $\sum_i g_i$.
+* `cross_entropy`: forward all-reduces the row max, then the sum of exponentials with
+  the label's logit (or $\sum q$ and $\sum q(s - M)$ for probability labels) and the
+  options' per-row sums; backward none (the cotangent $(\sum q)p - q$ is local).
+* `linear_cross_entropy`: forward as `cross_entropy` with integer labels; backward
+  all-reduces `dx` (`N * H` values).
 
 Every forward all-reduce carries one scalar per row (per statistic). The forward pass
 is the merge rule of [`merge_partials`][jsoftmax.merge_partials] applied across

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.typing import ArrayLike
 
-import jax
 from jsoftmax import _checks, _chunks, _custom, _kernel, _linear
 from jsoftmax._checks import Reduction
-from jsoftmax._kernel import Flags
 from jsoftmax.sharded import _common
 from jsoftmax.sharded._common import AxisName
 
@@ -96,8 +94,8 @@ def linear_cross_entropy(
     num_classes: int | None = None,
     ignore_index: int | None = None,
     weights: ArrayLike | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    label_smoothing: float | ArrayLike = 0.0,
+    z_loss: float | ArrayLike = 0.0,
     logit_softcap: float | None = None,
     reduction: Reduction = "none",
     chunk_size: int | None = None,
@@ -106,50 +104,54 @@ def linear_cross_entropy(
     r"""The output layer and the cross-entropy fused, vocabulary split over devices; call
     inside `jax.shard_map`.
 
-    [`jsoftmax.linear_cross_entropy`][jsoftmax.linear_cross_entropy] in the vocab-parallel (Megatron) layout: the
-    kernel `w` of shape `(H, V)` is split along `V` over `axis_name` (and
-    `bias`, `weights` alike); every shard holds the same rows of `x`. Each device
-    runs the chunked loop of [`jsoftmax.linear_cross_entropy`][jsoftmax.linear_cross_entropy] over its own columns
-    (its block of logits is never built either), reducing them to per-row statistics;
-    the devices then exchange only per-row numbers, merged by the log-sum-exp merge of
+    [`jsoftmax.linear_cross_entropy`][jsoftmax.linear_cross_entropy] in the
+    vocab-parallel (Megatron) layout: the kernel `w` of shape `(H, V)` is split along
+    `V` over `axis_name` (and `bias`, `weights` alike); every shard holds the same rows
+    of `x`. Each device runs the chunk loop of the fused loss over its own columns (its
+    block of logits is never built either), reducing them to per-row statistics; the
+    devices then exchange only per-row numbers, merged by the log-sum-exp merge of
     [`jsoftmax.merge_partials`][jsoftmax.merge_partials]:
 
     $$
     M = \max_d m_d, \qquad T = \sum_d t_d\, e^{m_d - M}, \qquad
-    \ell = \sum_i q_i\,(M + \log T - s_i) + c\,(M + \log T)^2,
+    \ell = \sum_i q_i\,(M + \log T - s_i) + c\,b\,(M + \log T)^2,
     $$
-    with $s = \mathrm{softcap}(x w + b)$ and $q$ as in
-    [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]. Forward: one all-reduce of the row maxima, then one
-    carrying the rescaled sums of exponentials with the target logit (from the shard
-    holding the label) and the per-row numbers the options need. Backward: each shard
-    recomputes its chunks' logits and accumulates `dw` and `db` for its own columns
-    (they stay on their shard) and its part of `dx`, which is summed over
-    `axis_name` in one all-reduce of `N * H` values. Nothing of size `N * V` is
-    built or communicated.
+
+    with $s = \mathrm{softcap}(x w + b)$ and $q$, $b$ as in
+    [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]. Forward: one all-reduce of the
+    row maxima, then one carrying the rescaled sums of exponentials with the label's
+    logit (from the shard holding the label, read from its chunk's logits) and the
+    per-row numbers the options need. Backward: each shard recomputes its chunks'
+    logits and accumulates `dw` and `db` for its own columns (they stay on their shard)
+    and its part of `dx`, which is summed over `axis_name` in one all-reduce of `N * H`
+    values. Nothing of size `N * V` is built or communicated.
 
     Args:
-      x: hidden states, shape `(..., H)`, the same on every shard of `axis_name`
-        (rows may be split over other mesh axes).
+      x: hidden states, shape `(..., H)`, the same on every shard of `axis_name` (rows
+        may be split over other mesh axes).
       w_shard: this shard's block of the kernel, shape `(H, V_local)`: columns
         `i * V_local ... (i + 1) * V_local - 1` on shard `i` along `axis_name`
         (`in_specs` `P(None, axis_name)`).
       labels: integer **global** class indices, shape `x.shape[:-1]`.
       axis_name: the mesh axis name(s) the vocabulary is split over.
-      bias_shard: optional `(V_local,)`, split like `w`; `-inf` entries mark
-        excluded classes as in [`jsoftmax.linear_cross_entropy`][jsoftmax.linear_cross_entropy].
+      bias_shard: optional `(V_local,)`, split like `w`; $-\infty$ entries mark excluded
+        classes as in [`jsoftmax.linear_cross_entropy`][jsoftmax.linear_cross_entropy].
       num_classes: the true vocabulary size when `V` was padded at the end to a
-        multiple of the shard count; columns with a global index `>= num_classes`
-        are excluded (their values do not matter; their gradients are 0).
+        multiple of the shard count; columns with a global index `>= num_classes` are
+        excluded (their values do not matter; their gradients are 0).
       ignore_index: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
+      weights: per-class weights of this shard's columns, shape `(V_local,)`.
       label_smoothing: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
       z_loss: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
       logit_softcap: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
-      weights: per-class weights of this shard's columns, shape `(V_local,)`.
-      reduction: as in `cross_entropy`: `"mean"` is over the rows of this
-        `shard_map` block, or over every row of `data_axis_name`.
+      reduction: as in [`jsoftmax.sharded.cross_entropy`][jsoftmax.sharded.cross_entropy]:
+        `"mean"` is over the rows of this `shard_map` block, or over every row of
+        `data_axis_name`.
+      chunk_size: vocabulary columns per chunk of the local loop (by default about
+        `2**20` logits per chunk, as in
+        [`jsoftmax.linear_cross_entropy`][jsoftmax.linear_cross_entropy], from the rows
+        and the local vocabulary).
       data_axis_name: the mesh axis of the rows, for `reduction="mean"` over all of them.
-      chunk_size: vocabulary columns per chunk of the local loop (default
-        `jsoftmax.default_chunk_size` of the rows and the local vocabulary).
 
     Returns:
       The loss per row (shape `x.shape[:-1]`), or its sum or mean; the same on every
@@ -157,12 +159,13 @@ def linear_cross_entropy(
       dtypes of `x`, `w_shard` and `bias_shard`.
 
     Note:
-      * Labels are traced inside `jax.shard_map`: an out-of-range label other
-        than `ignore_index` gives a NaN row (loss and gradients), never an error.
-      * A label on an excluded class (padding, `-inf` bias) makes the row not
-        count (loss 0, zero gradients, not in the `"mean"` denominator).
-      * Needs `jax.shard_map`'s default `check_vma=True`: the sums of `dx`
-        over `axis_name` (and of `dw` over data axes) are derived from it.
+      * Labels are traced inside `jax.shard_map`: an out-of-range label other than
+        `ignore_index` gives a NaN row (loss and gradients), never an error.
+      * A label on an excluded class (padding, $-\infty$ bias) makes the row not count
+        (loss 0, zero gradients, not in the `"mean"` denominator).
+      * The loss is never negative (the label's logit comes from its chunk's logits).
+      * Needs `jax.shard_map`'s default `check_vma=True`: the sums of `dx` over
+        `axis_name` (and of `dw` over data axes) are derived from it.
       * `weights` and `labels` are not differentiated.
 
     Examples:
@@ -184,9 +187,10 @@ def linear_cross_entropy(
       True
     """
     axis_name = _common.check_axis_name(axis_name)
-    x, w, labels, bias, _ = _linear.check_inputs(
-        x, w_shard, labels, bias_shard, 1, w_name="w_shard", bias_name="bias_shard"
+    x, w, bias, _ = _linear.check_inputs(
+        x, w_shard, bias_shard, 1, w_name="w_shard", bias_name="bias_shard"
     )
+    labels = _linear.check_int_labels(labels, x)
     opts = _checks.loss_options(
         label_smoothing=label_smoothing,
         z_loss=z_loss,

@@ -84,13 +84,16 @@ def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_na
         st = _kernel.piece_stats(fp, (axis,), w=w, y=labels, smoothing=flags.smoothing)
         st = _kernel.merge_devices(st, axis_name, temperature)
         loss, empty, row = _kernel.prob_loss(st, coefs_c, flags, temperature)
-        ok = _kernel.both(ok, ~empty)
+        # A row without valid classes has p = q = 0: its gradients are 0 without a mask.
+        ok_bwd, ok = ok, _kernel.both(ok, ~empty)
         w_y = None
     weight = _kernel.row_weight(ok, w_y, loss.shape, cdt)
     out_dtype = cdt  # float32 for 16-bit logits
     loss = _kernel.mask_rows(loss, ok)
     out = (jnp.squeeze(loss, axis).astype(out_dtype), jnp.squeeze(weight, axis))
-    return out, (x, labels, where, temperature, weights, coefs, ok, row)
+    if _is_integer(labels):
+        ok_bwd = ok
+    return out, (x, labels, where, temperature, weights, coefs, ok_bwd, row)
 
 
 def _ce_kernel_fwd(
@@ -147,102 +150,101 @@ def cross_entropy(
     *,
     where: ArrayLike | None = None,
     num_classes: int | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | ArrayLike = 0.0,
     temperature: ArrayLike = 1.0,
     ignore_index: int | None = None,
     weights: ArrayLike | None = None,
-    z_loss: float = 0.0,
+    z_loss: float | ArrayLike = 0.0,
     logit_softcap: float | None = None,
     reduction: Reduction = "none",
     data_axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Vocab-parallel softmax cross-entropy; call inside `jax.shard_map`.
 
-    The loss of [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy] (same options, same formulas) with the
-    class axis split over `axis_name`:
+    The loss of [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy] (same options, same
+    formulas, the same per-row kernel) with the class axis split over `axis_name`:
 
     $$
-    \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,\mathrm{lse}^2, \qquad
-    \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,\mathrm{lse}\Bigr)\,p - q,
+    \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,b\,\mathrm{lse}^2, \qquad
+    \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,b\,\mathrm{lse}\Bigr)\,p - q,
     $$
-    with $s = \mathrm{softcap}(z)/T$ and $q = w_y(1-\alpha)e_y +
-    \frac{\alpha}{m}w$ for an integer label $y$ (a **global** class index), or
-    $q = w\odot\bigl((1-\alpha)\,y + \frac{\alpha}{m}\bigr)$ for probability
-    labels $y$ (split over the devices like the logits). Shard `i` along
-    `axis_name` holds classes `i * n_local ... (i + 1) * n_local - 1`. Forward: one
-    all-reduce of the row max, then one all-reduce carrying, per row, the sum of
-    exponentials, the target logit (from the shard holding $y$, 0 from the
-    others) or, for probability labels, the shard's parts of $\sum_i q_i$ and
-    $\sum_i q_i (s_i - M)$, and whatever the options need (a flag for a label on
-    a masked class, the label's class weight, the smoothing sum
-    $\sum_i w_i (s_i - M)$, the number and weight of valid classes). Backward:
-    $g\,\partial\ell/\partial s$ (and for probability labels
-    $\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i$) from the merged row
-    statistics, with **no communication** (with a `temperature`, one all-reduce of
-    $\langle \partial\ell/\partial s, s\rangle$ per row for its derivative).
+
+    with $s = \mathrm{softcap}(z)/T$ and $q = w_y(1-\alpha)e_y + \frac{\alpha}{m}w$ for
+    an integer label $y$ (a **global** class index), or
+    $q = w\odot\bigl((1-\alpha)\,y + \frac{\alpha}{m}\bigr)$ for probability labels $y$
+    (split over the devices like the logits). Shard `i` along `axis_name` holds classes
+    `i * n_local ... (i + 1) * n_local - 1`. Forward: one all-reduce of the row max,
+    then one all-reduce carrying, per row, the sum of exponentials, the label's logit
+    (from the shard holding $y$, 0 from the others) or, for probability labels, the
+    shard's parts of $\sum_i q_i$ and $\sum_i q_i (s_i - M)$, and whatever the options
+    need (the label's class weight, the number and weight of valid classes and their
+    centred sum for label smoothing). Backward: $g\,\partial\ell/\partial s$ (and for
+    probability labels $\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i$) from the
+    merged row statistics, with **no communication** (with a `temperature`, one
+    all-reduce of $\langle \partial\ell/\partial s, s\rangle$ per row for its
+    derivative).
 
     Args:
       logits_shard: this device's contiguous block of logits, any rank >= 1.
       labels: either an integer array of global class indices with the shape of
-        `logits_shard` without `axis` (the local batch block, the same on every
-        shard of `axis_name`), or real probabilities (a target vector per row, not
-        required to be normalised; differentiable) with the shape of `logits_shard`:
-        this shard's block of the targets, split like the logits (the same
-        `in_specs`).
+        `logits_shard` without `axis` (the local batch block, the same on every shard
+        of `axis_name`), or real probabilities (a target vector per row, not required
+        to be normalised; differentiable) with the shape of `logits_shard`: this
+        shard's block of the targets, split like the logits (the same `in_specs`).
       axis_name: the mesh axis name(s) the class axis is split over.
       axis: the local class axis (an int).
-      where: optional boolean mask. Broadcastable to `logits_shard`: masked classes
-        are left out of the normaliser, get gradient 0 and no target mass. With exactly
-        the batch shape (rank lower than the logits'): a per-example mask, masked
-        examples behave like `ignore_index`.
+      where: optional boolean mask, by the rule of
+        [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]: with fewer dimensions than
+        `logits_shard` a per-example mask broadcastable to the batch shape (masked
+        examples behave like `ignore_index`); with its rank a mask of this shard's
+        entries (masked classes are left out of the normaliser, get gradient 0 and no
+        target mass).
       num_classes: the true class count when the class axis was padded at the end to a
         multiple of the shard count; padded classes are masked.
       label_smoothing: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
       temperature: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
       ignore_index: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
+      weights: per-class weights of **this shard's block** of classes, shape
+        `(n_local,)` (a `(n,)` vector sharded like the class axis, e.g. with `in_specs`
+        `P(axis_name)`). Not differentiated.
       z_loss: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
       logit_softcap: as in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy].
-      weights: per-class weights of **this shard's block** of classes, shape
-        `(n_local,)` (a `(n,)` vector sharded like the class axis, e.g. with
-        `in_specs` `P(axis_name)`). Not differentiated.
       reduction: `"none"`, `"sum"` or `"mean"` (weighted, as in
-        [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]) over the rows of this `shard_map` block. When
-        the rows are also split over a data axis, pass it as `data_axis_name` to sum
-        (and average) over every row of that axis; without it each data shard gets the
-        mean of its own rows, and the global mean is the `psum` over the data axis of
-        the sums divided by the `psum` of the counted rows' weights (not the mean of
-        the means).
+        [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]) over the rows of this
+        `shard_map` block. When the rows are also split over a data axis, pass it as
+        `data_axis_name` to sum (and average) over every row of that axis; without it
+        each data shard gets the mean of its own rows, and the global mean is the
+        `psum` over the data axis of the sums divided by the `psum` of the counted
+        rows' weights (not the mean of the means).
       data_axis_name: `None` or the mesh axis name(s) the rows are split over; used by
         `"sum"` and `"mean"` only (one more all-reduce of two scalars). The result is
         then the same on every device.
 
     Returns:
-      Per-example losses, shape of `logits_shard` without `axis`, or their sum or
-      mean (a scalar); dtype as [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]: float32 for 16-bit
-      logits, else the logits' dtype promoted with float labels. They are equal on
-      every shard of `axis_name`, so an `out_specs` that does not mention
+      Per-example losses, shape of `logits_shard` without `axis`, or their sum or mean
+      (a scalar); dtype as [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]: float32
+      for 16-bit logits, else the logits' dtype promoted with float labels. They are
+      equal on every shard of `axis_name`, so an `out_specs` that does not mention
       `axis_name` fits.
 
     Note:
-      * A label outside `[0, C)` (`C` = `num_classes`, or the global size of the
-        split axis) other than `ignore_index` gives a NaN loss and NaN gradient for
-        that row, never a silently wrong loss (labels are traced inside
-        `jax.shard_map`, so they cannot be checked eagerly).
-      * As in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]: a label on a masked (or padded) class
-        carries no target mass, so the row's loss is 0 with zero gradient (an "ignore"
-        label), and it is left out of the `"mean"` denominator; a fully masked row
-        therefore gives 0. A label on an unmasked `-inf` logit gives loss `+inf`
-        with a finite gradient.
-      * Probability labels: a row without any unmasked class (on any shard) gives 0,
-        with zero gradients, and is not in the `"mean"` denominator; every other
-        counted row has weight 1. Masked (and padded) classes get no target mass, but
-        a NaN label there still gives NaN ($0 \cdot \mathrm{NaN}$): pad the
-        labels with 0. `ignore_index` is for integer labels only (a
-        `ValueError` otherwise); mask examples with a batch-shaped `where`.
-      * `+inf` or NaN among the unmasked logits of a counted row gives NaN.
+      * A label outside `[0, C)` (`C` = `num_classes`, or the global size of the split
+        axis) other than `ignore_index` gives a NaN loss and NaN gradient for that row,
+        never a silently wrong loss (labels are traced inside `jax.shard_map`, so they
+        cannot be checked eagerly).
+      * As in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]: a label on an
+        excluded class (masked, padded, or a $-\infty$ logit) makes the row not count:
+        loss 0, zero gradient, left out of the `"mean"` denominator; a fully masked row
+        therefore gives 0.
+      * Probability labels: a row without any valid class (on any shard) gives 0, with
+        zero gradients, and is not in the `"mean"` denominator; every other counted
+        row has weight 1. Excluded classes get no target mass, whatever the labels hold
+        there. `ignore_index` is for integer labels only (a `ValueError` otherwise);
+        mask examples with a per-example `where`.
+      * $+\infty$ or NaN among the valid logits of a counted row gives NaN.
       * float16/bfloat16 logits: computed in float32 and the loss is returned in
-        float32 (a 16-bit loss would be quantised), as by
-        [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]; gradients come back in the logits' dtype.
+        float32 (a 16-bit loss would be quantised); gradients come back in the logits'
+        dtype.
       * Reverse mode only. The saved residuals are the local block of logits (and of
         probability labels) and a few numbers per row; the backward pass recomputes
         the probabilities.
@@ -288,7 +290,12 @@ def cross_entropy(
         labels_dtype=labels.dtype,
     )
     labels = _checks.check_labels(
-        labels, x.shape, axis, opts.ignore_index, logits_name="logits_shard"
+        labels,
+        x.shape,
+        axis,
+        opts.ignore_index,
+        logits_name="logits_shard",
+        float_hint=": this shard's block of the targets, split over axis_name like the logits",
     )
     where, example_mask = _checks.split_where(where, x.shape, (axis,))
     shards = _common.num_shards(axis_name, "cross_entropy")
