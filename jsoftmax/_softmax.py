@@ -555,9 +555,10 @@ def logsumexp(
        [0.5    0.5    0.    ]]
       >>> print(jsoftmax.logsumexp(z, axis=-1, where=jnp.zeros((2, 3), bool)))
       [-inf -inf]
-      >>> print(jsoftmax.logsumexp(jnp.array([1.0, 1.0]), b=jnp.array([2.0, -1.0]),
-      ...                          return_sign=True))
-      (Array(1., dtype=float32), Array(1., dtype=float32))
+      >>> lse, sign = jsoftmax.logsumexp(jnp.array([1.0, 1.0]), b=jnp.array([2.0, -1.0]),
+      ...                                return_sign=True)
+      >>> print(f"{float(lse):.4f} {float(sign):+.0f}")  # log(2e - e) = 1
+      1.0000 +1
     """
     x = _checks.as_float_array(a, "a")
     axes = _checks.canonical_axes(axis, x.ndim)
