@@ -1,20 +1,49 @@
-"""MkDocs hook: the performance and accuracy tables are generated from the JSON that
-``python -m jsoftmax bench --json`` and ``python -m jsoftmax accuracy --json`` write, so
-no figure on those pages is copied by hand.
+"""MkDocs hooks.
 
-A page asks for a table with a marker line, ``<!-- jsoftmax:bench-tables PATH -->`` or
-``<!-- jsoftmax:accuracy-tables PATH -->``, PATH relative to the repository root. A
-missing or malformed file fails the build.
+* The performance and accuracy tables are generated from the JSON that
+  `python -m jsoftmax bench --json` and `python -m jsoftmax accuracy --json` write, so
+  no figure on those pages is copied by hand. A page asks for a table with a marker
+  line, `<!-- jsoftmax:bench-tables PATH -->` or `<!-- jsoftmax:accuracy-tables PATH -->`,
+  PATH relative to the repository root. A missing or malformed file fails the build.
+* MathJax, which renders the formulas, is copied into the site from the installed
+  django-static-mathjax package (the `docs` extra), so the site needs no network.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
 
+from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import File
+
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"^<!-- jsoftmax:(bench|accuracy)-tables (\S+) -->$", re.M)
+# Where the site serves MathJax (mkdocs.yml's extra_javascript names it) and the file of
+# the installed package it comes from: MathJax 3's TeX-to-SVG bundle with every TeX
+# extension, one self-contained script that needs no fonts.
+MATHJAX_URI = "assets/mathjax/tex-svg-full.js"
+MATHJAX_FILE = ("static", "mathjax", "es5", "tex-svg-full.js")
+
+
+def mathjax_source() -> Path:
+    """The MathJax bundle of the installed package; a clear error when it is missing."""
+    spec = importlib.util.find_spec("mathjax")
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent.joinpath(*MATHJAX_FILE)
+        if path.is_file():
+            return path
+    raise PluginError(
+        "MathJax is not installed: the docs need the django-static-mathjax package "
+        "(pip install -e '.[docs]')"
+    )
+
+
+def on_files(files, config):
+    files.append(File.generated(config, MATHJAX_URI, abs_src_path=str(mathjax_source())))
+    return files
 
 
 def _fmt(x, digits=3):

@@ -1,14 +1,14 @@
-r"""``linear_cross_entropy``: the output layer and the cross-entropy fused.
+r"""`linear_cross_entropy`: the output layer and the cross-entropy fused.
 
-The logits ``x @ w + b`` of a large vocabulary are never built. The forward pass loops
-over chunks of the vocabulary (``lax.scan``): each chunk's logits are computed with
+The logits `x @ w + b` of a large vocabulary are never built. The forward pass loops
+over chunks of the vocabulary (`lax.scan`): each chunk's logits are computed with
 float32 accumulation, reduced to per-row statistics (row maximum and sum of
 exponentials, merged across chunks with the log-sum-exp merge of
-:mod:`jsoftmax._merge`) and dropped; the target logit comes from a gather of ``w``'s
-columns. A :func:`jax.custom_vjp` saves only the inputs and per-row numbers; its
-backward pass recomputes each chunk's logits and accumulates ``dx``, ``dw`` and ``db``
-from the fused cotangent of :mod:`jsoftmax._losses`, the same formulas (and so the same
-option semantics) as :func:`jsoftmax.cross_entropy`.
+`jsoftmax._merge`) and dropped; the target logit comes from a gather of `w`'s
+columns. A `jax.custom_vjp` saves only the inputs and per-row numbers; its
+backward pass recomputes each chunk's logits and accumulates `dx`, `dw` and `db`
+from the fused cotangent of `jsoftmax._losses`, the same formulas (and so the same
+option semantics) as [`jsoftmax.cross_entropy`][].
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ _CHUNK_ELEMENTS = 1 << 20
 
 
 def default_chunk_size(rows: int, vocab: int) -> int:
-    """The default vocabulary chunk: about ``2**20`` logits (4 MiB in float32) per chunk.
+    """The default vocabulary chunk: about `2**20` logits (4 MiB in float32) per chunk.
 
-    The power of two nearest below ``2**20 / rows``, clipped to ``[128, 8192]`` and to
+    The power of two nearest below `2**20 / rows`, clipped to `[128, 8192]` and to
     the vocabulary size. E.g. 512 columns for 2048 rows, 128 for 8192 rows or more.
     """
     per_row = max(_CHUNK_ELEMENTS // max(rows, 1), 1)
@@ -42,16 +42,16 @@ def default_chunk_size(rows: int, vocab: int) -> int:
 
 
 def _chunks(vocab: int, chunk: int) -> tuple[int, int]:
-    """``(number of chunks, chunk)``; the last chunk is shifted back to end at ``vocab``
-    (its columns already covered by the previous chunk are skipped), so ``w`` is never
+    """`(number of chunks, chunk)`; the last chunk is shifted back to end at `vocab`
+    (its columns already covered by the previous chunk are skipped), so `w` is never
     padded or copied."""
     chunk = min(chunk, vocab)
     return -(-vocab // chunk), chunk
 
 
 def _columns(k, vocab: int, chunk: int):
-    """``(start, fresh)``: the first column of chunk ``k`` and which of its columns no
-    earlier chunk covered, shape ``(1, chunk)``."""
+    """`(start, fresh)`: the first column of chunk `k` and which of its columns no
+    earlier chunk covered, shape `(1, chunk)`."""
     start = jnp.minimum(k * chunk, vocab - chunk)
     cols = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
     return start, cols, cols >= k * chunk
@@ -62,8 +62,8 @@ def _slice(a, start, chunk: int, axis: int):
 
 
 def _chunk_logits(x, w, bias, start, chunk: int, va: int, opts, cdt):
-    """``softcap(x @ w[:, chunk] + b[chunk])`` with ``cdt`` (float32 or wider) accumulation;
-    ``va`` is the vocabulary axis of ``w`` (1 for ``(H, V)``, 0 for ``(V, H)``)."""
+    """`softcap(x @ w[:, chunk] + b[chunk])` with `cdt` (float32 or wider) accumulation;
+    `va` is the vocabulary axis of `w` (1 for `(H, V)`, 0 for `(V, H)`)."""
     z = lax.dot_general(
         x, _slice(w, start, chunk, va), (((1,), (1 - va,)), ((), ())), preferred_element_type=cdt
     )
@@ -73,8 +73,8 @@ def _chunk_logits(x, w, bias, start, chunk: int, va: int, opts, cdt):
 
 
 def _chunk_valid(bias, fresh, start, chunk: int, limit=None):
-    """Columns that count in this chunk: fresh ones whose bias is not ``-inf`` (and, with
-    ``limit``, whose index is below it: the padding of a sharded vocabulary)."""
+    """Columns that count in this chunk: fresh ones whose bias is not `-inf` (and, with
+    `limit`, whose index is below it: the padding of a sharded vocabulary)."""
     if limit is not None:
         cols = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
         fresh = fresh & (cols < limit)
@@ -92,7 +92,7 @@ def _chunk_weights(weights, valid, start, chunk: int, cdt):
 
 
 def _target_logit(x, w, bias, idx, va: int, opts, cdt):
-    """``softcap(x_r . w[:, y_r] + b[y_r])`` per row from a gather of ``w``'s columns."""
+    """`softcap(x_r . w[:, y_r] + b[y_r])` per row from a gather of `w`'s columns."""
     w_y = jnp.take(w, idx, axis=va)  # (H, N) or (N, H): O(N H)
     spec = "nh,hn->n" if va == 1 else "nh,nh->n"
     z = jnp.einsum(spec, x, w_y, preferred_element_type=cdt)
@@ -103,8 +103,8 @@ def _target_logit(x, w, bias, idx, va: int, opts, cdt):
 
 
 def _valid_totals(weights, bias, vocab: int, cdt, limit=None):
-    """``(count, W)``: the number of valid columns (bias not ``-inf``, index below
-    ``limit``) and their total class weight (``count`` without weights)."""
+    """`(count, W)`: the number of valid columns (bias not `-inf`, index below
+    `limit`) and their total class weight (`count` without weights)."""
     valid = None if bias is None else bias > -jnp.inf
     if limit is not None:
         below = jnp.arange(vocab) < limit
@@ -117,7 +117,7 @@ def _valid_totals(weights, bias, vocab: int, cdt, limit=None):
 
 
 def _smoothing_totals(weights, bias, vocab: int, alpha: float, cdt):
-    """``(k, W)`` of :func:`jsoftmax._losses.integer_loss` over the whole vocabulary."""
+    """`(k, W)` of `jsoftmax._losses.integer_loss` over the whole vocabulary."""
     count, total_w = _valid_totals(weights, bias, vocab, cdt)
     count = jnp.maximum(count, 1)
     total_w = count if weights is None else total_w
@@ -125,15 +125,15 @@ def _smoothing_totals(weights, bias, vocab: int, alpha: float, cdt):
 
 
 def _varying_axes(a) -> frozenset:
-    """The mesh axes ``a`` varies over inside :func:`jax.shard_map` (empty outside)."""
+    """The mesh axes `a` varies over inside `jax.shard_map` (empty outside)."""
     aval = jax.typeof(a)
     mat = getattr(aval, "mat", None)
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
 def _vary_like(tree, ref):
-    """``tree`` cast to vary over the mesh axes ``ref`` varies over inside
-    :func:`jax.shard_map` (the carries of a scan over one shard's columns); unchanged
+    """`tree` cast to vary over the mesh axes `ref` varies over inside
+    `jax.shard_map` (the carries of a scan over one shard's columns); unchanged
     elsewhere."""
     axes = tuple(sorted(_varying_axes(ref)))
     return lax.pcast(tree, axes, to="varying") if axes else tree
@@ -149,14 +149,14 @@ def _lce(x, w, bias, labels, weights, row_ok, row_w, opts, chunk: int, va: int) 
 
 
 def forward_stats(x, w, bias, weights, centre, opts, chunk: int, va: int, cdt, limit=None):
-    """Per-row ``(m, total, centred)`` over ``w``'s columns, one chunk at a time.
+    """Per-row `(m, total, centred)` over `w`'s columns, one chunk at a time.
 
-    ``m`` and ``total`` are the row maximum and sum of exponentials of the (soft-capped)
+    `m` and `total` are the row maximum and sum of exponentials of the (soft-capped)
     logits of the valid columns, merged across chunks by
-    :func:`jsoftmax._merge.merge_running`; with label smoothing ``centred`` is
-    :func:`jsoftmax._losses.smoothing_sum` centred on the per-row ``centre`` (else 0).
-    ``w`` may be one shard of a vocabulary split over devices: ``limit`` then excludes
-    its columns at or past it (padding). All ``(rows, 1)``.
+    `jsoftmax._merge.merge_running`; with label smoothing `centred` is
+    `jsoftmax._losses.smoothing_sum` centred on the per-row `centre` (else 0).
+    `w` may be one shard of a vocabulary split over devices: `limit` then excludes
+    its columns at or past it (padding). All `(rows, 1)`.
     """
     rows, vocab = x.shape[0], w.shape[va]
     n_chunks, chunk = _chunks(vocab, chunk)
@@ -231,12 +231,12 @@ def backward_sums(
     cdt,
     limit=None,
 ):
-    """``(dx, dw, db)`` accumulated over ``w``'s columns, one chunk at a time, from the
-    fused cotangent :func:`jsoftmax._losses.integer_cotangent` with the row statistics
-    ``m``, ``total`` (of the whole vocabulary) and the label's column ``idx`` in this
-    ``w`` (-1: none). ``dx`` is in ``cdt``: for a shard of a split vocabulary it is this
-    shard's part, to be summed over the shards. All per-row arguments are ``(rows, 1)``;
-    ``g`` is the loss's cotangent, 0 where the row does not count (``ok``)."""
+    """`(dx, dw, db)` accumulated over `w`'s columns, one chunk at a time, from the
+    fused cotangent `jsoftmax._losses.integer_cotangent` with the row statistics
+    `m`, `total` (of the whole vocabulary) and the label's column `idx` in this
+    `w` (-1: none). `dx` is in `cdt`: for a shard of a split vocabulary it is this
+    shard's part, to be summed over the shards. All per-row arguments are `(rows, 1)`;
+    `g` is the loss's cotangent, 0 where the row does not count (`ok`)."""
     vocab = w.shape[va]
     n_chunks, chunk = _chunks(vocab, chunk)
     lse = m + jnp.log(_nonzero(total)) if opts.z_loss else None
@@ -357,57 +357,58 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     vocab_axis: int = 1,
 ) -> jax.Array:
-    r"""Cross-entropy of the output layer ``x @ w + bias`` without building the logits.
+    r"""Cross-entropy of the output layer `x @ w + bias` without building the logits.
 
-    Equals ``jsoftmax.cross_entropy(x @ w + bias, labels, ...)`` with the same options
-    (see :func:`jsoftmax.cross_entropy` for their definitions):
+    Equals `jsoftmax.cross_entropy(x @ w + bias, labels, ...)` with the same options
+    (see [`jsoftmax.cross_entropy`][] for their definitions):
 
-    .. math::
-        \ell_r = \sum_i q_{ri}\,(\mathrm{lse}_r - s_{ri}) + c\,\mathrm{lse}_r^2, \qquad
-        s = \mathrm{softcap}(x w + b),
+    $$
+    \ell_r = \sum_i q_{ri}\,(\mathrm{lse}_r - s_{ri}) + c\,\mathrm{lse}_r^2, \qquad
+    s = \mathrm{softcap}(x w + b),
+    $$
 
-    but the :math:`N \times V` logits are never in memory: the vocabulary is processed
-    in chunks of ``chunk_size`` columns, merged with the log-sum-exp merge
-    (:func:`jsoftmax.merge_partials`' rule). Reverse mode saves ``x``, ``w``, ``bias``,
-    ``labels`` and two numbers per row; the backward pass recomputes each chunk's logits
-    and accumulates :math:`dx = g_s w_c^\top`, :math:`dw_c = x^\top g_s` and
-    :math:`db_c = \sum_r g_s` from the fused cotangent
-    :math:`g_s = (\sum q + 2c\,\mathrm{lse})\,p - q`. Memory beyond the inputs and
-    ``dw``: one chunk's logits (``N * chunk_size`` float32 values) and O(N H).
+    but the $N \times V$ logits are never in memory: the vocabulary is processed
+    in chunks of `chunk_size` columns, merged with the log-sum-exp merge
+    ([`jsoftmax.merge_partials`][]' rule). Reverse mode saves `x`, `w`, `bias`,
+    `labels` and two numbers per row; the backward pass recomputes each chunk's logits
+    and accumulates $dx = g_s w_c^\top$, $dw_c = x^\top g_s$ and
+    $db_c = \sum_r g_s$ from the fused cotangent
+    $g_s = (\sum q + 2c\,\mathrm{lse})\,p - q$. Memory beyond the inputs and
+    `dw`: one chunk's logits (`N * chunk_size` float32 values) and O(N H).
 
     Args:
-      x: hidden states, shape ``(..., H)``.
-      w: the output layer's kernel, shape ``(H, V)`` (a Flax/Equinox ``Linear`` kernel),
-        or ``(V, H)`` with ``vocab_axis=0`` (tied embeddings: pass the embedding table
-        itself). Passing ``embedding.T`` also works, but XLA then makes one transposed
-        copy of the table before the chunk loop; ``vocab_axis=0`` makes none.
-      labels: integer class indices, shape ``x.shape[:-1]``.
-      bias: optional ``(V,)``. ``-inf`` entries mark padded classes: they are excluded
+      x: hidden states, shape `(..., H)`.
+      w: the output layer's kernel, shape `(H, V)` (a Flax/Equinox `Linear` kernel),
+        or `(V, H)` with `vocab_axis=0` (tied embeddings: pass the embedding table
+        itself). Passing `embedding.T` also works, but XLA then makes one transposed
+        copy of the table before the chunk loop; `vocab_axis=0` makes none.
+      labels: integer class indices, shape `x.shape[:-1]`.
+      bias: optional `(V,)`. `-inf` entries mark padded classes: they are excluded
         like masked classes (probability 0, zero gradients, no smoothing mass; a label
         on one makes the row not count).
-      ignore_index: as in :func:`jsoftmax.cross_entropy`.
-      weights: as in :func:`jsoftmax.cross_entropy`.
-      label_smoothing: as in :func:`jsoftmax.cross_entropy`.
-      z_loss: as in :func:`jsoftmax.cross_entropy`.
-      logit_softcap: as in :func:`jsoftmax.cross_entropy`.
-      reduction: as in :func:`jsoftmax.cross_entropy`.
-      chunk_size: vocabulary columns per chunk. Default :func:`default_chunk_size`: about
-        ``2**20`` logits (4 MiB of float32) per chunk, a power of two in
-        ``[128, 8192]``. ``V`` need not be a multiple of it.
-      vocab_axis: the vocabulary axis of ``w``: 1 (default, ``(H, V)``) or 0
-        (``(V, H)``). ``dw`` comes back in ``w``'s layout.
+      ignore_index: as in [`jsoftmax.cross_entropy`][].
+      weights: as in [`jsoftmax.cross_entropy`][].
+      label_smoothing: as in [`jsoftmax.cross_entropy`][].
+      z_loss: as in [`jsoftmax.cross_entropy`][].
+      logit_softcap: as in [`jsoftmax.cross_entropy`][].
+      reduction: as in [`jsoftmax.cross_entropy`][].
+      chunk_size: vocabulary columns per chunk. Default: about `2**20` logits (4 MiB of
+        float32) per chunk, the power of two nearest below `2**20 / N` clipped to
+        `[128, 8192]` and to `V`. `V` need not be a multiple of it.
+      vocab_axis: the vocabulary axis of `w`: 1 (default, `(H, V)`) or 0
+        (`(V, H)`). `dw` comes back in `w`'s layout.
 
     Returns:
-      The loss per row (shape ``x.shape[:-1]``) or its sum or mean, in float32 for
+      The loss per row (shape `x.shape[:-1]`) or its sum or mean, in float32 for
       16-bit inputs (else the inputs' dtype). Gradients come back in the dtypes of
-      ``x``, ``w`` and ``bias``; 16-bit matmuls take their inputs as they are, with
+      `x`, `w` and `bias`; 16-bit matmuls take their inputs as they are, with
       float32 accumulation.
 
     Note:
-      * Out-of-range labels other than ``ignore_index`` raise ``IndexError`` when
-        concrete and give a NaN row under :func:`jax.jit`, as in
-        :func:`jsoftmax.cross_entropy`.
-      * ``weights`` and ``labels`` are not differentiated.
+      * Out-of-range labels other than `ignore_index` raise `IndexError` when
+        concrete and give a NaN row under `jax.jit`, as in
+        [`jsoftmax.cross_entropy`][].
+      * `weights` and `labels` are not differentiated.
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -1,17 +1,17 @@
-r"""Softmax cross-entropy with the fused :math:`p - y` derivative, and its Hessian.
+r"""Softmax cross-entropy with the fused $p - y$ derivative, and its Hessian.
 
-Every option (class mask, per-example mask, ``ignore_index``, class weights, label
+Every option (class mask, per-example mask, `ignore_index`, class weights, label
 smoothing, temperature, z-loss, logit soft-capping, reductions) is defined once here
-and in :mod:`jsoftmax._formulas`, and reused by every loss of the package.
+and in `jsoftmax._formulas`, and reused by every loss of the package.
 
 The reverse-mode rule keeps no new logits-sized array: the backward pass recomputes
-:math:`p` from the logits and two per-row numbers (the row maximum and the sum of
-exponentials). For float32 and float64 it recomputes ``exp(s - m)`` with exactly the
+$p$ from the logits and two per-row numbers (the row maximum and the sum of
+exponentials). For float32 and float64 it recomputes `exp(s - m)` with exactly the
 expression of the forward pass, so that when the forward and backward passes are
-compiled together (``jax.jit(jax.value_and_grad(...))``) XLA computes the exponential
+compiled together (`jax.jit(jax.value_and_grad(...))`) XLA computes the exponential
 once and writes the gradient into the same buffer (optax's footprint, one
 exponential per entry); alone, the backward pass recomputes it. The Hessian is
-returned as a :class:`jsoftmax.SoftmaxJacobian`.
+returned as a [`jsoftmax.SoftmaxJacobian`][].
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from jsoftmax._softmax import _nonzero, _scaled_logits, _shifted_exp, softmax
 
 
 class _Options(NamedTuple):
-    """The static options of a loss (hashable: a ``nondiff_argnum``)."""
+    """The static options of a loss (hashable: a `nondiff_argnum`)."""
 
     axis: int
     alpha: float = 0.0  # label smoothing
@@ -57,14 +57,14 @@ def _compute_dtype(logits, labels) -> np.dtype:
 
 
 def _label_index(labels, n: int, axis: int):
-    """``(clipped index, in_range)`` of integer labels, both with a size-1 class axis."""
+    """`(clipped index, in_range)` of integer labels, both with a size-1 class axis."""
     idx = jnp.expand_dims(labels.astype(jnp.result_type(int)), axis)
     in_range = (idx >= 0) & (idx < n)
     return jnp.clip(idx, 0, n - 1), in_range
 
 
 def _pick(a, idx, axis: int):
-    """``a`` at the label index along ``axis`` (keepdims): a gather, or a one-hot sum
+    """`a` at the label index along `axis` (keepdims): a gather, or a one-hot sum
     when the class axis is explicitly sharded (a plain reduction, one scalar per row)."""
     if _formulas._sharded_along(a, (axis,)):
         onehot = lax.broadcasted_iota(idx.dtype, a.shape, axis) == idx
@@ -83,8 +83,8 @@ def _scale(u, temperature):
 
 
 def _class_weights(weights, where, axis: int, ndim: int, cdt):
-    """The per-class weight vector ``w * valid`` shaped to broadcast against the logits
-    (``None`` when it is all ones)."""
+    """The per-class weight vector `w * valid` shaped to broadcast against the logits
+    (`None` when it is all ones)."""
     w = None
     if weights is not None:
         shape = [1] * ndim
@@ -96,15 +96,15 @@ def _class_weights(weights, where, axis: int, ndim: int, cdt):
 
 
 def _valid_count(where, n: int, axis: int, cdt):
-    """``m``: the number of unmasked classes per row (keepdims; at least 1)."""
+    """`m`: the number of unmasked classes per row (keepdims; at least 1)."""
     if where is None:
         return jnp.asarray(n, cdt)
     return jnp.maximum(jnp.sum(where, axis=axis, keepdims=True), 1).astype(cdt)
 
 
 def _smoothing(where, w, n: int, axis: int, alpha: float, cdt):
-    """``(k, W)``: the per-row smoothing mass ``alpha / m`` of each of the ``m`` valid
-    classes and the total class weight ``W = sum_valid w`` (``m`` without weights)."""
+    """`(k, W)`: the per-row smoothing mass `alpha / m` of each of the `m` valid
+    classes and the total class weight `W = sum_valid w` (`m` without weights)."""
     count = _valid_count(where, n, axis, cdt)
     total_w = count if w is None else jnp.sum(w, axis=axis, keepdims=True)
     return _formulas.smoothing_mass(alpha, count), total_w
@@ -125,7 +125,7 @@ class _Pass(NamedTuple):
 
 
 def _forward_pass(logits, where, temperature, opts: _Options, cdt) -> tuple[_Pass, jax.Array]:
-    """The forward quantities and ``exp(s - m)``."""
+    """The forward quantities and `exp(s - m)`."""
     z = logits.astype(cdt)
     u = _capped(z, opts)
     row_max = None
@@ -143,11 +143,11 @@ def _forward_pass(logits, where, temperature, opts: _Options, cdt) -> tuple[_Pas
 
 def integer_loss(log_total, m, s_label, in_range, row_w, smooth, opts: _Options):
     """The per-row loss for integer labels from per-row statistics (any shape):
-    ``b (log_total - (s_y - m)) + k (W (log_total - (s_y - m)) - S) + c lse^2`` with
-    ``b = (1 - alpha) w_y`` and ``smooth = (k, W, S)``, ``S = sum_valid w_i (s_i - s_y)``
+    `b (log_total - (s_y - m)) + k (W (log_total - (s_y - m)) - S) + c lse^2` with
+    `b = (1 - alpha) w_y` and `smooth = (k, W, S)`, `S = sum_valid w_i (s_i - s_y)`
     (None without smoothing); NaN where the label is out of range.
 
-    ``m`` and ``log_total`` are kept apart, so the loss stays exact when ``|m|`` is near
+    `m` and `log_total` are kept apart, so the loss stays exact when `|m|` is near
     the dtype's maximum. Shared by every loss with integer labels (chunked and sharded
     ones compute the same statistics in pieces).
     """
@@ -165,12 +165,12 @@ def integer_loss(log_total, m, s_label, in_range, row_w, smooth, opts: _Options)
 
 
 def smoothing_sum(s, s_label, valid, w, axis: int):
-    """``S = sum_valid w_i (s_i - s_y)`` over ``axis`` (keepdims).
+    """`S = sum_valid w_i (s_i - s_y)` over `axis` (keepdims).
 
-    Centred on the target logit ``s_y`` rather than on the row maximum, so that this
-    sum reads the logits on its own and XLA does not keep ``s - m`` in memory. ``valid``
-    and ``w`` may be None (all valid, unit weights); zero weights contribute 0 even at
-    ``-inf`` logits.
+    Centred on the target logit `s_y` rather than on the row maximum, so that this
+    sum reads the logits on its own and XLA does not keep `s - m` in memory. `valid`
+    and `w` may be None (all valid, unit weights); zero weights contribute 0 even at
+    `-inf` logits.
     """
     d = s - s_label
     if valid is not None:
@@ -181,10 +181,10 @@ def smoothing_sum(s, s_label, valid, w, axis: int):
 
 
 def integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts: _Options):
-    """``d loss / d s = (sum q + 2 c lse) p - q`` for integer labels, with
-    ``q = b e_y + k w`` (``smooth = (k, W, w)``: the per-row smoothing mass, total class
+    """`d loss / d s = (sum q + 2 c lse) p - q` for integer labels, with
+    `q = b e_y + k w` (`smooth = (k, W, w)`: the per-row smoothing mass, total class
     weight and the class-weight vector, or None); NaN where the label is out of range.
-    Works on any block of classes (``onehot`` marks the label inside the block)."""
+    Works on any block of classes (`onehot` marks the label inside the block)."""
     cdt = p.dtype
     b = jnp.asarray(1 - opts.alpha, cdt) if row_w is None else (1 - opts.alpha) * row_w
     mass = b
@@ -198,7 +198,7 @@ def integer_cotangent(p, onehot, in_range, row_w, smooth, lse, opts: _Options):
 
 
 def _row_loss(fp: _Pass, labels, where, temperature, weights, row_w, opts: _Options):
-    """The per-row loss ``sum_i q_i (lse - s_i) + c lse^2`` (keepdims), before the row
+    """The per-row loss `sum_i q_i (lse - s_i) + c lse^2` (keepdims), before the row
     mask. Integer labels read the target logit with a gather (no pass over the classes
     unless label smoothing is on); probability labels use the dense targets."""
     axis, alpha = opts.axis, opts.alpha
@@ -221,16 +221,16 @@ def _row_loss(fp: _Pass, labels, where, temperature, weights, row_w, opts: _Opti
 
 
 def _prob_smoothing_mass(where, n: int, axis: int, alpha: float, cdt):
-    """``k = alpha / m`` per row (None without label smoothing)."""
+    """`k = alpha / m` per row (None without label smoothing)."""
     if not alpha:
         return None
     return _formulas.smoothing_mass(alpha, _valid_count(where, n, axis, cdt))
 
 
 def prob_targets(labels, w, k, alpha: float, cdt):
-    """``q = w * ((1 - alpha) y + k)`` for probability labels ``y``, with ``w`` the
-    class weights times the class mask (None: all ones) and ``k`` the per-row smoothing
-    mass (None without smoothing; 0 gives the unsmoothed part ``(1 - alpha) w y``)."""
+    """`q = w * ((1 - alpha) y + k)` for probability labels `y`, with `w` the
+    class weights times the class mask (None: all ones) and `k` the per-row smoothing
+    mass (None without smoothing; 0 gives the unsmoothed part `(1 - alpha) w y`)."""
     y = labels.astype(cdt)
     if alpha:
         y = (1 - alpha) * y
@@ -240,21 +240,21 @@ def prob_targets(labels, w, k, alpha: float, cdt):
 
 
 def target_sums(q, d, axis: int):
-    """``(sum_i q_i, sum_i q_i d_i)`` over ``axis`` (keepdims) with ``d = s - m``; terms
-    with ``q_i = 0`` are left out, so a ``-inf`` logit without target mass adds 0
-    ("double where"), while ``q_i > 0`` there gives ``-inf``."""
+    """`(sum_i q_i, sum_i q_i d_i)` over `axis` (keepdims) with `d = s - m`; terms
+    with `q_i = 0` are left out, so a `-inf` logit without target mass adds 0
+    ("double where"), while `q_i > 0` there gives `-inf`."""
     cross = jnp.where(q != 0, q * d, jnp.zeros((), d.dtype))
     return jnp.sum(q, axis=axis, keepdims=True), jnp.sum(cross, axis=axis, keepdims=True)
 
 
 def prob_loss(log_total, m, mass, cross, opts: _Options):
     """The per-row loss for probability labels from per-row statistics (any shape):
-    ``sum_i q_i (lse - s_i) + c lse^2 = mass * log_total - cross + c lse^2`` with
-    ``mass = sum q``, ``cross = sum q (s - m)`` and ``lse = m + log_total``.
+    `sum_i q_i (lse - s_i) + c lse^2 = mass * log_total - cross + c lse^2` with
+    `mass = sum q`, `cross = sum q (s - m)` and `lse = m + log_total`.
 
-    With ``q >= 0`` both ``mass * log_total`` and ``-cross`` are ``>= 0``: no
+    With `q >= 0` both `mass * log_total` and `-cross` are `>= 0`: no
     cancellation. Shared by every loss with probability labels (the sharded one sums
-    ``mass`` and ``cross`` over devices).
+    `mass` and `cross` over devices).
     """
     loss = mass * log_total - cross
     if opts.z_loss:
@@ -263,7 +263,7 @@ def prob_loss(log_total, m, mass, cross, opts: _Options):
 
 
 def _cotangent_s(fp: _Pass, p, labels, where, weights, row_w, opts: _Options):
-    """``d loss / d s = (sum q + 2 c lse) p - q`` (dense, keepdims), before the row mask."""
+    """`d loss / d s = (sum q + 2 c lse) p - q` (dense, keepdims), before the row mask."""
     axis, alpha = opts.axis, opts.alpha
     cdt = fp.z.dtype
     w = _class_weights(weights, where, axis, fp.z.ndim, cdt)
@@ -283,8 +283,8 @@ def _cotangent_s(fp: _Pass, p, labels, where, weights, row_w, opts: _Options):
 
 
 def _label_cotangent(fp: _Pass, weights, where, opts: _Options):
-    """``d loss / d y_i = (1 - alpha) w_i (lse - s_i) = -(1 - alpha) w_i log p_i``
-    (0 where ``p_i = 0``) for probability labels, before the row mask."""
+    """`d loss / d y_i = (1 - alpha) w_i (lse - s_i) = -(1 - alpha) w_i log p_i`
+    (0 where `p_i = 0`) for probability labels, before the row mask."""
     cdt = fp.z.dtype
     log_p = fp.shifted - jnp.log(_nonzero(fp.total))
     d = -(1 - opts.alpha) * _finite_or_zero(log_p)
@@ -293,7 +293,7 @@ def _label_cotangent(fp: _Pass, weights, where, opts: _Options):
 
 
 def _mask_rows(a, row_ok):
-    """``a`` where the row counts, 0 elsewhere (a select: NaN in an ignored row stays out)."""
+    """`a` where the row counts, 0 elsewhere (a select: NaN in an ignored row stays out)."""
     if row_ok is None:
         return a
     return jnp.where(row_ok, a, jnp.zeros((), a.dtype))
@@ -306,7 +306,7 @@ def _out_dtype(logits, labels):
 
 
 def _chain_to_logits(fp: _Pass, g_s, temperature, opts: _Options):
-    """``(dL/dz, dL/dT)`` from ``g_s = dL/ds``, with ``s = softcap(z) / T``."""
+    """`(dL/dz, dL/dT)` from `g_s = dL/ds`, with `s = softcap(z) / T`."""
     g_u = g_s if temperature is None else g_s / temperature.astype(g_s.dtype)
     g_t = None
     if temperature is not None:
@@ -468,8 +468,8 @@ def _check_labels(labels, logits: jax.Array, axis: int, ignore_index) -> jax.Arr
 
 
 def check_label_range(labels, n: int, ignore_index) -> None:
-    """Raises ``IndexError`` for concrete integer labels outside ``[0, n)`` other than
-    ``ignore_index`` (traced labels cannot be checked: those rows become NaN)."""
+    """Raises `IndexError` for concrete integer labels outside `[0, n)` other than
+    `ignore_index` (traced labels cannot be checked: those rows become NaN)."""
     if not (_checks.is_concrete(labels) and labels.size):
         return
     values = np.asarray(labels)  # numpy: jnp would be staged inside a trace
@@ -549,9 +549,9 @@ def _check_weights(weights, n: int):
 
 
 def _split_where(where, shape: tuple[int, ...], axes: tuple[int, ...]):
-    """``(class mask or None, example mask or None)``.
+    """`(class mask or None, example mask or None)`.
 
-    A mask with exactly the batch shape (``shape`` without ``axes``) and a lower rank
+    A mask with exactly the batch shape (`shape` without `axes`) and a lower rank
     than the logits is a per-example mask, as in optax; any other mask must broadcast
     to the logits and masks classes.
     """
@@ -572,7 +572,7 @@ def _split_where(where, shape: tuple[int, ...], axes: tuple[int, ...]):
 
 def _flatten_classes(logits, labels, where, axes: tuple[int, ...]):
     """Moves the class axes to the end and flattens them into one (optax's convention
-    for a tuple ``axis``: integer labels index the row-major flattened classes)."""
+    for a tuple `axis`: integer labels index the row-major flattened classes)."""
     nb = logits.ndim - len(axes)
     batch_axes = tuple(k for k in range(logits.ndim) if k not in axes)
     order = batch_axes + axes
@@ -610,87 +610,89 @@ def cross_entropy(
     logit_softcap: float | None = None,
     reduction: Reduction = "none",
 ) -> jax.Array:
-    r"""Softmax cross-entropy with the fused :math:`p - y` derivative and the options of
+    r"""Softmax cross-entropy with the fused $p - y$ derivative and the options of
     training code (ignored labels, class weights, label smoothing, z-loss, soft-capping,
     reductions).
 
-    With :math:`s = \mathrm{softcap}(z) / T` over ``axis`` (masked classes excluded),
-    :math:`p = \mathrm{softmax}(s)`, :math:`\mathrm{lse} = \log\sum_i e^{s_i}`, class
-    weights :math:`w` (1 by default) and the effective target :math:`\tilde y =
-    (1-\alpha)\,y + \alpha/m` over the :math:`m` valid classes (:math:`y` one-hot for
+    With $s = \mathrm{softcap}(z) / T$ over `axis` (masked classes excluded),
+    $p = \mathrm{softmax}(s)$, $\mathrm{lse} = \log\sum_i e^{s_i}$, class
+    weights $w$ (1 by default) and the effective target $\tilde y =
+    (1-\alpha)\,y + \alpha/m$ over the $m$ valid classes ($y$ one-hot for
     integer labels), each row's loss is
 
-    .. math::
-        \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,\mathrm{lse}^2
-        = -\sum_i q_i \log p_i + c\,\mathrm{lse}^2,
+    $$
+    \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,\mathrm{lse}^2
+    = -\sum_i q_i \log p_i + c\,\mathrm{lse}^2,
+    $$
 
-    .. math::
-        \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,\mathrm{lse}\Bigr)\,p
-        - q, \qquad \frac{\partial \ell}{\partial z} = \frac{1}{T}
-        \frac{\partial \ell}{\partial s}\,\bigl(1 - \mathrm{softcap}(z)^2/\kappa^2\bigr),
+    $$
+    \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,\mathrm{lse}\Bigr)\,p
+    - q, \qquad \frac{\partial \ell}{\partial z} = \frac{1}{T}
+    \frac{\partial \ell}{\partial s}\,\bigl(1 - \mathrm{softcap}(z)^2/\kappa^2\bigr),
+    $$
 
-    with :math:`q = w_y(1-\alpha)e_y + \frac{\alpha}{m}w` for integer labels (PyTorch's
-    ``weight`` with ``label_smoothing``) and :math:`q = w\odot\tilde y` for probability
-    labels; without options this is :math:`p - y`. Also
-    :math:`\partial\ell/\partial T = -\langle\partial\ell/\partial s, s\rangle/T` and
-    :math:`\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i`.
+    with $q = w_y(1-\alpha)e_y + \frac{\alpha}{m}w$ for integer labels (PyTorch's
+    `weight` with `label_smoothing`) and $q = w\odot\tilde y$ for probability
+    labels; without options this is $p - y$. Also
+    $\partial\ell/\partial T = -\langle\partial\ell/\partial s, s\rangle/T$ and
+    $\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i$.
 
     Args:
       logits: any rank >= 1; integer input is promoted to the default float dtype.
-      labels: either integer class indices with the batch shape (``logits.shape``
-        without ``axis``), or a real probability vector per row with the shape of
-        ``logits`` (not required to be normalised; differentiable).
+      labels: either integer class indices with the batch shape (`logits.shape`
+        without `axis`), or a real probability vector per row with the shape of
+        `logits` (not required to be normalised; differentiable).
       axis: the class axis, or a tuple of axes whose entries together are the classes
         (integer labels then index them flattened in row-major order, as in optax).
-      where: optional boolean mask. Broadcastable to ``logits``: masked classes get
+      where: optional boolean mask. Broadcastable to `logits`: masked classes get
         probability 0 and **no target mass**. With exactly the batch shape (rank
         lower than the logits'): a per-example mask; masked examples behave like
-        ``ignore_index``.
-      label_smoothing: :math:`\alpha \in [0, 1]`, a static Python number. The
-        smoothing mass :math:`\alpha/m` goes to the :math:`m` unmasked classes.
-      temperature: ``T > 0``, a scalar or an array broadcastable to the batch shape;
+        `ignore_index`.
+      label_smoothing: $\alpha \in [0, 1]$, a static Python number. The
+        smoothing mass $\alpha/m$ goes to the $m$ unmasked classes.
+      temperature: `T > 0`, a scalar or an array broadcastable to the batch shape;
         differentiable.
-      rule: ``"vjp"`` (default): a :func:`jax.custom_vjp` that keeps no new
-        logits-sized array for the backward pass (it recomputes :math:`p` from the
+      rule: `"vjp"` (default): a `jax.custom_vjp` that keeps no new
+        logits-sized array for the backward pass (it recomputes $p$ from the
         logits and two numbers per row); reverse mode only
-        (``jax.grad(jax.grad(...))`` works). ``"jvp"``: a :func:`jax.custom_jvp`
-        with the same values and formula, so :func:`jax.jvp`, :func:`jax.jacfwd`
-        and :func:`jax.hessian` work too.
+        (`jax.grad(jax.grad(...))` works). `"jvp"`: a `jax.custom_jvp`
+        with the same values and formula, so `jax.jvp`, `jax.jacfwd`
+        and `jax.hessian` work too.
       ignore_index: an int (integer labels only): rows whose label equals it have
-        loss 0 and gradient 0 and are left out of the ``"mean"`` denominator.
-      weights: per-class weights, shape ``(n,)`` (``n`` classes; PyTorch's
-        ``weight``). Not differentiated.
-      z_loss: :math:`c \ge 0`, adds :math:`c\,\mathrm{lse}^2` per row (PaLM).
-      logit_softcap: ``None`` or :math:`\kappa > 0`: logits become
-        :math:`\kappa\tanh(z/\kappa)` before everything else (Gemma 2).
-      reduction: ``"none"`` (per row), ``"sum"`` or ``"mean"``: PyTorch's weighted
-        mean :math:`\sum_r \ell_r / \sum_r w_{y_r}` over the rows that count (for
+        loss 0 and gradient 0 and are left out of the `"mean"` denominator.
+      weights: per-class weights, shape `(n,)` (`n` classes; PyTorch's
+        `weight`). Not differentiated.
+      z_loss: $c \ge 0$, adds $c\,\mathrm{lse}^2$ per row (PaLM).
+      logit_softcap: `None` or $\kappa > 0$: logits become
+        $\kappa\tanh(z/\kappa)$ before everything else (Gemma 2).
+      reduction: `"none"` (per row), `"sum"` or `"mean"`: PyTorch's weighted
+        mean $\sum_r \ell_r / \sum_r w_{y_r}$ over the rows that count (for
         probability labels every counted row has weight 1). A batch whose total
         weight is 0 gives 0 with zero gradients.
 
     Returns:
-      The loss per example (shape ``logits.shape`` without ``axis``) or its sum or
+      The loss per example (shape `logits.shape` without `axis`) or its sum or
       mean (a scalar). float32 for 16-bit logits (computed in float32, without a
       float32 copy of the logits), else the logits' dtype promoted with float labels.
       Gradients have the logits' dtype.
 
     Note:
-      * Rows that do not count — label equal to ``ignore_index``, example masked by a
-        batch-shaped ``where``, integer label on a masked class, or no unmasked class
+      * Rows that do not count — label equal to `ignore_index`, example masked by a
+        batch-shaped `where`, integer label on a masked class, or no unmasked class
         at all — give loss 0 and zero gradients (even if their logits are NaN) and
-        are not in the ``"mean"`` denominator.
-      * ``-inf`` logits (and masked classes) with zero target mass contribute 0:
-        loss and gradients stay finite (optax gives NaN there). A ``-inf`` logit that
+        are not in the `"mean"` denominator.
+      * `-inf` logits (and masked classes) with zero target mass contribute 0:
+        loss and gradients stay finite (optax gives NaN there). A `-inf` logit that
         receives target mass (its label, float mass, or label smoothing, which reaches
-        every unmasked class) makes the loss ``+inf``; its gradient stays finite.
-        Mask such classes with ``where`` to exclude them from smoothing.
-      * ``logit_softcap`` keeps ``-inf`` logits at ``-inf`` (excluded classes) and
-        maps ``+inf`` to :math:`\kappa`.
-      * Out-of-range integer labels other than ``ignore_index`` raise ``IndexError``
-        when ``labels`` is concrete; under :func:`jax.jit` that row's loss and
+        every unmasked class) makes the loss `+inf`; its gradient stays finite.
+        Mask such classes with `where` to exclude them from smoothing.
+      * `logit_softcap` keeps `-inf` logits at `-inf` (excluded classes) and
+        maps `+inf` to $\kappa$.
+      * Out-of-range integer labels other than `ignore_index` raise `IndexError`
+        when `labels` is concrete; under `jax.jit` that row's loss and
         gradient are NaN.
-      * ``+inf``/NaN logits in a counted row give NaN, as in
-        :func:`jsoftmax.log_softmax`.
+      * `+inf`/NaN logits in a counted row give NaN, as in
+        [`jsoftmax.log_softmax`][].
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -746,9 +748,9 @@ def cross_entropy(
 def _row_weights(
     labels, where, example_mask, weights, ignore_index, axis: int, n: int, label_ok=None
 ):
-    """``(row_ok, row_w)``: which rows count (None: all) and, for integer labels with
-    class weights, each row's weight ``w[label]`` (None: 1). ``label_ok``, if given,
-    says per row whether the label's class is valid (instead of reading ``where``)."""
+    """`(row_ok, row_w)`: which rows count (None: all) and, for integer labels with
+    class weights, each row's weight `w[label]` (None: 1). `label_ok`, if given,
+    says per row whether the label's class is valid (instead of reading `where`)."""
     row_ok = example_mask
     row_w = None
 
@@ -772,7 +774,7 @@ def _row_weights(
 
 
 def reduce_rows(per_row, row_ok, row_w, reduction: Reduction):
-    """``"none"``, ``"sum"`` or the weighted ``"mean"`` of per-row losses: the sum over
+    """`"none"`, `"sum"` or the weighted `"mean"` of per-row losses: the sum over
     the sum of the counted rows' weights (0, with zero gradients, if that is 0)."""
     if reduction == "none":
         return per_row
@@ -798,31 +800,34 @@ def cross_entropy_hessian(
     temperature: ArrayLike = 1.0,
     scale: ArrayLike = 1.0,
 ) -> SoftmaxJacobian:
-    r"""Hessian of :func:`cross_entropy` with respect to the logits, as an operator.
+    r"""Hessian of [`cross_entropy`][jsoftmax.cross_entropy] with respect to the logits.
+
+    Returned as an operator, a [`SoftmaxJacobian`][jsoftmax.SoftmaxJacobian].
 
     For targets summing to 1 (one-hot, smoothed or probability labels) the Hessian of
     one row's loss does not depend on the labels:
 
-    .. math::
-        \frac{\partial^2 L}{\partial z\,\partial z^\top}
-        = \frac{1}{T^2}\bigl(\mathrm{diag}(p) - pp^\top\bigr),
-        \qquad p = \mathrm{softmax}(z/T).
+    $$
+    \frac{\partial^2 L}{\partial z\,\partial z^\top}
+    = \frac{1}{T^2}\bigl(\mathrm{diag}(p) - pp^\top\bigr),
+    \qquad p = \mathrm{softmax}(z/T).
+    $$
 
-    The loss is separable over rows, so the Hessian of ``scale * sum(losses)`` is
-    block diagonal with these blocks times ``scale``: pass ``scale=1/B`` for the mean
-    over ``B`` rows. The result is a :class:`jsoftmax.SoftmaxJacobian`: ``H @ v`` costs
-    :math:`O(n)` per row and ``H.pinv_solve(g)`` gives the Newton step on the logits
-    (the gradient :math:`p - y` lies in the range of ``H``).
+    The loss is separable over rows, so the Hessian of `scale * sum(losses)` is
+    block diagonal with these blocks times `scale`: pass `scale=1/B` for the mean
+    over `B` rows. The result is a [`jsoftmax.SoftmaxJacobian`][]: `H @ v` costs
+    $O(n)$ per row and `H.pinv_solve(g)` gives the Newton step on the logits
+    (the gradient $p - y$ lies in the range of `H`).
 
     Args:
       logits: any rank >= 1.
       axis: the class axis.
-      where: optional boolean class mask, as in :func:`cross_entropy`.
-      temperature: ``T > 0``, scalar or broadcastable to the batch shape.
-      scale: a factor (scalar or broadcastable to the batch shape), e.g. ``1/B``.
+      where: optional boolean class mask, as in [`cross_entropy`][jsoftmax.cross_entropy].
+      temperature: `T > 0`, scalar or broadcastable to the batch shape.
+      scale: a factor (scalar or broadcastable to the batch shape), e.g. `1/B`.
 
     Returns:
-      A :class:`jsoftmax.SoftmaxJacobian` with ``scale`` :math:`= \mathrm{scale}/T^2`.
+      A [`jsoftmax.SoftmaxJacobian`][] with `scale` $= \mathrm{scale}/T^2$.
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -1,17 +1,17 @@
-r"""``softmax`` and ``log_softmax`` with their custom differentiation rules.
+r"""`softmax` and `log_softmax` with their custom differentiation rules.
 
 The public functions check and normalise their arguments; the private kernels below
 carry the rules. Two rules exist for each function:
 
-* ``"vjp"`` — a :func:`jax.custom_vjp` whose forward pass saves exactly one
+* `"vjp"` — a `jax.custom_vjp` whose forward pass saves exactly one
   output-sized array (the probabilities, or the log-probabilities for
-  ``log_softmax``) for the backward pass. Reverse mode only.
-* ``"jvp"`` — a :func:`jax.custom_jvp` with the same values, so forward mode
-  (:func:`jax.jvp`, :func:`jax.jacfwd`, :func:`jax.hessian`) works as well. Its
-  tangent is a function of the output alone (recomputed under :func:`jax.checkpoint`),
+  `log_softmax`) for the backward pass. Reverse mode only.
+* `"jvp"` — a `jax.custom_jvp` with the same values, so forward mode
+  (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) works as well. Its
+  tangent is a function of the output alone (recomputed under `jax.checkpoint`),
   so reverse mode through it also keeps exactly one output-sized array, the output.
 
-Both rules delegate the derivative formulas to :mod:`jsoftmax._formulas`.
+Both rules delegate the derivative formulas to `jsoftmax._formulas`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ Axes = tuple[int, ...]
 
 
 def _scaled_logits(x, where, temperature):
-    """``s = x / T`` in the accumulation dtype, with masked entries set to ``-inf``."""
+    """`s = x / T` in the accumulation dtype, with masked entries set to `-inf`."""
     s = x.astype(_checks.accumulation_dtype(x.dtype))
     if temperature is not None:
         s = s / temperature.astype(s.dtype)
@@ -45,11 +45,11 @@ def _scaled_logits(x, where, temperature):
 
 
 def log_normalizer(x, where, temperature, axes: Axes):
-    """``(log p, (m, log_total))``: ``log p = (s - m) - log_total``, ``s = x / T`` masked.
+    """`(log p, (m, log_total))`: `log p = (s - m) - log_total`, `s = x / T` masked.
 
-    ``m`` is the row maximum and ``log_total = log sum exp(s - m)`` (both keepdims), kept
-    apart because ``m + log_total`` would round ``log_total`` away when ``|m|`` is
-    huge. Both are finite for rows without finite entries (whose ``log p`` is ``-inf``).
+    `m` is the row maximum and `log_total = log sum exp(s - m)` (both keepdims), kept
+    apart because `m + log_total` would round `log_total` away when `|m|` is
+    huge. Both are finite for rows without finite entries (whose `log p` is `-inf`).
     One fused max-exp-sum pass.
     """
     shifted, _, total, _, m = _shifted_exp(x, where, temperature, axes)
@@ -58,26 +58,26 @@ def log_normalizer(x, where, temperature, axes: Axes):
 
 
 def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False, row_max=None):
-    """Returns ``(s - m, exp(s - m), total, parts, m)`` with ``s = x / T``, ``m = max s``.
+    """Returns `(s - m, exp(s - m), total, parts, m)` with `s = x / T`, `m = max s`.
 
-    ``total`` is ``sum exp(s - m)``. Computed in float32 for 16-bit inputs. Masked
-    entries become ``-inf`` before the exponential ("double where"), so a large masked
-    logit never reaches ``exp`` and never leaks NaN into a derivative. A row without
-    any finite entry yields ``exp = 0`` and ``total = 0``;
-    ``+inf`` and NaN propagate to NaN.
+    `total` is `sum exp(s - m)`. Computed in float32 for 16-bit inputs. Masked
+    entries become `-inf` before the exponential ("double where"), so a large masked
+    logit never reaches `exp` and never leaks NaN into a derivative. A row without
+    any finite entry yields `exp = 0` and `total = 0`;
+    `+inf` and NaN propagate to NaN.
 
-    ``precise=True`` (``precision="high"``) adds two refinements:
+    `precise=True` (`precision="high"`) adds two refinements:
 
-    * for float32 and float64 the rounding error of ``d = fl(s - m)`` is recovered
+    * for float32 and float64 the rounding error of `d = fl(s - m)` is recovered
       exactly (Knuth's TwoSum, a few additions) and folded back as
-      ``exp(d + err) = exp(d)(1 + err)``. Without it the rounding of ``s - m`` alone
-      costs up to ``|s - m| / 2`` ULP (about 30 ULP for a gap of 60 to the maximum);
-    * the sum is split as ``total = c + r``: ``c`` sums the entries equal to 1 (the
-      maxima, so ``c`` is their count) and ``r`` the others, so ``r`` is not rounded
-      against the leading ones. ``parts = (c, r)``; it is None otherwise.
+      `exp(d + err) = exp(d)(1 + err)`. Without it the rounding of `s - m` alone
+      costs up to `|s - m| / 2` ULP (about 30 ULP for a gap of 60 to the maximum);
+    * the sum is split as `total = c + r`: `c` sums the entries equal to 1 (the
+      maxima, so `c` is their count) and `r` the others, so `r` is not rounded
+      against the leading ones. `parts = (c, r)`; it is None otherwise.
 
-    ``row_max``, if given, maps the local row maximum to the one to shift by (the
-    sharded functions pass an all-reduce over devices); ``total`` stays local then.
+    `row_max`, if given, maps the local row maximum to the one to shift by (the
+    sharded functions pass an all-reduce over devices); `total` stays local then.
     """
     cdt = _checks.accumulation_dtype(x.dtype)
     s = _scaled_logits(x, where, temperature)
@@ -102,30 +102,30 @@ def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False, row_m
 
 
 def _sub_error(a, b, d):
-    """The exact ``(a - b) - d`` for ``d = fl(a - b)`` (TwoSum); 0 where ``d`` is not finite."""
+    """The exact `(a - b) - d` for `d = fl(a - b)` (TwoSum); 0 where `d` is not finite."""
     b_neg = d - a
     err = (a - (d - b_neg)) - (b + b_neg)
     return jnp.where(jnp.isnan(err), jnp.zeros((), err.dtype), err)
 
 
 def _log_total(parts):
-    """``log(c + r)`` from ``parts = (c, r)`` of :func:`_shifted_exp` (``precise=True``).
+    """`log(c + r)` from `parts = (c, r)` of `_shifted_exp` (`precise=True`).
 
-    Computed as ``log1p((c - 1) + r)``: with a single maximum (``c = 1``) this is
-    ``log1p(r)``, which keeps an ``r`` below the rounding unit that ``log(1 + r)``
-    loses (log-softmax of a dominant logit would be 0 instead of about ``-r``). A row
-    without finite entries (``c = 0``) gives ``log1p(0) = 0``.
+    Computed as `log1p((c - 1) + r)`: with a single maximum (`c = 1`) this is
+    `log1p(r)`, which keeps an `r` below the rounding unit that `log(1 + r)`
+    loses (log-softmax of a dominant logit would be 0 instead of about `-r`). A row
+    without finite entries (`c = 0`) gives `log1p(0) = 0`.
     """
     count, rest = parts
     return jnp.log1p(jnp.where(count > 0, count - 1, count) + rest)
 
 
 def _nonzero(total):
-    """Clamps ``total`` to the smallest normal number.
+    """Clamps `total` to the smallest normal number.
 
-    A row with any finite entry has ``total >= 1`` (its maximum contributes exp(0)), so
-    only rows without finite entries change: they give ``p = 0 / tiny = 0`` (``log p =
-    -inf``) instead of 0/0, with zero derivatives (no tie with ``total``). A NaN total
+    A row with any finite entry has `total >= 1` (its maximum contributes exp(0)), so
+    only rows without finite entries change: they give `p = 0 / tiny = 0` (`log p =
+    -inf`) instead of 0/0, with zero derivatives (no tie with `total`). A NaN total
     stays NaN.
     """
     return jnp.maximum(total, jnp.finfo(total.dtype).tiny)
@@ -141,12 +141,12 @@ def _values(x, where, temperature, axes: Axes, log: bool, precise: bool = False)
 
 
 def _shift_by_dominant(p, v, axes: Axes):
-    """``v - v_k`` for the entry with ``p_k > 1/2`` (there is at most one), else ``v``.
+    """`v - v_k` for the entry with `p_k > 1/2` (there is at most one), else `v`.
 
-    ``J`` annihilates constants (its rows sum to 0), so the exact product is unchanged.
-    But ``<p, v - v_k>`` is then a sum of small terms, so a dominant component
-    ``p_k (v_k - <p, v>)`` no longer cancels catastrophically: its error drops from
-    about ``eps / (1 - p_k)`` relative to a few ULP of the row's largest component.
+    `J` annihilates constants (its rows sum to 0), so the exact product is unchanged.
+    But `<p, v - v_k>` is then a sum of small terms, so a dominant component
+    `p_k (v_k - <p, v>)` no longer cancels catastrophically: its error drops from
+    about `eps / (1 - p_k)` relative to a few ULP of the row's largest component.
     """
     v_k = jnp.sum(jnp.where(p > 0.5, v, jnp.zeros((), v.dtype)), axis=axes, keepdims=True)
     return v - v_k
@@ -224,10 +224,10 @@ def _kernel_jvp_rule(axes, log, precise, primals, tangents):
 
 
 def _output_tangent(out, temperature, x_dot, t_dot, axes: Axes, log: bool, precise: bool):
-    """The tangent of softmax (``log``: log-softmax) from its output ``out``.
+    """The tangent of softmax (`log`: log-softmax) from its output `out`.
 
-    Entries whose output is a constant (masked or ``-inf`` logits: ``p = 0``, or
-    ``log p = -inf``) take no part: their input tangents, maybe ``inf``, are dropped. A
+    Entries whose output is a constant (masked or `-inf` logits: `p = 0`, or
+    `log p = -inf`) take no part: their input tangents, maybe `inf`, are dropped. A
     NaN output counts as a live entry, so NaN propagates.
     """
     cdt = _checks.accumulation_dtype(out.dtype)
@@ -285,58 +285,59 @@ def softmax(
 ) -> jax.Array:
     r"""Numerically stable softmax with a lean custom derivative.
 
-    .. math::
-        p_i = \frac{\exp(z_i / T)}{\sum_k \exp(z_k / T)}, \qquad
-        \frac{\partial p_i}{\partial z_j} = \frac{1}{T}\, p_i(\delta_{ij} - p_j).
+    $$
+    p_i = \frac{\exp(z_i / T)}{\sum_k \exp(z_k / T)}, \qquad
+    \frac{\partial p_i}{\partial z_j} = \frac{1}{T}\, p_i(\delta_{ij} - p_j).
+    $$
 
-    ``i`` indexes the output component and ``j`` the input component; the Jacobian
-    :math:`J = \mathrm{diag}(p) - pp^\top` (for ``T = 1``) is symmetric and its rows
-    sum to zero. The row maximum is subtracted before ``exp`` (shift invariance), so
+    `i` indexes the output component and `j` the input component; the Jacobian
+    $J = \mathrm{diag}(p) - pp^\top$ (for `T = 1`) is symmetric and its rows
+    sum to zero. The row maximum is subtracted before `exp` (shift invariance), so
     large logits never overflow.
 
     Args:
       x: logits, any rank >= 1. Integer input is promoted to the default float dtype.
       axis: the softmax axis (negative counts from the end), or a tuple of axes that
         are normalised together.
-      where: optional boolean mask broadcastable to ``x``; ``False`` entries are
-        excluded: probability 0 and gradient 0. E.g. a causal ``(T, T)`` mask against
-        ``(batch, heads, T, T)`` attention scores; the broadcast mask is not saved for
-        the backward pass. Numeric masks are refused (an additive 0 / ``-inf`` mask
-        would be inverted): convert a 0/1 mask with ``mask.astype(bool)``.
-      rule: ``"vjp"`` (default) differentiates with a :func:`jax.custom_vjp` that
+      where: optional boolean mask broadcastable to `x`; `False` entries are
+        excluded: probability 0 and gradient 0. E.g. a causal `(T, T)` mask against
+        `(batch, heads, T, T)` attention scores; the broadcast mask is not saved for
+        the backward pass. Numeric masks are refused (an additive 0 / `-inf` mask
+        would be inverted): convert a 0/1 mask with `mask.astype(bool)`.
+      rule: `"vjp"` (default) differentiates with a `jax.custom_vjp` that
         saves only the probabilities for the backward pass, whose product is
-        :math:`\bar z = p \odot (g - \langle g, p\rangle)`. A ``custom_vjp`` function
-        **cannot be forward-differentiated**: :func:`jax.jvp`, :func:`jax.jacfwd`
-        and :func:`jax.hessian` raise; use ``rule="jvp"`` (a
-        :func:`jax.custom_jvp` with identical values, whose reverse mode also saves
+        $\bar z = p \odot (g - \langle g, p\rangle)$. A `custom_vjp` function
+        **cannot be forward-differentiated**: `jax.jvp`, `jax.jacfwd`
+        and `jax.hessian` raise; use `rule="jvp"` (a
+        `jax.custom_jvp` with identical values, whose reverse mode also saves
         only the probabilities) for those.
-        Reverse-over-reverse (``jax.grad(jax.grad(...))``) works with both.
-      temperature: ``T > 0``, a scalar or an array broadcastable to the batch shape
-        (``x.shape`` without ``axis``). Differentiable:
-        :math:`\partial L/\partial T = -\frac{1}{T}\langle \bar s, z/T\rangle` with
-        :math:`\bar s = p\odot(g - \langle g, p\rangle)` (equivalently with
-        :math:`\log p` in place of :math:`z/T`, since :math:`\langle\bar s,1\rangle=0`).
-      precision: ``"default"`` (as fast as :func:`jax.nn.softmax`, with its accuracy:
-        float32/float64 errors up to about ``|z_i - max z| / 2`` ULP, e.g. 10-20 ULP
-        for a logit 60 below the maximum) or ``"high"``: the rounding error of
-        ``z - max z`` is recovered exactly and folded into ``exp``, the small terms
+        Reverse-over-reverse (`jax.grad(jax.grad(...))`) works with both.
+      temperature: `T > 0`, a scalar or an array broadcastable to the batch shape
+        (`x.shape` without `axis`). Differentiable:
+        $\partial L/\partial T = -\frac{1}{T}\langle \bar s, z/T\rangle$ with
+        $\bar s = p\odot(g - \langle g, p\rangle)$ (equivalently with
+        $\log p$ in place of $z/T$, since $\langle\bar s,1\rangle=0$).
+      precision: `"default"` (as fast as `jax.nn.softmax`, with its accuracy:
+        float32/float64 errors up to about `|z_i - max z| / 2` ULP, e.g. 10-20 ULP
+        for a logit 60 below the maximum) or `"high"`: the rounding error of
+        `z - max z` is recovered exactly and folded into `exp`, the small terms
         of the sum are added apart from the maxima, and the derivative rules shift
         the cotangent (tangent) by its value at a dominant entry, so
-        ``p_k (g_k - <p, g>)`` does not cancel when ``p_k`` is close to 1. Measured
+        `p_k (g_k - <p, g>)` does not cancel when `p_k` is close to 1. Measured
         against 50-digit arithmetic: at most 3 ULP per component for float32 and
         float64, derivatives within 3 ULP of the row's largest component. It costs
-        extra passes over the data (2-6x the time of ``"default"`` on a CPU).
+        extra passes over the data (2-6x the time of `"default"` on a CPU).
         16-bit inputs are within 1 ULP either way.
 
     Returns:
-      Probabilities with the shape of ``x`` and its dtype (float16/bfloat16 inputs
+      Probabilities with the shape of `x` and its dtype (float16/bfloat16 inputs
       are computed in float32 and rounded once).
 
     Note:
-      * A row whose entries are all masked or ``-inf`` gives all zeros, with zero
-        gradients. A ``-inf`` logit behaves as a masked entry.
-      * ``+inf`` or NaN anywhere in an unmasked row makes the whole row NaN (as in
-        :func:`jax.nn.softmax`); masked entries never contribute, whatever they hold.
+      * A row whose entries are all masked or `-inf` gives all zeros, with zero
+        gradients. A `-inf` logit behaves as a masked entry.
+      * `+inf` or NaN anywhere in an unmasked row makes the whole row NaN (as in
+        `jax.nn.softmax`); masked entries never contribute, whatever they hold.
       * An empty softmax axis returns an empty array.
 
     Examples:
@@ -364,43 +365,44 @@ def log_softmax(
 ) -> jax.Array:
     r"""Numerically stable log-softmax.
 
-    .. math::
-        y_i = \frac{z_i}{T} - \log\sum_k \exp(z_k / T), \qquad
-        \frac{\partial y_i}{\partial z_j} = \frac{1}{T}(\delta_{ij} - p_j).
+    $$
+    y_i = \frac{z_i}{T} - \log\sum_k \exp(z_k / T), \qquad
+    \frac{\partial y_i}{\partial z_j} = \frac{1}{T}(\delta_{ij} - p_j).
+    $$
 
-    Computed as :math:`(s_i - m) - \log\sum_k \exp(s_k - m)` with :math:`s = z/T` and
-    :math:`m = \max_k s_k`, so it neither overflows nor underflows to ``log(0)``.
+    Computed as $(s_i - m) - \log\sum_k \exp(s_k - m)$ with $s = z/T$ and
+    $m = \max_k s_k$, so it neither overflows nor underflows to `log(0)`.
 
     Args:
       x: logits, any rank >= 1.
       axis: the softmax axis or a tuple of axes.
-      where: optional boolean mask broadcastable to ``x``; masked entries give
-        ``-inf`` and gradient 0.
-      rule: ``"vjp"`` (default; a :func:`jax.custom_vjp` saving only the output,
-        backward :math:`\bar z = g - p\sum_i g_i`; reverse mode only) or ``"jvp"``
-        (a :func:`jax.custom_jvp`, forward mode too). See :func:`softmax`.
-      temperature: ``T > 0``, scalar or broadcastable to the batch shape;
-        :math:`\partial L/\partial T = -\frac{1}{T}\langle \bar s, y\rangle` with
-        :math:`\bar s = g - p\sum_i g_i`.
-      precision: ``"default"`` (the speed and accuracy of :func:`jax.nn.log_softmax`)
-        or ``"high"``: :math:`\log\sum_k e^{s_k - m}` is computed as
-        :math:`\operatorname{log1p}` of the sum without one maximal term, so a
-        dominant logit gets :math:`\log p \approx -r` instead of 0 (the default's
-        error there reaches about :math:`10^7` ULP in float32 and :math:`10^{11}` in
-        float64), and ``z - max z`` is corrected as in :func:`softmax`. Measured
+      where: optional boolean mask broadcastable to `x`; masked entries give
+        `-inf` and gradient 0.
+      rule: `"vjp"` (default; a `jax.custom_vjp` saving only the output,
+        backward $\bar z = g - p\sum_i g_i$; reverse mode only) or `"jvp"`
+        (a `jax.custom_jvp`, forward mode too). See [`softmax`][jsoftmax.softmax].
+      temperature: `T > 0`, scalar or broadcastable to the batch shape;
+        $\partial L/\partial T = -\frac{1}{T}\langle \bar s, y\rangle$ with
+        $\bar s = g - p\sum_i g_i$.
+      precision: `"default"` (the speed and accuracy of `jax.nn.log_softmax`)
+        or `"high"`: $\log\sum_k e^{s_k - m}$ is computed as
+        $\operatorname{log1p}$ of the sum without one maximal term, so a
+        dominant logit gets $\log p \approx -r$ instead of 0 (the default's
+        error there reaches about $10^7$ ULP in float32 and $10^{11}$ in
+        float64), and `z - max z` is corrected as in [`softmax`][jsoftmax.softmax]. Measured
         against 50-digit arithmetic: at most 1.3 ULP (float32/float64) and 0.5 ULP
-        (16-bit). Costs extra passes (2-7x the time of ``"default"`` on a CPU).
+        (16-bit). Costs extra passes (2-7x the time of `"default"` on a CPU).
 
     Returns:
-      Log-probabilities with the shape and dtype of ``x``.
+      Log-probabilities with the shape and dtype of `x`.
 
     Note:
-      * Masked and ``-inf`` entries give ``-inf``; the cotangent arriving at such an
+      * Masked and `-inf` entries give `-inf`; the cotangent arriving at such an
         entry is ignored (the output is a constant there). A row with no finite
-        entry is ``-inf`` everywhere with zero gradients.
+        entry is `-inf` everywhere with zero gradients.
       * float16/bfloat16 inputs accumulate in float32: 100 000 equal float16 logits
-        give ``log(1e-5)``, not ``-inf``.
-      * ``+inf`` or NaN in an unmasked row gives NaN.
+        give `log(1e-5)`, not `-inf`.
+      * `+inf` or NaN in an unmasked row gives NaN.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -418,10 +420,10 @@ def log_softmax(
 
 
 def _lse_parts(x, where, axes: Axes):
-    """``(e, total, lse)``: the fused max-exp-sum pass and the row log-sum-exp.
+    """`(e, total, lse)`: the fused max-exp-sum pass and the row log-sum-exp.
 
-    ``lse = m + log(total)`` (keepdims, accumulation dtype) by :func:`jsoftmax._merge.lse_of`:
-    ``-inf`` for a row without finite entries, ``+inf`` for a row with ``+inf`` (and no
+    `lse = m + log(total)` (keepdims, accumulation dtype) by `jsoftmax._merge.lse_of`:
+    `-inf` for a row without finite entries, `+inf` for a row with `+inf` (and no
     NaN), NaN for NaN.
     """
     _, e, total, _, m = _shifted_exp(x, where, None, axes)
@@ -474,46 +476,47 @@ def logsumexp(
     keepdims: bool = False,
     rule: Rule = "vjp",
 ) -> jax.Array:
-    r"""Numerically stable log-sum-exp, whose gradient is :func:`softmax`.
+    r"""Numerically stable log-sum-exp, whose gradient is [`softmax`][jsoftmax.softmax].
 
-    .. math::
-        \ell = \log\sum_k e^{z_k} = m + \log\sum_k e^{z_k - m}, \qquad
-        m = \max_k z_k, \qquad \frac{\partial \ell}{\partial z_j} = p_j .
+    $$
+    \ell = \log\sum_k e^{z_k} = m + \log\sum_k e^{z_k - m}, \qquad
+    m = \max_k z_k, \qquad \frac{\partial \ell}{\partial z_j} = p_j .
+    $$
 
-    The row maximum is subtracted before ``exp`` (one fused max-exp-sum pass), so
-    nothing overflows. It is the normaliser of :func:`softmax` (``log p = z - ℓ``) and
-    the statistic that :func:`merge_partials` merges: a softmax computed in pieces is
-    put together from each piece's ``logsumexp``.
+    The row maximum is subtracted before `exp` (one fused max-exp-sum pass), so
+    nothing overflows. It is the normaliser of [`softmax`][jsoftmax.softmax]
+    (`log p = z - ℓ`) and the statistic that [`merge_partials`][jsoftmax.merge_partials]
+    merges: a softmax computed in pieces is put together from each piece's `logsumexp`.
 
     Args:
       x: logits, any rank >= 1. Integer input is promoted to the default float dtype.
       axis: the axis to reduce (negative counts from the end), or a tuple of axes
         reduced together.
-      where: optional boolean mask broadcastable to ``x``; ``False`` entries are left
+      where: optional boolean mask broadcastable to `x`; `False` entries are left
         out of the sum (gradient 0), whatever they hold.
       keepdims: keep the reduced axes with size 1.
-      rule: ``"vjp"`` (default): a :func:`jax.custom_vjp` whose forward pass saves one
-        array, the probabilities ``p`` in the dtype of ``x``; the backward pass is
-        :math:`\bar z = \bar\ell\, p`. Reverse mode only (reverse-over-reverse works).
-        ``"jvp"``: a :func:`jax.custom_jvp` with identical values,
-        :math:`\dot\ell = \langle p, \dot z\rangle`, so :func:`jax.jvp`,
-        :func:`jax.jacfwd` and :func:`jax.hessian` work too.
+      rule: `"vjp"` (default): a `jax.custom_vjp` whose forward pass saves one
+        array, the probabilities `p` in the dtype of `x`; the backward pass is
+        $\bar z = \bar\ell\, p$. Reverse mode only (reverse-over-reverse works).
+        `"jvp"`: a `jax.custom_jvp` with identical values,
+        $\dot\ell = \langle p, \dot z\rangle$, so `jax.jvp`,
+        `jax.jacfwd` and `jax.hessian` work too.
 
     Returns:
-      The log-sum-exp over ``axis``: the shape of ``x`` without the reduced axes (with
-      size-1 axes if ``keepdims``), in the dtype of ``x`` (float16/bfloat16 inputs are
+      The log-sum-exp over `axis`: the shape of `x` without the reduced axes (with
+      size-1 axes if `keepdims`), in the dtype of `x` (float16/bfloat16 inputs are
       computed in float32 and rounded once).
 
     Note:
-      * Masked and ``-inf`` entries are ignored. A row with nothing left (every entry
-        masked or ``-inf``) gives ``-inf`` with a zero, never NaN, gradient; an empty
-        axis gives ``-inf``.
-      * ``+inf`` in an unmasked entry gives ``+inf`` (its gradient is NaN, as the
+      * Masked and `-inf` entries are ignored. A row with nothing left (every entry
+        masked or `-inf`) gives `-inf` with a zero, never NaN, gradient; an empty
+        axis gives `-inf`.
+      * `+inf` in an unmasked entry gives `+inf` (its gradient is NaN, as the
         softmax of that row); NaN gives NaN.
-      * 100 000 equal float16 logits give ``log(1e5) = 11.51``: the sum is
+      * 100 000 equal float16 logits give `log(1e5) = 11.51`: the sum is
         accumulated in float32. A 16-bit result carries the dtype's rounding (a
         bfloat16 value near 10 is off by up to 0.03); pass float32 logits when the
-        result is to be merged with :func:`merge_partials`.
+        result is to be merged with [`merge_partials`][jsoftmax.merge_partials].
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -1,47 +1,47 @@
 r"""Softmax, log-softmax and cross-entropy with the softmax axis split over devices.
 
-Use these functions **inside** :func:`jax.shard_map` when the class (softmax) axis of
+Use these functions **inside** `jax.shard_map` when the class (softmax) axis of
 the logits is sharded over one or more mesh axes, as in a large-vocabulary language
 model whose output layer is split by vocabulary ("vocab-parallel"). Each device holds
 a contiguous block of classes; the functions communicate only per-row scalars with
-JAX's own collectives (:func:`jax.lax.pmax`, :func:`jax.lax.psum`), never the logits:
+JAX's own collectives (`jax.lax.pmax`, `jax.lax.psum`), never the logits:
 
 ==========================  ===================================  ===========================
 function                    forward all-reduces (per row)        backward all-reduces
 ==========================  ===================================  ===========================
-``softmax``                 max, sum of exponentials             :math:`\langle g, p\rangle`
-``log_softmax``             max, sum of exponentials             :math:`\sum_i g_i`
-``cross_entropy``           max, sum of exponentials with the    none (the cotangent
-                            target logit, or :math:`\sum q` and  :math:`(\sum q)p - q` is
-                            :math:`\sum q(s - M)` for            local)
+`softmax`                 max, sum of exponentials             $\langle g, p\rangle$
+`log_softmax`             max, sum of exponentials             $\sum_i g_i$
+`cross_entropy`           max, sum of exponentials with the    none (the cotangent
+                            target logit, or $\sum q$ and  $(\sum q)p - q$ is
+                            $\sum q(s - M)$ for            local)
                             probability labels (and the
                             options' per-row sums)
-``linear_cross_entropy``    as ``cross_entropy`` with integer    ``dx`` (``N * H`` values)
+`linear_cross_entropy`    as `cross_entropy` with integer    `dx` (`N * H` values)
                             labels
 ==========================  ===================================  ===========================
 
 Every forward all-reduce carries one scalar per row. The forward pass is the merge
-rule of :func:`jsoftmax.merge_partials` applied across devices (:mod:`jsoftmax._merge`):
+rule of [`jsoftmax.merge_partials`][] applied across devices (`jsoftmax._merge`):
 each device computes its block's row max and sum of exponentials in one local pass,
 then the maxima are all-reduced and the sums, rescaled to the global max, are
-all-reduced (with any other per-row sum riding in the same all-reduce). ``softmax``
-and ``log_softmax`` are :func:`jax.custom_vjp` rules that save one logits-sized array
+all-reduced (with any other per-row sum riding in the same all-reduce). `softmax`
+and `log_softmax` are `jax.custom_vjp` rules that save one logits-sized array
 (the local block of probabilities, or of log-probabilities) for the backward pass;
-their backward rules are the single-device ones of :mod:`jsoftmax._formulas` with every
+their backward rules are the single-device ones of `jsoftmax._formulas` with every
 sum over the softmax axis replaced by a local sum followed by an all-reduce. The
-losses use the per-row formulas of :mod:`jsoftmax._losses` (the same options as
-:func:`jsoftmax.cross_entropy`) on the merged statistics; ``cross_entropy`` saves its
-block of logits, ``linear_cross_entropy`` its inputs, plus a few numbers per row.
+losses use the per-row formulas of `jsoftmax._losses` (the same options as
+[`jsoftmax.cross_entropy`][]) on the merged statistics; `cross_entropy` saves its
+block of logits, `linear_cross_entropy` its inputs, plus a few numbers per row.
 
-Outside :func:`jax.shard_map`, :func:`jsoftmax.softmax` and friends already work on
-arrays placed with :class:`jax.sharding.NamedSharding` under :func:`jax.jit`: XLA
+Outside `jax.shard_map`, [`jsoftmax.softmax`][] and friends already work on
+arrays placed with `jax.sharding.NamedSharding` under `jax.jit`: XLA
 inserts the same two all-reduces. This module is for code that is written per shard.
 
-**Class count not divisible by the number of shards.** :func:`jax.shard_map` needs
+**Class count not divisible by the number of shards.** `jax.shard_map` needs
 the class axis to split evenly, so pad it at the end (any values, e.g. with
-:func:`jax.numpy.pad`) to a multiple of the shard count and pass the true count as
-``num_classes``: padded entries are then masked (probability 0, gradient 0, never a
-target). Without padding, :func:`jax.shard_map` raises before anything is computed.
+`jax.numpy.pad`) to a multiple of the shard count and pass the true count as
+`num_classes`: padded entries are then masked (probability 0, gradient 0, never a
+target). Without padding, `jax.shard_map` raises before anything is computed.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _check_axis_name(axis_name) -> AxisName:
 
 
 def _num_shards(axis_name: AxisName, fname: str) -> int:
-    """The number of shards along ``axis_name``; a clear error outside shard_map."""
+    """The number of shards along `axis_name`; a clear error outside shard_map."""
     try:
         return int(lax.axis_size(axis_name))
     except NameError as e:
@@ -123,7 +123,7 @@ def _global_index(shape, axis: int, axis_name: AxisName) -> jax.Array:
 
 
 def _mask(shape, axis: int, axis_name: AxisName, where, num_classes):
-    """Combines ``where`` with the mask of padded classes (global index >= num_classes)."""
+    """Combines `where` with the mask of padded classes (global index >= num_classes)."""
     if num_classes is None:
         return where
     real = _global_index(shape, axis, axis_name) < num_classes
@@ -141,17 +141,17 @@ def _global_sum(a: jax.Array, axes: Axes, axis_name: AxisName) -> jax.Array:
 
 
 def _global_dot(a: jax.Array, b: jax.Array, axes: Axes, axis_name: AxisName) -> jax.Array:
-    r""":math:`\langle a, b\rangle` over the whole split axis (``_formulas._dot`` + psum)."""
+    r"""$\langle a, b\rangle$ over the whole split axis (`_formulas._dot` + psum)."""
     return lax.psum(_formulas._dot(a, b, axes), axis_name)
 
 
 def _local_stats(x, where, axes: Axes):
-    """``(s - m, exp(s - m), m, sum exp(s - m))`` of this device's block, ``m`` its row max.
+    """`(s - m, exp(s - m), m, sum exp(s - m))` of this device's block, `m` its row max.
 
-    The single-device pass (:func:`jsoftmax._softmax._shifted_exp`: one fused
-    max-exp-sum, float32 for 16-bit input, masked entries ``-inf`` before ``exp``, a
-    block without a finite entry summing to 0, ``+inf``/NaN propagating). No
-    communication: the blocks' statistics are merged by :func:`jsoftmax._merge.merge_across`.
+    The single-device pass (`jsoftmax._softmax._shifted_exp`: one fused
+    max-exp-sum, float32 for 16-bit input, masked entries `-inf` before `exp`, a
+    block without a finite entry summing to 0, `+inf`/NaN propagating). No
+    communication: the blocks' statistics are merged by `jsoftmax._merge.merge_across`.
     """
     shifted, e, local_total, _, m = _softmax._shifted_exp(x, where, None, axes)
     return shifted, e, m, local_total
@@ -221,44 +221,45 @@ def softmax(
     where: ArrayLike | None = None,
     num_classes: int | None = None,
 ) -> jax.Array:
-    r"""Softmax over an axis split across devices; call inside :func:`jax.shard_map`.
+    r"""Softmax over an axis split across devices; call inside `jax.shard_map`.
 
-    .. math::
-        p_i = \frac{\exp(z_i - m)}{\sum_{d}\sum_{k \in d} \exp(z_k - m)}, \qquad
-        m = \max_d \max_{k \in d} z_k,
+    $$
+    p_i = \frac{\exp(z_i - m)}{\sum_{d}\sum_{k \in d} \exp(z_k - m)}, \qquad
+    m = \max_d \max_{k \in d} z_k,
+    $$
 
-    where ``d`` runs over the shards along ``axis_name``. Each shard computes its block's
-    max :math:`m_d` and sum :math:`t_d = \sum_{k\in d}\exp(z_k - m_d)` in one local pass;
-    the max is all-reduced with :func:`jax.lax.pmax` (on stop-gradient values) and the
-    normaliser :math:`\sum_d t_d\, e^{m_d - m}` with :func:`jax.lax.psum` (the merge of
-    :func:`jsoftmax.merge_partials`): two all-reduces of one scalar per row. The backward pass
-    :math:`\bar z = p \odot (g - \langle g, p\rangle)` all-reduces one scalar per row,
-    :math:`\langle g, p\rangle`, and reuses the saved local probabilities.
+    where `d` runs over the shards along `axis_name`. Each shard computes its block's
+    max $m_d$ and sum $t_d = \sum_{k\in d}\exp(z_k - m_d)$ in one local pass;
+    the max is all-reduced with `jax.lax.pmax` (on stop-gradient values) and the
+    normaliser $\sum_d t_d\, e^{m_d - m}$ with `jax.lax.psum` (the merge of
+    [`jsoftmax.merge_partials`][]): two all-reduces of one scalar per row. The backward pass
+    $\bar z = p \odot (g - \langle g, p\rangle)$ all-reduces one scalar per row,
+    $\langle g, p\rangle$, and reuses the saved local probabilities.
 
     Args:
-      x_shard: this device's block of logits, any rank >= 1; its ``axis`` holds a
-        contiguous slice of the classes (shard ``i`` along ``axis_name`` holds classes
-        ``i * n_local`` to ``(i + 1) * n_local - 1``).
+      x_shard: this device's block of logits, any rank >= 1; its `axis` holds a
+        contiguous slice of the classes (shard `i` along `axis_name` holds classes
+        `i * n_local` to `(i + 1) * n_local - 1`).
       axis_name: the mesh axis name (or tuple of names, major first, as in the
-        :class:`jax.sharding.PartitionSpec`) that the softmax axis is split over.
+        `jax.sharding.PartitionSpec`) that the softmax axis is split over.
       axis: the local softmax axis (or a tuple of axes normalised together).
-      where: optional boolean mask broadcastable to ``x_shard``; ``False`` entries get
+      where: optional boolean mask broadcastable to `x_shard`; `False` entries get
         probability 0 and gradient 0.
       num_classes: the true number of classes when the split axis was padded at the end
         to a multiple of the shard count; classes with a global index
-        ``>= num_classes`` are masked. Needs an int ``axis``.
+        `>= num_classes` are masked. Needs an int `axis`.
 
     Returns:
-      This device's block of probabilities, shape and dtype of ``x_shard``.
+      This device's block of probabilities, shape and dtype of `x_shard`.
 
     Note:
-      * Same edge-case behaviour as :func:`jsoftmax.softmax`: rows with no unmasked
-        finite entry (on any shard) are all zeros with zero gradient; ``+inf`` or NaN
+      * Same edge-case behaviour as [`jsoftmax.softmax`][]: rows with no unmasked
+        finite entry (on any shard) are all zeros with zero gradient; `+inf` or NaN
         in an unmasked entry makes the whole row NaN on every shard; float16/bfloat16
         are computed in float32.
-      * Reverse mode only (a :func:`jax.custom_vjp`).
-      * Raises ``ValueError`` when ``axis_name`` is not bound, i.e. outside
-        :func:`jax.shard_map`.
+      * Reverse mode only (a `jax.custom_vjp`).
+      * Raises `ValueError` when `axis_name` is not bound, i.e. outside
+        `jax.shard_map`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -284,31 +285,32 @@ def log_softmax(
     where: ArrayLike | None = None,
     num_classes: int | None = None,
 ) -> jax.Array:
-    r"""Log-softmax over an axis split across devices; call inside :func:`jax.shard_map`.
+    r"""Log-softmax over an axis split across devices; call inside `jax.shard_map`.
 
-    .. math::
-        y_i = (z_i - m) - \log\sum_d\sum_{k\in d}\exp(z_k - m), \qquad
-        \bar z = g - p\sum_{d}\sum_{i \in d} g_i.
+    $$
+    y_i = (z_i - m) - \log\sum_d\sum_{k\in d}\exp(z_k - m), \qquad
+    \bar z = g - p\sum_{d}\sum_{i \in d} g_i.
+    $$
 
     Forward: two all-reduces of one scalar per row (max, sum of exponentials).
     Backward: one (the sum of the cotangent); the saved residual is the local block of
     log-probabilities.
 
     Args:
-      x_shard: this device's contiguous block of logits (see :func:`softmax`).
+      x_shard: this device's contiguous block of logits (see [`softmax`][jsoftmax.sharded.softmax]).
       axis_name: the mesh axis name(s) the softmax axis is split over.
       axis: the local softmax axis (or a tuple of axes).
-      where: optional boolean mask broadcastable to ``x_shard``; masked entries give
-        ``-inf`` and gradient 0.
+      where: optional boolean mask broadcastable to `x_shard`; masked entries give
+        `-inf` and gradient 0.
       num_classes: the true class count when the split axis was padded at the end.
 
     Returns:
-      This device's block of log-probabilities, shape and dtype of ``x_shard``.
+      This device's block of log-probabilities, shape and dtype of `x_shard`.
 
     Note:
-      As :func:`jsoftmax.log_softmax`: masked and ``-inf`` entries give ``-inf`` (the
-      cotangent arriving there is ignored); a row with no finite entry is ``-inf``
-      with zero gradient; ``+inf``/NaN give NaN. Reverse mode only.
+      As [`jsoftmax.log_softmax`][]: masked and `-inf` entries give `-inf` (the
+      cotangent arriving there is ignored); a row with no finite entry is `-inf`
+      with zero gradient; `+inf`/NaN give NaN. Reverse mode only.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -334,27 +336,27 @@ def log_softmax(
 
 
 def _target_mask(labels, shape, axis: int, axis_name: AxisName) -> jax.Array:
-    """``True`` at the label's entry of this shard's block (nowhere on the other shards)."""
+    """`True` at the label's entry of this shard's block (nowhere on the other shards)."""
     local_label = labels - lax.axis_index(axis_name) * shape[axis]
     return lax.broadcasted_iota(jnp.int32, shape, axis) == jnp.expand_dims(local_label, axis)
 
 
 def _pick_local(a, target_here, axis: int):
-    """This shard's share of ``a`` at the label (0 on the shards without it), keepdims."""
+    """This shard's share of `a` at the label (0 on the shards without it), keepdims."""
     a = jnp.broadcast_to(a, target_here.shape)
     return jnp.sum(jnp.where(target_here, a, jnp.zeros((), a.dtype)), axis, keepdims=True)
 
 
 def _merge_and_loss(m, total, axis_name, carried, in_range, ex_ok, n_valid, opts):
-    r"""Merges this shard's per-row statistics and returns ``(loss, row_ok, row_w, kw)``.
+    r"""Merges this shard's per-row statistics and returns `(loss, row_ok, row_w, kw)`.
 
-    ``carried(m_all)`` gives this shard's share of the per-row sums (a dict): ``"target"``
-    (:math:`s_y - M` at the label, 0 elsewhere), optionally ``"bad"`` (the label's class
-    is excluded), ``"w_y"`` (the label's class weight), and with label smoothing
-    ``"centred"`` (:math:`\sum_\mathrm{valid} w_i (s_i - M)`), ``"count"`` and ``"W"`` (the
+    `carried(m_all)` gives this shard's share of the per-row sums (a dict): `"target"`
+    ($s_y - M$ at the label, 0 elsewhere), optionally `"bad"` (the label's class
+    is excluded), `"w_y"` (the label's class weight), and with label smoothing
+    `"centred"` ($\sum_\mathrm{valid} w_i (s_i - M)$), `"count"` and `"W"` (the
     number and total weight of valid classes). They ride in the all-reduce of the sums
-    of exponentials (:func:`jsoftmax._merge.merge_across`). ``n_valid`` is the static
-    number of valid classes when no ``"count"`` is carried. All keepdims.
+    of exponentials (`jsoftmax._merge.merge_across`). `n_valid` is the static
+    number of valid classes when no `"count"` is carried. All keepdims.
     """
     m_all, total, sums = _merge.merge_across(m, total, axis_name, extra=carried)
     cdt = total.dtype
@@ -380,15 +382,15 @@ def _merge_and_loss(m, total, axis_name, carried, in_range, ex_ok, n_valid, opts
 
 
 def _row_weight(row_ok, row_w, shape, dtype):
-    """The weight of each row in the ``"mean"`` denominator (0 for rows that do not count)."""
+    """The weight of each row in the `"mean"` denominator (0 for rows that do not count)."""
     w = jnp.ones(shape, dtype) if row_w is None else row_w.astype(dtype)
     return lax.stop_gradient(_losses._mask_rows(w, row_ok))
 
 
 def _smoothing_sums(sums, fp, m_all, where, w_b, shape, axis: int, cdt):
-    r"""Adds this shard's label-smoothing sums to ``sums``: ``"centred"``
-    (:math:`\sum_\mathrm{valid} w_i (s_i - M)`), and with a mask or class weights the
-    number ``"count"`` and total weight ``"W"`` of its valid classes."""
+    r"""Adds this shard's label-smoothing sums to `sums`: `"centred"`
+    ($\sum_\mathrm{valid} w_i (s_i - M)$), and with a mask or class weights the
+    number `"count"` and total weight `"W"` of its valid classes."""
     sums["centred"] = _losses.smoothing_sum(fp.shifted, m_all - fp.m, where, w_b, axis)
     if where is not None:
         sums["count"] = jnp.sum(where, axis, keepdims=True, dtype=cdt)
@@ -398,7 +400,7 @@ def _smoothing_sums(sums, fp, m_all, where, w_b, shape, axis: int, cdt):
 
 
 def _integer_rows(fp, labels, weights, where, w_b, ok, n_global, opts, axis_name, shape, cdt):
-    """Integer labels: ``(loss, (M, T), row_ok, row_w, kw)`` after the merge."""
+    """Integer labels: `(loss, (M, T), row_ok, row_w, kw)` after the merge."""
     axis = opts.axis
     target_here = _target_mask(labels, shape, axis, axis_name)
 
@@ -419,14 +421,14 @@ def _integer_rows(fp, labels, weights, where, w_b, ok, n_global, opts, axis_name
 
 
 def _prob_rows(fp, labels, where, w_b, ok, n_global, opts, axis_name, shape, cdt):
-    r"""Probability labels: ``(loss, (M, T), row_ok, (mass, k))`` after the merge.
+    r"""Probability labels: `(loss, (M, T), row_ok, (mass, k))` after the merge.
 
-    With :math:`q = (1-\alpha)\,w y + k\,w` (``w`` the class weights times the mask)
-    the loss :func:`jsoftmax._losses.prob_loss` needs :math:`\sum q` and
-    :math:`\sum q (s - M)`. The smoothing mass :math:`k = \alpha / m` depends on the
-    global number :math:`m` of valid classes, so each shard sums the two parts apart:
-    :math:`\sum (1-\alpha) w y` and :math:`\sum (1-\alpha) w y (s - M)` (``"mass"``,
-    ``"cross"``), and the smoothing sums of :func:`_smoothing_sums`; they ride in the
+    With $q = (1-\alpha)\,w y + k\,w$ (`w` the class weights times the mask)
+    the loss `jsoftmax._losses.prob_loss` needs $\sum q$ and
+    $\sum q (s - M)$. The smoothing mass $k = \alpha / m$ depends on the
+    global number $m$ of valid classes, so each shard sums the two parts apart:
+    $\sum (1-\alpha) w y$ and $\sum (1-\alpha) w y (s - M)$ (`"mass"`,
+    `"cross"`), and the smoothing sums of `_smoothing_sums`; they ride in the
     all-reduce of the sums of exponentials and are combined after it.
     """
     axis, alpha = opts.axis, opts.alpha
@@ -535,7 +537,7 @@ _ce_kernel.defvjp(_ce_kernel_fwd, _ce_kernel_bwd)
 
 
 def _reduce(per_row, weight, reduction: Reduction, data_axis_name):
-    """``reduction`` of the per-row losses; over every row of ``data_axis_name`` too."""
+    """`reduction` of the per-row losses; over every row of `data_axis_name` too."""
     if reduction == "none":
         return per_row
     if data_axis_name is None:
@@ -601,7 +603,7 @@ def _check_shard_labels(labels, x, axis: int, ignore_index):
 
 
 def _check_shard_weights(weights, local: int):
-    """Class weights of this shard's block of classes, shape ``(local,)``."""
+    """Class weights of this shard's block of classes, shape `(local,)`."""
     if weights is None:
         return None
     try:
@@ -631,93 +633,94 @@ def cross_entropy(
     reduction: Reduction = "none",
     data_axis_name: AxisName | None = None,
 ) -> jax.Array:
-    r"""Vocab-parallel softmax cross-entropy; call inside :func:`jax.shard_map`.
+    r"""Vocab-parallel softmax cross-entropy; call inside `jax.shard_map`.
 
-    The loss of :func:`jsoftmax.cross_entropy` (same options, same formulas) with the
-    class axis split over ``axis_name``:
+    The loss of [`jsoftmax.cross_entropy`][] (same options, same formulas) with the
+    class axis split over `axis_name`:
 
-    .. math::
-        \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,\mathrm{lse}^2, \qquad
-        \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,\mathrm{lse}\Bigr)\,p - q,
+    $$
+    \ell = \sum_i q_i\,(\mathrm{lse} - s_i) + c\,\mathrm{lse}^2, \qquad
+    \frac{\partial \ell}{\partial s} = \Bigl(\sum_i q_i + 2c\,\mathrm{lse}\Bigr)\,p - q,
+    $$
 
-    with :math:`s = \mathrm{softcap}(z)/T` and :math:`q = w_y(1-\alpha)e_y +
-    \frac{\alpha}{m}w` for an integer label :math:`y` (a **global** class index), or
-    :math:`q = w\odot\bigl((1-\alpha)\,y + \frac{\alpha}{m}\bigr)` for probability
-    labels :math:`y` (split over the devices like the logits). Shard ``i`` along
-    ``axis_name`` holds classes ``i * n_local ... (i + 1) * n_local - 1``. Forward: one
+    with $s = \mathrm{softcap}(z)/T$ and $q = w_y(1-\alpha)e_y +
+    \frac{\alpha}{m}w$ for an integer label $y$ (a **global** class index), or
+    $q = w\odot\bigl((1-\alpha)\,y + \frac{\alpha}{m}\bigr)$ for probability
+    labels $y$ (split over the devices like the logits). Shard `i` along
+    `axis_name` holds classes `i * n_local ... (i + 1) * n_local - 1`. Forward: one
     all-reduce of the row max, then one all-reduce carrying, per row, the sum of
-    exponentials, the target logit (from the shard holding :math:`y`, 0 from the
-    others) or, for probability labels, the shard's parts of :math:`\sum_i q_i` and
-    :math:`\sum_i q_i (s_i - M)`, and whatever the options need (a flag for a label on
+    exponentials, the target logit (from the shard holding $y$, 0 from the
+    others) or, for probability labels, the shard's parts of $\sum_i q_i$ and
+    $\sum_i q_i (s_i - M)$, and whatever the options need (a flag for a label on
     a masked class, the label's class weight, the smoothing sum
-    :math:`\sum_i w_i (s_i - M)`, the number and weight of valid classes). Backward:
-    :math:`g\,\partial\ell/\partial s` (and for probability labels
-    :math:`\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i`) from the merged row
-    statistics, with **no communication** (with a ``temperature``, one all-reduce of
-    :math:`\langle \partial\ell/\partial s, s\rangle` per row for its derivative).
+    $\sum_i w_i (s_i - M)$, the number and weight of valid classes). Backward:
+    $g\,\partial\ell/\partial s$ (and for probability labels
+    $\partial\ell/\partial y_i = -(1-\alpha)\,w_i\log p_i$) from the merged row
+    statistics, with **no communication** (with a `temperature`, one all-reduce of
+    $\langle \partial\ell/\partial s, s\rangle$ per row for its derivative).
 
     Args:
       logits_shard: this device's contiguous block of logits, any rank >= 1.
       labels: either an integer array of global class indices with the shape of
-        ``logits_shard`` without ``axis`` (the local batch block, the same on every
-        shard of ``axis_name``), or real probabilities (a target vector per row, not
-        required to be normalised; differentiable) with the shape of ``logits_shard``:
+        `logits_shard` without `axis` (the local batch block, the same on every
+        shard of `axis_name`), or real probabilities (a target vector per row, not
+        required to be normalised; differentiable) with the shape of `logits_shard`:
         this shard's block of the targets, split like the logits (the same
-        ``in_specs``).
+        `in_specs`).
       axis_name: the mesh axis name(s) the class axis is split over.
       axis: the local class axis (an int).
-      where: optional boolean mask. Broadcastable to ``logits_shard``: masked classes
+      where: optional boolean mask. Broadcastable to `logits_shard`: masked classes
         are left out of the normaliser, get gradient 0 and no target mass. With exactly
         the batch shape (rank lower than the logits'): a per-example mask, masked
-        examples behave like ``ignore_index``.
+        examples behave like `ignore_index`.
       num_classes: the true class count when the class axis was padded at the end to a
         multiple of the shard count; padded classes are masked.
-      label_smoothing: as in :func:`jsoftmax.cross_entropy`.
-      temperature: as in :func:`jsoftmax.cross_entropy`.
-      ignore_index: as in :func:`jsoftmax.cross_entropy`.
-      z_loss: as in :func:`jsoftmax.cross_entropy`.
-      logit_softcap: as in :func:`jsoftmax.cross_entropy`.
+      label_smoothing: as in [`jsoftmax.cross_entropy`][].
+      temperature: as in [`jsoftmax.cross_entropy`][].
+      ignore_index: as in [`jsoftmax.cross_entropy`][].
+      z_loss: as in [`jsoftmax.cross_entropy`][].
+      logit_softcap: as in [`jsoftmax.cross_entropy`][].
       weights: per-class weights of **this shard's block** of classes, shape
-        ``(n_local,)`` (a ``(n,)`` vector sharded like the class axis, e.g. with
-        ``in_specs`` ``P(axis_name)``). Not differentiated.
-      reduction: ``"none"``, ``"sum"`` or ``"mean"`` (weighted, as in
-        :func:`jsoftmax.cross_entropy`) over the rows of this ``shard_map`` block. When
-        the rows are also split over a data axis, pass it as ``data_axis_name`` to sum
+        `(n_local,)` (a `(n,)` vector sharded like the class axis, e.g. with
+        `in_specs` `P(axis_name)`). Not differentiated.
+      reduction: `"none"`, `"sum"` or `"mean"` (weighted, as in
+        [`jsoftmax.cross_entropy`][]) over the rows of this `shard_map` block. When
+        the rows are also split over a data axis, pass it as `data_axis_name` to sum
         (and average) over every row of that axis; without it each data shard gets the
-        mean of its own rows, and the global mean is the ``psum`` over the data axis of
-        the sums divided by the ``psum`` of the counted rows' weights (not the mean of
+        mean of its own rows, and the global mean is the `psum` over the data axis of
+        the sums divided by the `psum` of the counted rows' weights (not the mean of
         the means).
-      data_axis_name: ``None`` or the mesh axis name(s) the rows are split over; used by
-        ``"sum"`` and ``"mean"`` only (one more all-reduce of two scalars). The result is
+      data_axis_name: `None` or the mesh axis name(s) the rows are split over; used by
+        `"sum"` and `"mean"` only (one more all-reduce of two scalars). The result is
         then the same on every device.
 
     Returns:
-      Per-example losses, shape of ``logits_shard`` without ``axis``, or their sum or
-      mean (a scalar); dtype as :func:`jsoftmax.cross_entropy`: float32 for 16-bit
+      Per-example losses, shape of `logits_shard` without `axis`, or their sum or
+      mean (a scalar); dtype as [`jsoftmax.cross_entropy`][]: float32 for 16-bit
       logits, else the logits' dtype promoted with float labels. They are equal on
-      every shard of ``axis_name``, so an ``out_specs`` that does not mention
-      ``axis_name`` fits.
+      every shard of `axis_name`, so an `out_specs` that does not mention
+      `axis_name` fits.
 
     Note:
-      * A label outside ``[0, C)`` (``C`` = ``num_classes``, or the global size of the
-        split axis) other than ``ignore_index`` gives a NaN loss and NaN gradient for
+      * A label outside `[0, C)` (`C` = `num_classes`, or the global size of the
+        split axis) other than `ignore_index` gives a NaN loss and NaN gradient for
         that row, never a silently wrong loss (labels are traced inside
-        :func:`jax.shard_map`, so they cannot be checked eagerly).
-      * As in :func:`jsoftmax.cross_entropy`: a label on a masked (or padded) class
+        `jax.shard_map`, so they cannot be checked eagerly).
+      * As in [`jsoftmax.cross_entropy`][]: a label on a masked (or padded) class
         carries no target mass, so the row's loss is 0 with zero gradient (an "ignore"
-        label), and it is left out of the ``"mean"`` denominator; a fully masked row
-        therefore gives 0. A label on an unmasked ``-inf`` logit gives loss ``+inf``
+        label), and it is left out of the `"mean"` denominator; a fully masked row
+        therefore gives 0. A label on an unmasked `-inf` logit gives loss `+inf`
         with a finite gradient.
       * Probability labels: a row without any unmasked class (on any shard) gives 0,
-        with zero gradients, and is not in the ``"mean"`` denominator; every other
+        with zero gradients, and is not in the `"mean"` denominator; every other
         counted row has weight 1. Masked (and padded) classes get no target mass, but
-        a NaN label there still gives NaN (:math:`0 \cdot \mathrm{NaN}`): pad the
-        labels with 0. ``ignore_index`` is for integer labels only (a
-        ``ValueError`` otherwise); mask examples with a batch-shaped ``where``.
-      * ``+inf`` or NaN among the unmasked logits of a counted row gives NaN.
+        a NaN label there still gives NaN ($0 \cdot \mathrm{NaN}$): pad the
+        labels with 0. `ignore_index` is for integer labels only (a
+        `ValueError` otherwise); mask examples with a batch-shaped `where`.
+      * `+inf` or NaN among the unmasked logits of a counted row gives NaN.
       * float16/bfloat16 logits: computed in float32 and the loss is returned in
         float32 (a 16-bit loss would be quantised), as by
-        :func:`jsoftmax.cross_entropy`; gradients come back in the logits' dtype.
+        [`jsoftmax.cross_entropy`][]; gradients come back in the logits' dtype.
       * Reverse mode only. The saved residuals are the local block of logits (and of
         probability labels) and a few numbers per row; the backward pass recomputes
         the probabilities.
@@ -796,7 +799,7 @@ def _lce_kernel(x, w, bias, labels, weights, ex_ok, opts, axis_name, chunk, n_cl
 
 
 def _lce_layout(labels, local: int, axis_name, n_classes):
-    """``(local label, label here, limit, n_global)`` for this shard's block of columns."""
+    """`(local label, label here, limit, n_global)` for this shard's block of columns."""
     offset = lax.axis_index(axis_name) * local
     local_label = labels - offset
     here = (local_label >= 0) & (local_label < local)
@@ -891,15 +894,15 @@ _lce_kernel.defvjp(_lce_kernel_fwd, _lce_kernel_bwd)
 
 
 def _varying_axes(a) -> frozenset:
-    """The mesh axes ``a`` varies over inside :func:`jax.shard_map`."""
+    """The mesh axes `a` varies over inside `jax.shard_map`."""
     return frozenset(_linear._varying_axes(a))
 
 
 def _varying(arrays, axis_names):
-    """Casts the arrays to vary over the mesh axes any of them (or ``axis_names``) varies
+    """Casts the arrays to vary over the mesh axes any of them (or `axis_names`) varies
     over, so the kernel's cotangents have its inputs' types; autodiff then sums each
-    cotangent over the axes its input was cast along (``dx`` over the vocabulary axis,
-    ``dw`` over data axes), one all-reduce each."""
+    cotangent over the axes its input was cast along (`dx` over the vocabulary axis,
+    `dw` over data axes), one all-reduce each."""
     axes = set(axis_names)
     for a in arrays:
         if a is not None:
@@ -932,66 +935,69 @@ def linear_cross_entropy(
     data_axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""The output layer and the cross-entropy fused, vocabulary split over devices; call
-    inside :func:`jax.shard_map`.
+    inside `jax.shard_map`.
 
-    :func:`jsoftmax.linear_cross_entropy` in the vocab-parallel (Megatron) layout: the
-    kernel ``w`` of shape ``(H, V)`` is split along ``V`` over ``axis_name`` (and
-    ``bias``, ``weights`` alike); every shard holds the same rows of ``x``. Each device
-    runs the chunked loop of :func:`jsoftmax.linear_cross_entropy` over its own columns
+    [`jsoftmax.linear_cross_entropy`][] in the vocab-parallel (Megatron) layout: the
+    kernel `w` of shape `(H, V)` is split along `V` over `axis_name` (and
+    `bias`, `weights` alike); every shard holds the same rows of `x`. Each device
+    runs the chunked loop of [`jsoftmax.linear_cross_entropy`][] over its own columns
     (its block of logits is never built either), reducing them to per-row statistics;
     the devices then exchange only per-row numbers, merged by the log-sum-exp merge of
-    :func:`jsoftmax.merge_partials`:
+    [`jsoftmax.merge_partials`][]:
 
-    .. math::
-        M = \max_d m_d, \qquad T = \sum_d t_d\, e^{m_d - M}, \qquad
-        \ell = \sum_i q_i\,(M + \log T - s_i) + c\,(M + \log T)^2,
+    $$
+    M = \max_d m_d, \qquad T = \sum_d t_d\, e^{m_d - M}, \qquad
+    \ell = \sum_i q_i\,(M + \log T - s_i) + c\,(M + \log T)^2,
+    $$
 
-    with :math:`s = \mathrm{softcap}(x w + b)` and :math:`q` as in
-    :func:`jsoftmax.cross_entropy`. Forward: one all-reduce of the row maxima, then one
+    with $s = \mathrm{softcap}(x w + b)$ and $q$ as in
+    [`jsoftmax.cross_entropy`][]. Forward: one all-reduce of the row maxima, then one
     carrying the rescaled sums of exponentials with the target logit (from the shard
     holding the label) and the per-row numbers the options need. Backward: each shard
-    recomputes its chunks' logits and accumulates ``dw`` and ``db`` for its own columns
-    (they stay on their shard) and its part of ``dx``, which is summed over
-    ``axis_name`` in one all-reduce of ``N * H`` values. Nothing of size ``N * V`` is
+    recomputes its chunks' logits and accumulates `dw` and `db` for its own columns
+    (they stay on their shard) and its part of `dx`, which is summed over
+    `axis_name` in one all-reduce of `N * H` values. Nothing of size `N * V` is
     built or communicated.
 
     Args:
-      x: hidden states, shape ``(..., H)``, the same on every shard of ``axis_name``
+      x: hidden states, shape `(..., H)`, the same on every shard of `axis_name`
         (rows may be split over other mesh axes).
-      w_shard: this shard's block of the kernel, shape ``(H, V_local)``: columns
-        ``i * V_local ... (i + 1) * V_local - 1`` on shard ``i`` along ``axis_name``
-        (``in_specs`` ``P(None, axis_name)``).
-      labels: integer **global** class indices, shape ``x.shape[:-1]``.
+      w_shard: this shard's block of the kernel, shape `(H, V_local)`: columns
+        `i * V_local ... (i + 1) * V_local - 1` on shard `i` along `axis_name`
+        (`in_specs` `P(None, axis_name)`).
+      labels: integer **global** class indices, shape `x.shape[:-1]`.
       axis_name: the mesh axis name(s) the vocabulary is split over.
-      bias_shard: optional ``(V_local,)``, split like ``w``; ``-inf`` entries mark
-        excluded classes as in :func:`jsoftmax.linear_cross_entropy`.
-      num_classes: the true vocabulary size when ``V`` was padded at the end to a
-        multiple of the shard count; columns with a global index ``>= num_classes``
+      bias_shard: optional `(V_local,)`, split like `w`; `-inf` entries mark
+        excluded classes as in [`jsoftmax.linear_cross_entropy`][].
+      num_classes: the true vocabulary size when `V` was padded at the end to a
+        multiple of the shard count; columns with a global index `>= num_classes`
         are excluded (their values do not matter; their gradients are 0).
-      ignore_index: as in :func:`jsoftmax.cross_entropy`.
-      label_smoothing: as in :func:`jsoftmax.cross_entropy`.
-      z_loss: as in :func:`jsoftmax.cross_entropy`.
-      logit_softcap: as in :func:`jsoftmax.cross_entropy`.
-      weights: per-class weights of this shard's columns, shape ``(V_local,)``.
-      reduction: as in :func:`cross_entropy`: ``"mean"`` is over the rows of this
-        ``shard_map`` block, or over every row of ``data_axis_name``.
-      data_axis_name: the mesh axis of the rows, for ``reduction="mean"`` over all of them.
-      chunk_size: vocabulary columns per chunk of the local loop (default
-        :func:`jsoftmax.default_chunk_size` of the rows and the local vocabulary).
+      ignore_index: as in [`jsoftmax.cross_entropy`][].
+      label_smoothing: as in [`jsoftmax.cross_entropy`][].
+      z_loss: as in [`jsoftmax.cross_entropy`][].
+      logit_softcap: as in [`jsoftmax.cross_entropy`][].
+      weights: per-class weights of this shard's columns, shape `(V_local,)`.
+      reduction: as in [`cross_entropy`][jsoftmax.sharded.cross_entropy]: `"mean"` is
+        over the rows of this `shard_map` block, or over every row of `data_axis_name`.
+      data_axis_name: the mesh axis of the rows, for `reduction="mean"` over all of them.
+      chunk_size: vocabulary columns per chunk of the local loop. Default: about
+        `2**20` logits (4 MiB of float32) per chunk for this block's rows, a power of
+        two in `[128, 8192]` and at most the local vocabulary size, as in
+        [`jsoftmax.linear_cross_entropy`][].
 
     Returns:
-      The loss per row (shape ``x.shape[:-1]``), or its sum or mean; the same on every
-      shard of ``axis_name``. float32 for 16-bit inputs. Gradients come back in the
-      dtypes of ``x``, ``w_shard`` and ``bias_shard``.
+      The loss per row (shape `x.shape[:-1]`), or its sum or mean; the same on every
+      shard of `axis_name`. float32 for 16-bit inputs. Gradients come back in the
+      dtypes of `x`, `w_shard` and `bias_shard`.
 
     Note:
-      * Labels are traced inside :func:`jax.shard_map`: an out-of-range label other
-        than ``ignore_index`` gives a NaN row (loss and gradients), never an error.
-      * A label on an excluded class (padding, ``-inf`` bias) makes the row not
-        count (loss 0, zero gradients, not in the ``"mean"`` denominator).
-      * Needs :func:`jax.shard_map`'s default ``check_vma=True``: the sums of ``dx``
-        over ``axis_name`` (and of ``dw`` over data axes) are derived from it.
-      * ``weights`` and ``labels`` are not differentiated.
+      * Labels are traced inside `jax.shard_map`: an out-of-range label other
+        than `ignore_index` gives a NaN row (loss and gradients), never an error.
+      * A label on an excluded class (padding, `-inf` bias) makes the row not
+        count (loss 0, zero gradients, not in the `"mean"` denominator).
+      * Needs `jax.shard_map`'s default `check_vma=True`: the sums of `dx`
+        over `axis_name` (and of `dw` over data axes) are derived from it.
+      * `weights` and `labels` are not differentiated.
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Group ``bandwidth`` (accelerators only): the fraction of the memory-bandwidth bound
+"""Group `bandwidth` (accelerators only): the fraction of the memory-bandwidth bound
 reached by forward + backward (form (a), value and VJP) of a large softmax."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SHAPE = (4096, 32768)
 
 def bandwidth(ctx: Ctx, shape, dtype) -> list[Row]:
     """Bytes that must move: read x and g, write y and dx (4 arrays of x's size).
-    Bandwidth: a device-to-device pass ``-x`` (read + write one array)."""
+    Bandwidth: a device-to-device pass `-x` (read + write one array)."""
     x = logits(shape, dtype)
     g = logits(shape, dtype, seed=1)
     copy = jax.jit(lambda x: -x)
