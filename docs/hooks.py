@@ -4,7 +4,10 @@
   `python -m jsoftmax bench --json` and `python -m jsoftmax accuracy --json` write, so
   no figure on those pages is copied by hand. A page asks for a table with a marker
   line, `<!-- jsoftmax:bench-tables PATH -->` or `<!-- jsoftmax:accuracy-tables PATH -->`,
-  PATH relative to the repository root. A missing or malformed file fails the build.
+  PATH relative to the repository root. A missing or malformed file fails the build,
+  except that a marker ending in ` if-present` (a figure not measured yet, such as an
+  accelerator's) says so instead when its file is missing. Each benchmark group gets a
+  chart of its ratios above its table.
 * MathJax, which renders the formulas, is copied into the site from the installed
   django-static-mathjax package (the `docs` extra), so the site needs no network.
 """
@@ -22,7 +25,7 @@ from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"^<!-- jsoftmax:(bench|accuracy)-tables (\S+) -->$", re.M)
+MARKER = re.compile(r"^<!-- jsoftmax:(bench|accuracy)-tables (\S+)( if-present)? -->$", re.M)
 # Where the site serves MathJax (mkdocs.yml's extra_javascript names it) and the file of
 # the installed package it comes from: MathJax 3's TeX-to-SVG bundle with every TeX
 # extension, one self-contained script that needs no fonts.
@@ -250,10 +253,16 @@ def ratio_chart(group: str, rows: list[dict]) -> str:
     body.append(
         f'<line x1="{xp:.1f}" y1="{top - 6}" x2="{xp:.1f}" y2="{bands[-1]}" class="parity"/>'
     )
+    if all(r["unit"] == "fraction" for r in rows):
+        caption = "fraction of the bound, log scale (1: the bound); dashed: the row's target"
+    else:
+        caption = (
+            "baseline / jsoftmax, log scale: right of 1, jsoftmax is faster or smaller; "
+            "dashed: the row's target"
+        )
     body.append(
         f'<text x="{CHART_WIDTH / 2:.1f}" y="{bands[-1] + 30}" text-anchor="middle" '
-        'class="axis">baseline / jsoftmax, log scale: right of 1, jsoftmax is faster or '
-        "smaller; dashed: the row's target</text>"
+        f'class="axis">{caption}</text>'
     )
     style = (
         "<style>"
@@ -354,7 +363,9 @@ def accuracy_tables(data: dict) -> str:
 
 def on_page_markdown(markdown: str, **kwargs) -> str:
     def replace(match: re.Match) -> str:
-        kind, path = match.group(1), match.group(2)
+        kind, path, if_present = match.group(1), match.group(2), match.group(3)
+        if if_present and not (ROOT / path).exists():
+            return f"*No figures yet: `{path}` has not been written.*"
         try:
             data = json.loads((ROOT / path).read_text())
         except (OSError, ValueError) as e:

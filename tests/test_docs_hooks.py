@@ -160,3 +160,21 @@ def test_a_file_that_is_not_json_or_missing_fails_the_build(tmp_path, monkeypatc
         hooks.on_page_markdown("<!-- jsoftmax:bench-tables broken.json -->")
     with pytest.raises(PluginError, match="missing.json"):
         hooks.on_page_markdown("<!-- jsoftmax:bench-tables missing.json -->")
+
+
+def test_an_accelerator_file_not_written_yet_is_announced(tmp_path, monkeypatch):
+    monkeypatch.setattr(hooks, "ROOT", tmp_path)
+    marker = "<!-- jsoftmax:bench-tables bench-gpu.json if-present -->"
+    out = hooks.on_page_markdown(marker)
+    assert "No figures yet" in out and "bench-gpu.json" in out and "<svg" not in out
+    (tmp_path / "bench-gpu.json").write_text(BENCH.read_text())
+    assert "<svg" in hooks.on_page_markdown(marker)
+    (tmp_path / "bench-gpu.json").write_text("{")  # present but malformed: an error
+    with pytest.raises(PluginError, match="bench-gpu.json"):
+        hooks.on_page_markdown(marker)
+
+
+def test_a_group_of_bandwidth_fractions_is_labelled_as_such():
+    rows = [_row("bandwidth", "softmax (8,)", 0.6, unit="fraction")]
+    assert "fraction of the bound" in hooks.ratio_chart("bandwidth", rows)
+    assert "baseline / jsoftmax" in hooks.ratio_chart("g", [_row("g", "softmax (8,)", 1.2)])

@@ -31,8 +31,8 @@ Groups of rows (`GROUPS`):
   `optax.softmax_cross_entropy_with_integer_labels(x @ w, labels)` and a
   token-chunked `lax.scan` with `jax.checkpoint`: time and compiled temporary memory
   of `value_and_grad`; `linear-ce scaling`: the same against the vocabulary size.
-* `bandwidth` (accelerators only): fraction of the memory-bandwidth bound reached by
-  forward + backward.
+* `bandwidth` (accelerators; on a CPU only a quick run, at a small shape): fraction of
+  the memory-bandwidth bound reached by forward + backward of softmax and cross-entropy.
 * `torch` (only when PyTorch is importable): `torch.softmax` as an outside reference.
 * `sharded` (with `devices`): [`jsoftmax.sharded.cross_entropy`][] over 1, 2, 4, 8
   devices vs [`jsoftmax.cross_entropy`][] on one.
