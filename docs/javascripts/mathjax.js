@@ -1,16 +1,13 @@
-// MathJax 3 settings for pymdownx.arithmatex (generic mode): typeset only the
-// `arithmatex` spans and blocks, written as \( \) and \[ \]. MathJax itself is copied
-// into the site at build time from an installed package (docs/hooks.py).
+// MathJax 3 settings. It typesets the formulas that pymdownx.arithmatex marks (generic
+// mode: \( \) and \[ \]) and those of the notebooks' Markdown cells ($ $ and $$ $$);
+// code is never touched, and the docs test keeps a bare $ out of the pages' text. MathJax
+// itself is copied into the site at build time from an installed package (docs/hooks.py).
 window.MathJax = {
   tex: {
-    inlineMath: [["\\(", "\\)"]],
-    displayMath: [["\\[", "\\]"]],
+    inlineMath: [["\\(", "\\)"], ["$", "$"]],
+    displayMath: [["\\[", "\\]"], ["$$", "$$"]],
     processEscapes: true,
     processEnvironments: true,
-  },
-  options: {
-    ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex",
   },
   svg: { fontCache: "global" },
 };
