@@ -1,8 +1,8 @@
-"""Command line: ``python -m jsoftmax {verify,bench,accuracy} [options]``, also installed
-as the ``jsoftmax`` command.
+"""Command line: `python -m jsoftmax {verify,bench,accuracy} [options]`, also installed
+as the `jsoftmax` command.
 
-Each subcommand is a module of :mod:`jsoftmax.tools` exposing ``main(argv) -> int``; this
-file only dispatches, so ``python -m jsoftmax verify --help`` shows that command's options.
+Each subcommand is a module of `jsoftmax.tools` exposing `main(argv) -> int`; this
+file only dispatches, so `python -m jsoftmax verify --help` shows that command's options.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs ``COMMAND [options]`` from ``argv`` (``sys.argv[1:]`` by default); returns the
+    """Runs `COMMAND [options]` from `argv` (`sys.argv[1:]` by default); returns the
     command's exit code (2 for an unknown command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -27,7 +27,7 @@ REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
 
 
 def as_array(x, name: str) -> jax.Array:
-    """``jnp.asarray(x)``, with a clear error naming ``name`` for non-array input."""
+    """`jnp.asarray(x)`, with a clear error naming `name` for non-array input."""
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}.")
     try:
@@ -37,10 +37,10 @@ def as_array(x, name: str) -> jax.Array:
 
 
 def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
-    """Converts ``x`` to a JAX array of rank >= 1 with a floating dtype.
+    """Converts `x` to a JAX array of rank >= 1 with a floating dtype.
 
     Integer and boolean input is promoted to JAX's default float dtype (float32, or
-    float64 when ``jax_enable_x64`` is on). Complex input is rejected.
+    float64 when `jax_enable_x64` is on). Complex input is rejected.
     """
     x = as_array(x, name)
     if x.ndim == 0:
@@ -56,7 +56,7 @@ def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
 
 
 def accumulation_dtype(dtype) -> np.dtype:
-    """float32 for 16-bit floats (float16, bfloat16), else ``dtype`` itself."""
+    """float32 for 16-bit floats (float16, bfloat16), else `dtype` itself."""
     dtype = np.dtype(dtype)
     if jnp.finfo(dtype).bits < 32:
         return np.dtype(jnp.float32)
@@ -64,7 +64,7 @@ def accumulation_dtype(dtype) -> np.dtype:
 
 
 def canonical_axis(axis, ndim: int, name: str = "axis") -> int:
-    """Returns ``axis`` as a non-negative int, or raises a clear error."""
+    """Returns `axis` as a non-negative int, or raises a clear error."""
     if isinstance(axis, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got {axis!r}.")
     try:
@@ -77,7 +77,7 @@ def canonical_axis(axis, ndim: int, name: str = "axis") -> int:
 
 
 def canonical_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
-    """Like :func:`canonical_axis` but also accepts a non-empty sequence of distinct axes
+    """Like `canonical_axis` but also accepts a non-empty sequence of distinct axes
     (kept in the order given) or None (every axis)."""
     if axis is None:
         return tuple(range(ndim))
@@ -104,11 +104,11 @@ def check_precision(precision: object) -> Precision:
 
 
 def as_bool_mask(where: ArrayLike, name: str = "where") -> jax.Array:
-    """``where`` as a boolean array; any other dtype is rejected with the conversion to use.
+    """`where` as a boolean array; any other dtype is rejected with the conversion to use.
 
-    A numeric mask is not read as "nonzero keeps" (as :func:`jnp.where` would): an
-    additive mask (0 to keep, ``-inf`` or ``-1e9`` to drop) would then silently keep
-    exactly the entries it drops. Flax's ``make_causal_mask`` and ``make_attention_mask``
+    A numeric mask is not read as "nonzero keeps" (as `jnp.where` would): an
+    additive mask (0 to keep, `-inf` or `-1e9` to drop) would then silently keep
+    exactly the entries it drops. Flax's `make_causal_mask` and `make_attention_mask`
     return float32 0/1 masks by default, so the message says how to convert one.
     """
     where = jnp.asarray(where)
@@ -129,7 +129,7 @@ def check_reduction(reduction: object) -> Reduction:
 
 
 def check_where(where: ArrayLike | None, shape: tuple[int, ...], name: str = "where"):
-    """Returns ``where`` as a boolean array broadcast to ``shape`` (or None)."""
+    """Returns `where` as a boolean array broadcast to `shape` (or None)."""
     if where is None:
         return None
     where = as_bool_mask(where, name)
@@ -145,7 +145,7 @@ def check_where(where: ArrayLike | None, shape: tuple[int, ...], name: str = "wh
 
 
 def is_concrete(x) -> bool:
-    """True when ``x`` holds values known at trace time (not a tracer) that this process
+    """True when `x` holds values known at trace time (not a tracer) that this process
     can read: a global array spanning several processes counts as not concrete, so no
     argument check fetches data held by another process."""
     if isinstance(x, Tracer):
@@ -154,9 +154,9 @@ def is_concrete(x) -> bool:
 
 
 def check_index(i, n: int, name: str) -> jax.Array | int:
-    """Validates a component index ``i`` of an axis of length ``n``.
+    """Validates a component index `i` of an axis of length `n`.
 
-    Python ints and integer arrays are accepted; concrete values must lie in ``[-n, n)``.
+    Python ints and integer arrays are accepted; concrete values must lie in `[-n, n)`.
     """
     if isinstance(i, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer index, got {i!r}.")
@@ -180,7 +180,7 @@ def check_same_shape(a: jax.Array, b: jax.Array, name_a: str, name_b: str) -> No
 
 
 def per_row_array(value, shape: tuple[int, ...], axes: tuple[int, ...], name: str):
-    """A real array broadcastable to the batch shape (``shape`` without ``axes``).
+    """A real array broadcastable to the batch shape (`shape` without `axes`).
 
     Returns it as a float array of the input's rank, broadcast to the batch shape with
     size-1 softmax axes, so it broadcasts against the input without rank promotion.
@@ -205,7 +205,7 @@ def per_row_array(value, shape: tuple[int, ...], axes: tuple[int, ...], name: st
 
 
 def prepare_temperature(temperature, shape: tuple[int, ...], axes: tuple[int, ...]):
-    """Validates ``temperature`` and shapes it to broadcast against the input.
+    """Validates `temperature` and shapes it to broadcast against the input.
 
     Returns None for the default temperature 1 (so the fast path pays nothing), else an
     array of the input's rank with size-1 softmax axes, broadcast to the batch shape.

@@ -1,19 +1,19 @@
 r"""The softmax derivative formulas, each written once.
 
 Everything here is private, unchecked and works on arrays whose softmax axes are
-given as a tuple of non-negative ints (``axes``), reduced with ``keepdims=True``.
+given as a tuple of non-negative ints (`axes`), reduced with `keepdims=True`.
 The custom differentiation rules, the Jacobian builders and the structured operator
 all call these functions, so a formula fixed here is fixed everywhere.
 
-With :math:`p = \mathrm{softmax}(z)` and :math:`J = \mathrm{diag}(p) - pp^\top`:
+With $p = \mathrm{softmax}(z)$ and $J = \mathrm{diag}(p) - pp^\top$:
 
-* ``jac_product(p, v)``      :math:`Jv = p \odot (v - \langle p, v\rangle)`
+* `jac_product(p, v)`      $Jv = p \odot (v - \langle p, v\rangle)$
   (J is symmetric, so this is the JVP *and* the VJP);
-* ``log_jvp(p, t)``           :math:`t - \langle p, t\rangle`
-  (the log-softmax Jacobian :math:`I - 1p^\top` applied to ``t``);
-* ``log_vjp(p, g)``           :math:`g - p\,\langle 1, g\rangle`;
-* ``hvp(p, u, v)``            :math:`\sum_{jk} H_{ijk} u_j v_k`;
-* ``dense_*``                 explicit matrices and tensors over the last axis.
+* `log_jvp(p, t)`           $t - \langle p, t\rangle$
+  (the log-softmax Jacobian $I - 1p^\top$ applied to `t`);
+* `log_vjp(p, g)`           $g - p\,\langle 1, g\rangle$;
+* `hvp(p, u, v)`            $\sum_{jk} H_{ijk} u_j v_k$;
+* `dense_*`                 explicit matrices and tensors over the last axis.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from jax import lax
 
 
 def dot(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """``<a, b>`` over ``axes``, kept as size-1 axes.
+    """`<a, b>` over `axes`, kept as size-1 axes.
 
-    A contraction (``dot_general``) rather than ``sum(a * b)``: when ``a`` is broadcast
-    against a batch of directions (what ``jax.jacfwd``, ``jax.jacrev`` and ``vmap``
-    build), XLA's CPU backend in jaxlib 0.10 miscompiles ``v - sum(p * v)`` fused with
+    A contraction (`dot_general`) rather than `sum(a * b)`: when `a` is broadcast
+    against a batch of directions (what `jax.jacfwd`, `jax.jacrev` and `vmap`
+    build), XLA's CPU backend in jaxlib 0.10 miscompiles `v - sum(p * v)` fused with
     its consumer for many row lengths (n = 257, 513, 1000, ...), returning entries off
     by up to 2. The contraction compiles correctly and runs at the same speed. See
-    ``test_regression_xla_cpu_broadcast_product`` in ``tests/test_jacobian.py``.
+    `test_regression_xla_cpu_broadcast_product` in `tests/test_jacobian.py`.
     """
     if sharded_along(a, axes) or sharded_along(b, axes):
         # Explicit-mode sharding of a contracted axis: a contraction would need an
@@ -61,7 +61,7 @@ def dot(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 
 def sharded_along(a: jax.Array, axes: tuple[int, ...]) -> bool:
-    """True when ``a`` carries an explicit sharding on one of ``axes``."""
+    """True when `a` carries an explicit sharding on one of `axes`."""
     spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
     if not spec:
         return False
@@ -76,29 +76,29 @@ def _sum(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 
 def jac_product(p: jax.Array, v: jax.Array, axes: tuple[int, ...], dot=dot) -> jax.Array:
-    """``J @ v`` (= ``v @ J``) in O(n): ``p * (v - <p, v>)``.
+    """`J @ v` (= `v @ J`) in O(n): `p * (v - <p, v>)`.
 
-    ``dot(a, b, axes)`` computes the inner product over the softmax axes; the sharded
+    `dot(a, b, axes)` computes the inner product over the softmax axes; the sharded
     functions pass one that all-reduces across devices.
     """
     return p * (v - dot(p, v, axes))
 
 
 def log_jvp(p: jax.Array, t: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """``(I - 1 p^T) @ t``: the log-softmax JVP."""
+    """`(I - 1 p^T) @ t`: the log-softmax JVP."""
     return t - dot(p, t, axes)
 
 
 def log_vjp(p: jax.Array, g: jax.Array, axes: tuple[int, ...], total=_sum) -> jax.Array:
-    """``g @ (I - 1 p^T)``: the log-softmax VJP; ``total(a, axes)`` sums over the axes."""
+    """`g @ (I - 1 p^T)`: the log-softmax VJP; `total(a, axes)` sums over the axes."""
     return g - p * total(g, axes)
 
 
 def hvp(p: jax.Array, u: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    r"""Second directional derivative :math:`\sum_{jk} H_{ijk} u_j v_k` in O(n).
+    r"""Second directional derivative $\sum_{jk} H_{ijk} u_j v_k$ in O(n).
 
-    :math:`p_i (u_i - \bar u)(v_i - \bar v) - p_i(\overline{uv} - \bar u \bar v)` with
-    :math:`\bar a = \langle p, a\rangle`.
+    $p_i (u_i - \bar u)(v_i - \bar v) - p_i(\overline{uv} - \bar u \bar v)$ with
+    $\bar a = \langle p, a\rangle$.
     """
     u_bar = dot(p, u, axes)
     v_bar = dot(p, v, axes)
@@ -116,7 +116,7 @@ def _eye(n: int, dtype, ndim: int = 2) -> jax.Array:
 
 
 def dense_jacobian(p: jax.Array) -> jax.Array:
-    """``diag(p) - p p^T`` over the last axis: ``[..., i, j] = p_i (delta_ij - p_j)``."""
+    """`diag(p) - p p^T` over the last axis: `[..., i, j] = p_i (delta_ij - p_j)`."""
     # p_i * (1 - p_j) on the diagonal and p_i * (-p_j) off it: a select and a multiply
     # per output in one fused pass, measurably cheaper on CPU than subtracting p_j
     # from a float identity (same values: 1 - p_j and -p_j are rounded alike).
@@ -126,8 +126,8 @@ def dense_jacobian(p: jax.Array) -> jax.Array:
 
 
 def _replicated_along_last(p: jax.Array) -> jax.Array:
-    """``p`` with an explicitly sharded last axis gathered (every row of a dense
-    Jacobian needs all of ``p``); unchanged otherwise."""
+    """`p` with an explicitly sharded last axis gathered (every row of a dense
+    Jacobian needs all of `p`); unchanged otherwise."""
     if not sharded_along(p, (p.ndim - 1,)):
         return p
     spec = jax.typeof(p).sharding.spec
@@ -136,16 +136,16 @@ def _replicated_along_last(p: jax.Array) -> jax.Array:
 
 
 def dense_log_jacobian(p: jax.Array, valid: jax.Array) -> jax.Array:
-    """``I - 1 p^T`` over the last axis, with rows of constant (masked) outputs zeroed."""
+    """`I - 1 p^T` over the last axis, with rows of constant (masked) outputs zeroed."""
     n = p.shape[-1]
     rows = _eye(n, p.dtype, p.ndim + 1) - _replicated_along_last(p)[..., None, :]
     return jnp.where(valid[..., :, None], rows, jnp.zeros((), p.dtype))
 
 
 def dense_hessian(p: jax.Array) -> jax.Array:
-    r"""``H[..., i, j, k] = d^2 p_i / dz_j dz_k`` over the last axis.
+    r"""`H[..., i, j, k] = d^2 p_i / dz_j dz_k` over the last axis.
 
-    :math:`p_i(\delta_{ij} - p_j)(\delta_{ik} - p_k) - p_i p_j(\delta_{jk} - p_k)`.
+    $p_i(\delta_{ij} - p_j)(\delta_{ik} - p_k) - p_i p_j(\delta_{jk} - p_k)$.
     """
     eye = _eye(p.shape[-1], p.dtype, p.ndim + 1)
     a = eye - p[..., None, :]  # a[i, j] = delta_ij - p_j
@@ -170,41 +170,41 @@ def dense_hessian(p: jax.Array) -> jax.Array:
 
 
 def softcap(z: jax.Array, cap: float) -> jax.Array:
-    """``cap * tanh(z / cap)`` (Gemma 2's logit soft-capping); ``-inf`` stays ``-inf``."""
+    """`cap * tanh(z / cap)` (Gemma 2's logit soft-capping); `-inf` stays `-inf`."""
     capped = cap * jnp.tanh(z / cap)
     return jnp.where(z == -jnp.inf, z, capped)
 
 
 def softcap_derivative(u: jax.Array, cap: float) -> jax.Array:
-    """``d softcap(z) / dz = 1 - tanh(z / cap)^2``, from the capped value ``u``.
+    """`d softcap(z) / dz = 1 - tanh(z / cap)^2`, from the capped value `u`.
 
-    Written in terms of ``u`` so that the backward pass reuses the forward's ``tanh``;
-    0 where ``u = -inf`` (an excluded class).
+    Written in terms of `u` so that the backward pass reuses the forward's `tanh`;
+    0 where `u = -inf` (an excluded class).
     """
     r = u / cap
     return jnp.where(u == -jnp.inf, jnp.zeros((), u.dtype), 1 - r * r)
 
 
 def ce_cotangent_scale(mass, lse: jax.Array, z_loss) -> jax.Array:
-    """The factor of ``p`` in ``d loss / d s = (sum q + 2 c lse) p - q``: ``mass = sum q``
-    plus the z-loss term ``2 c lse`` (``c`` per row: the z-loss times the row's weight)."""
+    """The factor of `p` in `d loss / d s = (sum q + 2 c lse) p - q`: `mass = sum q`
+    plus the z-loss term `2 c lse` (`c` per row: the z-loss times the row's weight)."""
     return mass + (2 * z_loss) * lse
 
 
 def ce_cotangent(p, q, scale) -> jax.Array:
-    """``d loss / d s = scale * p - q`` from ``p``, the targets ``q`` (any block of
-    classes) and the per-row factor ``scale`` of :func:`ce_cotangent_scale` (``sum q``
+    """`d loss / d s = scale * p - q` from `p`, the targets `q` (any block of
+    classes) and the per-row factor `scale` of `ce_cotangent_scale` (`sum q`
     over the whole row without a z-loss)."""
     return scale * p - q
 
 
 def z_loss_term(lse: jax.Array, z_loss) -> jax.Array:
-    """PaLM's auxiliary loss ``c * lse^2`` per row."""
+    """PaLM's auxiliary loss `c * lse^2` per row."""
     return z_loss * (lse * lse)
 
 
 def smoothing_mass(alpha, count: jax.Array) -> jax.Array:
-    """``k = alpha / m``: the smoothing mass each of the ``m`` valid classes receives."""
+    """`k = alpha / m`: the smoothing mass each of the `m` valid classes receives."""
     return alpha / count
 
 
@@ -214,12 +214,12 @@ def smoothing_mass(alpha, count: jax.Array) -> jax.Array:
 
 
 def lse_jvp(p: jax.Array, t: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    r"""``<p, t>``: the JVP of :math:`\log\sum_k e^{z_k}`, whose gradient is ``p = softmax(z)``."""
+    r"""`<p, t>`: the JVP of $\log\sum_k e^{z_k}$, whose gradient is `p = softmax(z)`."""
     return dot(p, t, axes)
 
 
 def lse_vjp(p: jax.Array, g: jax.Array) -> jax.Array:
-    """``g * p``: the log-sum-exp VJP for a per-row cotangent ``g`` (size-1 softmax axes)."""
+    """`g * p`: the log-sum-exp VJP for a per-row cotangent `g` (size-1 softmax axes)."""
     return p * g
 
 
@@ -231,21 +231,22 @@ def merge_jvp(
     lse_dot: jax.Array,
     axes: tuple[int, ...],
 ) -> tuple[jax.Array, jax.Array]:
-    r"""Tangents of the merge of partial results over the pieces axis ``axes``.
+    r"""Tangents of the merge of partial results over the pieces axis `axes`.
 
-    For pieces :math:`k` with log-sum-exp :math:`\ell_k` and results :math:`o_k`, the
-    merge is :math:`\ell = \log\sum_k e^{\ell_k}` and :math:`v = \sum_k w_k o_k` with
-    weights :math:`w = \mathrm{softmax}(\ell_\cdot)`, so
+    For pieces $k$ with log-sum-exp $\ell_k$ and results $o_k$, the
+    merge is $\ell = \log\sum_k e^{\ell_k}$ and $v = \sum_k w_k o_k$ with
+    weights $w = \mathrm{softmax}(\ell_\cdot)$, so
 
-    .. math::
-        \dot\ell = \langle w, \dot\ell_\cdot\rangle, \qquad
-        \dot v = \sum_k w_k\,(\dot o_k + o_k\,\dot\ell_k) - v\,\dot\ell .
+    $$
+    \dot\ell = \langle w, \dot\ell_\cdot\rangle, \qquad
+    \dot v = \sum_k w_k\,(\dot o_k + o_k\,\dot\ell_k) - v\,\dot\ell .
+    $$
 
-    ``w`` and ``lse_dot`` carry size-1 axes where ``o`` has its trailing (per-piece
-    result) axes; ``value`` has a size-1 pieces axis. Linear in ``(o_dot, lse_dot)``,
-    so JAX transposes it for reverse mode: the cotangent of :math:`\ell_k` is
-    :math:`w_k(\langle \bar v, o_k - v\rangle + \bar\ell)`, the weight's softmax
-    Jacobian applied to :math:`\langle \bar v, o_k\rangle`.
+    `w` and `lse_dot` carry size-1 axes where `o` has its trailing (per-piece
+    result) axes; `value` has a size-1 pieces axis. Linear in `(o_dot, lse_dot)`,
+    so JAX transposes it for reverse mode: the cotangent of $\ell_k$ is
+    $w_k(\langle \bar v, o_k - v\rangle + \bar\ell)$, the weight's softmax
+    Jacobian applied to $\langle \bar v, o_k\rangle$.
     """
     lse_out_dot = lse_jvp(w, lse_dot, axes)
     value_dot = dot(w, o_dot + o * lse_dot, axes) - value * lse_out_dot

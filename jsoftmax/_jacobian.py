@@ -1,9 +1,9 @@
 r"""Explicit derivatives of softmax: dense Jacobians, single partials, the diagonal,
 Jacobian-free products and second-order pieces.
 
-All of them are built from the formulas in :mod:`jsoftmax._formulas` (never by
-autodiff), over one softmax ``axis``. Dense results put the batch shape (the input's
-shape without ``axis``, in order) first and the derivative indices last.
+All of them are built from the formulas in `jsoftmax._formulas` (never by
+autodiff), over one softmax `axis`. Dense results put the batch shape (the input's
+shape without `axis`, in order) first and the derivative indices last.
 """
 
 from __future__ import annotations
@@ -30,19 +30,21 @@ def _compute(p: jax.Array) -> jax.Array:
 
 
 def jacobian_from_probs(p: ArrayLike, axis: int = -1) -> jax.Array:
-    r"""Dense softmax Jacobian from probabilities: :math:`J = \mathrm{diag}(p) - pp^\top`.
+    r"""Dense softmax Jacobian from probabilities: $J = \mathrm{diag}(p) - pp^\top$.
 
-    .. math:: J_{ij} = \frac{\partial p_i}{\partial z_j} = p_i(\delta_{ij} - p_j)
+    $$
+    J_{ij} = \frac{\partial p_i}{\partial z_j} = p_i(\delta_{ij} - p_j)
+    $$
 
     Args:
       p: probabilities (a softmax output), any rank >= 1.
-      axis: the softmax axis of ``p``.
+      axis: the softmax axis of `p`.
 
     Returns:
-      Array of shape ``batch + (n, n)`` where ``batch`` is ``p.shape`` without
-      ``axis``; ``[..., i, j]`` is :math:`\partial p_i/\partial z_j`. It is symmetric,
+      Array of shape `batch + (n, n)` where `batch` is `p.shape` without
+      `axis`; `[..., i, j]` is $\partial p_i/\partial z_j$. It is symmetric,
       its rows and columns sum to 0 and it is positive semi-definite. Built in one
-      fused pass over the ``n*n`` outputs.
+      fused pass over the `n*n` outputs.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -57,21 +59,21 @@ def jacobian_from_probs(p: ArrayLike, axis: int = -1) -> jax.Array:
 
 
 def jacobian(x: ArrayLike, axis: int = -1, *, where: ArrayLike | None = None) -> jax.Array:
-    r"""Dense Jacobian of :func:`jsoftmax.softmax` with respect to the logits.
+    r"""Dense Jacobian of [`jsoftmax.softmax`][] with respect to the logits.
 
-    Built explicitly from :math:`J = \mathrm{diag}(p) - pp^\top` with
-    :math:`p = \mathrm{softmax}(x)`, not by automatic differentiation; it equals
-    ``jax.jacfwd`` / ``jax.jacrev`` of the softmax, arranged per batch row.
+    Built explicitly from $J = \mathrm{diag}(p) - pp^\top$ with
+    $p = \mathrm{softmax}(x)$, not by automatic differentiation; it equals
+    `jax.jacfwd` / `jax.jacrev` of the softmax, arranged per batch row.
 
     Args:
       x: logits, any rank >= 1.
       axis: the softmax axis.
-      where: optional boolean mask broadcastable to ``x``; masked components have
-        :math:`p_i = 0`, so their rows and columns of ``J`` are zero.
+      where: optional boolean mask broadcastable to `x`; masked components have
+        $p_i = 0$, so their rows and columns of `J` are zero.
 
     Returns:
-      Array of shape ``batch + (n, n)`` with ``[..., i, j]`` =
-      :math:`\partial p_i / \partial x_j`.
+      Array of shape `batch + (n, n)` with `[..., i, j]` =
+      $\partial p_i / \partial x_j$.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -89,22 +91,22 @@ def jacobian(x: ArrayLike, axis: int = -1, *, where: ArrayLike | None = None) ->
 
 
 def jacobian_diagonal(p: ArrayLike, axis: int = -1) -> jax.Array:
-    r"""The diagonal of the softmax Jacobian, :math:`\partial p_i/\partial z_i = p_i(1 - p_i)`.
+    r"""The diagonal of the softmax Jacobian, $\partial p_i/\partial z_i = p_i(1 - p_i)$.
 
-    This is **only the diagonal** of :math:`J = \mathrm{diag}(p) - pp^\top`, not "the
+    This is **only the diagonal** of $J = \mathrm{diag}(p) - pp^\top$, not "the
     gradient of softmax": softmax is vector-valued, so its derivative is the whole
-    matrix, and the off-diagonal entries :math:`-p_ip_j` matter for any loss that
-    is not separable. Using ``p * (1 - p)`` elementwise in backpropagation is wrong
+    matrix, and the off-diagonal entries $-p_ip_j$ matter for any loss that
+    is not separable. Using `p * (1 - p)` elementwise in backpropagation is wrong
     unless the loss makes the off-diagonal terms cancel. Note also that the gradient
-    of :math:`\sum_i p_i` (which is identically 1) is identically 0: the columns of
-    ``J`` sum to zero.
+    of $\sum_i p_i$ (which is identically 1) is identically 0: the columns of
+    `J` sum to zero.
 
     Args:
       p: probabilities, any rank >= 1.
-      axis: the softmax axis of ``p``.
+      axis: the softmax axis of `p`.
 
     Returns:
-      Array with the shape of ``p``.
+      Array with the shape of `p`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -120,19 +122,21 @@ def jacobian_diagonal(p: ArrayLike, axis: int = -1) -> jax.Array:
 def partial_derivative(p: ArrayLike, i, j, axis: int = -1) -> jax.Array:
     r"""One entry of the softmax Jacobian.
 
-    .. math:: \frac{\partial p_i}{\partial z_j} = p_i(\delta_{ij} - p_j)
+    $$
+    \frac{\partial p_i}{\partial z_j} = p_i(\delta_{ij} - p_j)
+    $$
 
-    ``i`` indexes the output component and ``j`` the input component.
+    `i` indexes the output component and `j` the input component.
 
     Args:
       p: probabilities, any rank >= 1.
       i: output index, a Python int or integer array broadcastable to the batch shape
         (negative counts from the end).
       j: input index, likewise.
-      axis: the softmax axis of ``p``.
+      axis: the softmax axis of `p`.
 
     Returns:
-      Array with the batch shape (``p.shape`` without ``axis``).
+      Array with the batch shape (`p.shape` without `axis`).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -179,17 +183,17 @@ def _product(p, v, axis, name):
 
 
 def softmax_jvp(p: ArrayLike, t: ArrayLike, axis: int = -1) -> jax.Array:
-    r"""Jacobian-vector product :math:`Jt = p\odot(t - \langle p, t\rangle)` in O(n).
+    r"""Jacobian-vector product $Jt = p\odot(t - \langle p, t\rangle)$ in O(n).
 
-    The forward-mode derivative of softmax in direction ``t`` without forming ``J``.
+    The forward-mode derivative of softmax in direction `t` without forming `J`.
 
     Args:
       p: probabilities, any rank >= 1.
-      t: tangent of the logits, same shape as ``p``.
+      t: tangent of the logits, same shape as `p`.
       axis: the softmax axis.
 
     Returns:
-      The tangent of the probabilities, shape of ``p``.
+      The tangent of the probabilities, shape of `p`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -201,18 +205,18 @@ def softmax_jvp(p: ArrayLike, t: ArrayLike, axis: int = -1) -> jax.Array:
 
 
 def softmax_vjp(p: ArrayLike, g: ArrayLike, axis: int = -1) -> jax.Array:
-    r"""Vector-Jacobian product :math:`g^\top J = p\odot(g - \langle g, p\rangle)` in O(n).
+    r"""Vector-Jacobian product $g^\top J = p\odot(g - \langle g, p\rangle)$ in O(n).
 
-    The reverse-mode derivative (what ``rule="vjp"`` runs in its backward pass).
-    Because :math:`J` is symmetric this is the same formula as :func:`softmax_jvp`.
+    The reverse-mode derivative (what `rule="vjp"` runs in its backward pass).
+    Because $J$ is symmetric this is the same formula as [`softmax_jvp`][jsoftmax.softmax_jvp].
 
     Args:
       p: probabilities, any rank >= 1.
-      g: cotangent of the probabilities, same shape as ``p``.
+      g: cotangent of the probabilities, same shape as `p`.
       axis: the softmax axis.
 
     Returns:
-      The cotangent of the logits, shape of ``p``.
+      The cotangent of the logits, shape of `p`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -226,15 +230,17 @@ def softmax_vjp(p: ArrayLike, g: ArrayLike, axis: int = -1) -> jax.Array:
 def log_softmax_jacobian(
     x: ArrayLike, axis: int = -1, *, where: ArrayLike | None = None
 ) -> jax.Array:
-    r"""Dense Jacobian of :func:`jsoftmax.log_softmax`: :math:`I - 1p^\top`.
+    r"""Dense Jacobian of [`jsoftmax.log_softmax`][]: $I - 1p^\top$.
 
-    .. math:: \frac{\partial \log p_i}{\partial z_j} = \delta_{ij} - p_j
+    $$
+    \frac{\partial \log p_i}{\partial z_j} = \delta_{ij} - p_j
+    $$
 
-    Rows of masked (or ``-inf``) components are zero: those outputs are the constant
-    ``-inf``.
+    Rows of masked (or `-inf`) components are zero: those outputs are the constant
+    `-inf`.
 
     Returns:
-      Array of shape ``batch + (n, n)``.
+      Array of shape `batch + (n, n)`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -253,15 +259,16 @@ def log_softmax_jacobian(
 def hessian(x: ArrayLike, axis: int = -1, *, where: ArrayLike | None = None) -> jax.Array:
     r"""Explicit second derivative of softmax, a third-order tensor.
 
-    .. math::
-        H_{ijk} = \frac{\partial^2 p_i}{\partial z_j \partial z_k}
-        = p_i(\delta_{ij} - p_j)(\delta_{ik} - p_k) - p_i p_j(\delta_{jk} - p_k)
+    $$
+    H_{ijk} = \frac{\partial^2 p_i}{\partial z_j \partial z_k}
+    = p_i(\delta_{ij} - p_j)(\delta_{ik} - p_k) - p_i p_j(\delta_{jk} - p_k)
+    $$
 
-    Equal to ``jax.hessian(lambda z: softmax(z, rule="jvp"))`` per row. Costs
-    :math:`O(n^3)` memory; prefer :func:`softmax_hvp` for products.
+    Equal to `jax.hessian(lambda z: softmax(z, rule="jvp"))` per row. Costs
+    $O(n^3)$ memory; prefer [`softmax_hvp`][jsoftmax.softmax_hvp] for products.
 
     Returns:
-      Array of shape ``batch + (n, n, n)``, ``[..., i, j, k]`` as above.
+      Array of shape `batch + (n, n, n)`, `[..., i, j, k]` as above.
     """
     x = _checks.as_float_array(x)
     ax = _checks.canonical_axis(axis, x.ndim)
@@ -270,19 +277,21 @@ def hessian(x: ArrayLike, axis: int = -1, *, where: ArrayLike | None = None) -> 
 
 
 def softmax_hvp(p: ArrayLike, u: ArrayLike, v: ArrayLike, axis: int = -1) -> jax.Array:
-    r"""Second directional derivative :math:`\sum_{jk} H_{ijk}u_jv_k` in O(n).
+    r"""Second directional derivative $\sum_{jk} H_{ijk}u_jv_k$ in O(n).
 
-    With :math:`\bar a = \langle p, a\rangle`:
+    With $\bar a = \langle p, a\rangle$:
 
-    .. math:: p_i(u_i - \bar u)(v_i - \bar v) - p_i(\overline{uv} - \bar u\bar v)
+    $$
+    p_i(u_i - \bar u)(v_i - \bar v) - p_i(\overline{uv} - \bar u\bar v)
+    $$
 
-    This is :math:`\frac{d}{d\epsilon} J(z + \epsilon v)\,u` at :math:`\epsilon = 0`,
-    symmetric in ``u`` and ``v``.
+    This is $\frac{d}{d\epsilon} J(z + \epsilon v)\,u$ at $\epsilon = 0$,
+    symmetric in `u` and `v`.
 
     Args:
       p: probabilities, any rank >= 1.
-      u: a direction with the shape of ``p``.
-      v: a second direction with the shape of ``p``.
+      u: a direction with the shape of `p`.
+      v: a second direction with the shape of `p`.
       axis: the softmax axis.
 
     Examples:

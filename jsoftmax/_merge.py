@@ -1,34 +1,35 @@
-r"""Softmax computed in pieces, merged exactly: ``merge_partials`` and its statistics.
+r"""Softmax computed in pieces, merged exactly: `merge_partials` and its statistics.
 
 A softmax over a row split into pieces (vocabulary chunks, devices, key blocks of an
 attention) is merged from per-piece statistics. A piece is summarised by a **shift**
-``m`` (its maximum, or any bound used to stabilise ``exp``) and a **sum-exp**
-``total = sum_i exp(x_i - m)`` over its entries; its log-sum-exp is
-``m + log(total)``. Pieces :math:`k` merge by one rule,
+`m` (its maximum, or any bound used to stabilise `exp`) and a **sum-exp**
+`total = sum_i exp(x_i - m)` over its entries; its log-sum-exp is
+`m + log(total)`. Pieces $k$ merge by one rule,
 
-.. math::
-    M = \max_k m_k, \qquad T = \sum_k t_k\, e^{m_k - M}, \qquad
-    \mathrm{lse} = M + \log T,
+$$
+M = \max_k m_k, \qquad T = \sum_k t_k\, e^{m_k - M}, \qquad
+\mathrm{lse} = M + \log T,
+$$
 
-and a piece's own softmax-weighted result :math:`o_k` enters the merged one with weight
-:math:`w_k = t_k e^{m_k - M} / T` (for a piece given by its log-sum-exp, :math:`m_k =
-\mathrm{lse}_k` and :math:`t_k = 1`, so :math:`w_k = e^{\mathrm{lse}_k - \mathrm{lse}}`).
+and a piece's own softmax-weighted result $o_k$ enters the merged one with weight
+$w_k = t_k e^{m_k - M} / T$ (for a piece given by its log-sum-exp, $m_k =
+\mathrm{lse}_k$ and $t_k = 1$, so $w_k = e^{\mathrm{lse}_k - \mathrm{lse}}$).
 
-Everything is built on :func:`merge_stats`, which takes the two reductions as
+Everything is built on `merge_stats`, which takes the two reductions as
 arguments:
 
-* over an array axis (:func:`merge_partials`): ``jnp.max`` / ``jnp.sum``;
-* over devices (:mod:`jsoftmax.sharded`, :func:`merge_across`): ``lax.pmax`` of the
-  per-row shifts, then one ``lax.psum`` of the rescaled sums (with any other per-row
+* over an array axis ([`merge_partials`][jsoftmax.merge_partials]): `jnp.max` / `jnp.sum`;
+* over devices ([`jsoftmax.sharded`][], `merge_across`): `lax.pmax` of the
+  per-row shifts, then one `lax.psum` of the rescaled sums (with any other per-row
   quantity riding in the same all-reduce);
-* across the steps of a :func:`jax.lax.scan` over chunks (a chunked loss): the
-  per-row statistics of :mod:`jsoftmax._kernel` (``merge_pair``), built on
-  :func:`rescale`.
+* across the steps of a `jax.lax.scan` over chunks (a chunked loss): the
+  per-row statistics of `jsoftmax._kernel` (`merge_pair`), built on
+  `rescale`.
 
-A piece without entries (all masked) has ``total = 0`` and any shift (the kernels of
-:mod:`jsoftmax._softmax` give the lowest finite value; a log-sum-exp of ``-inf`` is
+A piece without entries (all masked) has `total = 0` and any shift (the kernels of
+`jsoftmax._softmax` give the lowest finite value; a log-sum-exp of `-inf` is
 read as such a piece): it contributes nothing, and a merge of nothing but such pieces
-is again ``total = 0``, whose log-sum-exp is ``-inf``. Every select on emptiness is
+is again `total = 0`, whose log-sum-exp is `-inf`. Every select on emptiness is
 doubled ("double where"), so a derivative taken through these helpers stays finite.
 """
 
@@ -53,13 +54,13 @@ _Tree = TypeVar("_Tree")  # a pytree of per-piece arrays reduced with the sums (
 
 
 def rescale(m: jax.Array, total: jax.Array, m_new: jax.Array, temperature=None) -> jax.Array:
-    """``total * exp(m - m_new)``: a piece's sum-exp re-expressed against the shift ``m_new``
-    (``exp((m - m_new) / T)`` with a ``temperature`` ``T``, for shifts in the units of the
+    """`total * exp(m - m_new)`: a piece's sum-exp re-expressed against the shift `m_new`
+    (`exp((m - m_new) / T)` with a `temperature` `T`, for shifts in the units of the
     logits before the temperature divides them).
 
-    An empty piece (``total == 0``) gives 0 whatever ``m`` and ``m_new`` hold (also
-    ``-inf`` for both); NaN propagates, and so does ``m = m_new = +inf``
-    (``exp(inf - inf)``). ``m <= m_new`` is assumed (``m_new`` is a merged maximum).
+    An empty piece (`total == 0`) gives 0 whatever `m` and `m_new` hold (also
+    `-inf` for both); NaN propagates, and so does `m = m_new = +inf`
+    (`exp(inf - inf)`). `m <= m_new` is assumed (`m_new` is a merged maximum).
     """
     empty = total == 0
     gap = jnp.where(empty, jnp.zeros((), m.dtype), m - m_new)
@@ -98,23 +99,23 @@ def merge_stats(
     reduce_sum: Callable,
     extra: Callable[[jax.Array], _Tree] | None = None,
 ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, _Tree]:
-    r"""The merge rule: ``M = reduce_max(m)``, ``T = reduce_sum(rescale(m, total, M))``.
+    r"""The merge rule: `M = reduce_max(m)`, `T = reduce_sum(rescale(m, total, M))`.
 
     Args:
       m, total: per-piece shifts and sum-exps (see the module docstring).
       reduce_max: reduces the shifts over the pieces, e.g.
-        ``partial(jnp.max, axis=k, keepdims=True)`` or
-        ``partial(lax.pmax, axis_name=name)``. Its result is treated as a constant
-        shift (``stop_gradient``): derivatives flow through ``T``, which is exact
+        `partial(jnp.max, axis=k, keepdims=True)` or
+        `partial(lax.pmax, axis_name=name)`. Its result is treated as a constant
+        shift (`stop_gradient`): derivatives flow through `T`, which is exact
         because the merged log-sum-exp does not depend on the shift.
       reduce_sum: reduces a pytree of per-piece arrays over the pieces (all leaves in
         one call, so across devices they share one all-reduce).
-      extra: optional function of ``M`` returning a pytree of per-piece arrays that
-        ``reduce_sum`` reduces together with the rescaled sums (e.g. a target logit
+      extra: optional function of `M` returning a pytree of per-piece arrays that
+        `reduce_sum` reduces together with the rescaled sums (e.g. a target logit
         expressed against the merged shift).
 
     Returns:
-      ``(M, T)``, or ``(M, T, reduced_extra)`` when ``extra`` is given.
+      `(M, T)`, or `(M, T, reduced_extra)` when `extra` is given.
     """
     m_new = lax.stop_gradient(reduce_max(lax.stop_gradient(m)))
     scaled = rescale(m, total, m_new)
@@ -125,7 +126,7 @@ def merge_stats(
 
 
 def lse_of(m: jax.Array, total: jax.Array) -> jax.Array:
-    """``m + log(total)``: ``-inf`` for ``total == 0``, ``+inf`` for ``m = +inf``, NaN kept.
+    """`m + log(total)`: `-inf` for `total == 0`, `+inf` for `m = +inf`, NaN kept.
 
     The logarithm never sees 0 (double where), so the derivative is finite for empty
     pieces.
@@ -137,28 +138,28 @@ def lse_of(m: jax.Array, total: jax.Array) -> jax.Array:
 
 
 def _nonzero(total: jax.Array) -> jax.Array:
-    """``total`` with 0 replaced by 1 (rows without entries then divide 0 by 1)."""
+    """`total` with 0 replaced by 1 (rows without entries then divide 0 by 1)."""
     return jnp.where(total == 0, jnp.ones((), total.dtype), total)
 
 
 def scale(m: jax.Array, m_new: jax.Array, total_new: jax.Array) -> jax.Array:
-    """``exp(m - m_new) / T``: turns a piece's own exponentials ``exp(x - m)`` into the
-    merged softmax, ``p = exp(x - m) * scale``. A merged row without entries gives
-    ``exp(x - m) = 0`` and so ``p = 0``."""
+    """`exp(m - m_new) / T`: turns a piece's own exponentials `exp(x - m)` into the
+    merged softmax, `p = exp(x - m) * scale`. A merged row without entries gives
+    `exp(x - m) = 0` and so `p = 0`."""
     return jnp.exp(m - m_new) / _nonzero(total_new)
 
 
 def log_total(total: jax.Array) -> jax.Array:
-    """``log T``, with ``T = 0`` (a merged row without entries) read as 1."""
+    """`log T`, with `T = 0` (a merged row without entries) read as 1."""
     return jnp.log(_nonzero(total))
 
 
 def log_scale(m: jax.Array, m_new: jax.Array, total_new: jax.Array) -> jax.Array:
-    """``(m - m_new) - log T``: the log-domain :func:`scale`, ``log p = (x - m) + log_scale``.
+    """`(m - m_new) - log T`: the log-domain `scale`, `log p = (x - m) + log_scale`.
 
-    The shift difference and ``log T`` stay apart, so a huge shift does not round
-    ``log T`` away, and on the piece holding the maximum (``m = m_new``) this is exactly
-    ``-log T``.
+    The shift difference and `log T` stay apart, so a huge shift does not round
+    `log T` away, and on the piece holding the maximum (`m = m_new`) this is exactly
+    `-log T`.
     """
     return (m - m_new) - log_total(total_new)
 
@@ -178,9 +179,9 @@ def merge_across(
 def merge_across(
     m: jax.Array, total: jax.Array, axis_name, *, extra: Callable[[jax.Array], _Tree] | None = None
 ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, _Tree]:
-    """:func:`merge_stats` over devices: ``lax.pmax`` of the shifts, then one ``lax.psum``
-    of the rescaled sums (and of ``extra(M)``, in the same all-reduce). Call inside
-    :func:`jax.shard_map`; ``m`` and ``total`` are this device's per-row statistics."""
+    """`merge_stats` over devices: `lax.pmax` of the shifts, then one `lax.psum`
+    of the rescaled sums (and of `extra(M)`, in the same all-reduce). Call inside
+    `jax.shard_map`; `m` and `total` are this device's per-row statistics."""
     return merge_stats(
         m,
         total,
@@ -195,7 +196,7 @@ def _sum_over(axis: int):
 
 
 def merge_over(m: jax.Array, total: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """:func:`merge_stats` over an array axis (kept with size 1)."""
+    """`merge_stats` over an array axis (kept with size 1)."""
     return merge_stats(
         m, total, reduce_max=partial(jnp.max, axis=axis, keepdims=True), reduce_sum=_sum_over(axis)
     )
@@ -212,7 +213,7 @@ def _count(lse: jax.Array) -> jax.Array:
 
 
 def _merge_primal(values, lse, axis: int):
-    """``(value, lse, (w, o, valid))``, pieces axis kept with size 1."""
+    """`(value, lse, (w, o, valid))`, pieces axis kept with size 1."""
     count = _count(lse)
     valid = count > 0  # NaN counts as a (poisoned) piece, +inf too
     m, total = merge_over(lse, count, axis)
@@ -251,46 +252,47 @@ def _as_real_array(x, name: str) -> jax.Array:
 def merge_partials(values: ArrayLike, lse: ArrayLike, axis: int = 0) -> tuple[jax.Array, jax.Array]:
     r"""Merges softmax-weighted partial results computed over pieces of a row, exactly.
 
-    Piece :math:`k` of a softmax row (a block of keys, a chunk of the vocabulary, the
-    classes held by one device) gives its log-sum-exp :math:`\ell_k` and its result
-    under its own softmax, :math:`o_k = \sum_{i\in k} p^{(k)}_i\, v_i`. The result
+    Piece $k$ of a softmax row (a block of keys, a chunk of the vocabulary, the
+    classes held by one device) gives its log-sum-exp $\ell_k$ and its result
+    under its own softmax, $o_k = \sum_{i\in k} p^{(k)}_i\, v_i$. The result
     under the softmax of the whole row is
 
-    .. math::
-        \ell = \log\sum_k e^{\ell_k}, \qquad
-        o = \sum_k e^{\ell_k - \ell}\, o_k ,
+    $$
+    \ell = \log\sum_k e^{\ell_k}, \qquad
+    o = \sum_k e^{\ell_k - \ell}\, o_k ,
+    $$
 
-    computed with the maximum :math:`\ell_k` subtracted first. The merge is associative
+    computed with the maximum $\ell_k$ subtracted first. The merge is associative
     and the order of the pieces does not matter (up to rounding), so merged results can
-    be merged again. Its derivatives (:math:`\partial o/\partial o_k = w_k`,
-    :math:`\partial o/\partial \ell_k = w_k(o_k - o)`,
-    :math:`\partial \ell/\partial \ell_k = w_k` with :math:`w_k = e^{\ell_k - \ell}`)
+    be merged again. Its derivatives ($\partial o/\partial o_k = w_k$,
+    $\partial o/\partial \ell_k = w_k(o_k - o)$,
+    $\partial \ell/\partial \ell_k = w_k$ with $w_k = e^{\ell_k - \ell}$)
     make gradients through a split computation equal those through the unsplit one.
-    A :func:`jax.custom_jvp`: forward and reverse mode.
+    A `jax.custom_jvp`: forward and reverse mode.
 
     Args:
-      values: the per-piece results, shape ``L + T``: the shape ``L`` of ``lse``
-        followed by any trailing result axes ``T`` (none for per-row scalars, e.g.
-        ``(pieces, queries, head_dim)`` for attention).
-      lse: the per-piece log-sum-exps, shape ``L``; ``-inf`` marks an empty piece.
-      axis: the pieces axis, an axis of ``lse`` (negative values count from the end
-        of ``lse``'s shape, not of ``values``').
+      values: the per-piece results, shape `L + T`: the shape `L` of `lse`
+        followed by any trailing result axes `T` (none for per-row scalars, e.g.
+        `(pieces, queries, head_dim)` for attention).
+      lse: the per-piece log-sum-exps, shape `L`; `-inf` marks an empty piece.
+      axis: the pieces axis, an axis of `lse` (negative values count from the end
+        of `lse`'s shape, not of `values`').
 
     Returns:
-      ``(value, lse)`` with the pieces axis removed: shapes ``L' + T`` and ``L'``.
-      ``value`` has the dtype of ``values``; ``lse`` has the dtype of ``lse``, except
-      that 16-bit ``lse`` comes back as float32. The merge is computed in float32 for
+      `(value, lse)` with the pieces axis removed: shapes `L' + T` and `L'`.
+      `value` has the dtype of `values`; `lse` has the dtype of `lse`, except
+      that 16-bit `lse` comes back as float32. The merge is computed in float32 for
       16-bit inputs (and in the wider dtype of the two otherwise).
 
     Note:
-      * An empty piece (``lse = -inf``) contributes nothing, whatever its ``values``
+      * An empty piece (`lse = -inf`) contributes nothing, whatever its `values`
         hold (also NaN), and gets zero gradients. If every piece is empty the result
-        is ``value = 0`` and ``lse = -inf``, with zero (finite) gradients.
-      * A piece with ``lse = +inf`` gives ``lse = +inf`` and a NaN ``value``; NaN in
-        ``lse`` gives NaN; NaN in a non-empty piece's ``values`` gives NaN.
-      * An empty pieces axis gives ``value = 0`` and ``lse = -inf``.
+        is `value = 0` and `lse = -inf`, with zero (finite) gradients.
+      * A piece with `lse = +inf` gives `lse = +inf` and a NaN `value`; NaN in
+        `lse` gives NaN; NaN in a non-empty piece's `values` gives NaN.
+      * An empty pieces axis gives `value = 0` and `lse = -inf`.
       * To merge 16-bit pieces accurately, keep their log-sum-exps in float32 (a
-        bfloat16 ``lse`` near 10 is off by up to 0.03, i.e. 3 % in the weight).
+        bfloat16 `lse` near 10 is off by up to 0.03, i.e. 3 % in the weight).
 
     Examples:
       >>> import jax.numpy as jnp

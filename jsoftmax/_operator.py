@@ -1,11 +1,11 @@
-r"""``SoftmaxJacobian``: the softmax Jacobian :math:`J = \mathrm{diag}(p) - pp^\top` as a
+r"""`SoftmaxJacobian`: the softmax Jacobian $J = \mathrm{diag}(p) - pp^\top$ as a
 structured operator.
 
-The operator stores only the probabilities ``p`` (and an optional per-row ``scale``),
-so it costs the memory of ``p`` and multiplies in :math:`O(n)`. It is a JAX pytree:
-it can be passed through and returned from :func:`jax.jit`, mapped with
-:func:`jax.vmap` and differentiated with :func:`jax.grad`. Every product is
-:func:`jsoftmax._formulas.jac_product`.
+The operator stores only the probabilities `p` (and an optional per-row `scale`),
+so it costs the memory of `p` and multiplies in $O(n)$. It is a JAX pytree:
+it can be passed through and returned from `jax.jit`, mapped with
+`jax.vmap` and differentiated with `jax.grad`. Every product is
+`jsoftmax._formulas.jac_product`.
 """
 
 from __future__ import annotations
@@ -26,44 +26,52 @@ def _compute_dtype(*dtypes) -> np.dtype:
 
 @jax.tree_util.register_pytree_node_class
 class SoftmaxJacobian:
-    r"""The softmax Jacobian :math:`J = s\,(\mathrm{diag}(p) - pp^\top)` as an operator.
+    r"""The softmax Jacobian $J = s\,(\mathrm{diag}(p) - pp^\top)$ as an operator.
 
-    .. math:: J_{ij} = \frac{\partial p_i}{\partial z_j} = s\, p_i(\delta_{ij} - p_j)
+    $$
+    J_{ij} = \frac{\partial p_i}{\partial z_j} = s\, p_i(\delta_{ij} - p_j)
+    $$
 
-    One operator holds one :math:`n \times n` matrix per batch row: ``p`` has any
-    rank, ``axis`` is its softmax axis (length ``n``) and the remaining axes are the
-    batch. The optional ``scale`` :math:`s` (default 1) turns the operator into the
-    Hessian of a cross-entropy (see :func:`jsoftmax.cross_entropy_hessian`).
+    One operator holds one $n \times n$ matrix per batch row: `p` has any
+    rank, `axis` is its softmax axis (length `n`) and the remaining axes are the
+    batch. The optional `scale` $s$ (default 1) turns the operator into the
+    Hessian of a cross-entropy (see [`jsoftmax.cross_entropy_hessian`][]).
 
-    Construct it with :meth:`from_logits` or :meth:`from_probs` (the same as the
-    plain constructor ``SoftmaxJacobian(p, axis)``).
+    Construct it with [`from_logits`][jsoftmax.SoftmaxJacobian.from_logits] or
+    [`from_probs`][jsoftmax.SoftmaxJacobian.from_probs] (the same as the plain
+    constructor `SoftmaxJacobian(p, axis)`).
 
-    Vectors and shapes (``J`` of probabilities ``p``):
+    Vectors and shapes (`J` of probabilities `p`):
 
-    * ``J @ v`` with ``v.shape == p.shape`` is the product with one vector per row
-      (the JVP); with ``v.shape == p.shape + (k,)`` the trailing axis holds ``k``
+    * `J @ v` with `v.shape == p.shape` is the product with one vector per row
+      (the JVP); with `v.shape == p.shape + (k,)` the trailing axis holds `k`
       vectors (columns) and the result has that shape too.
-    * ``v @ J`` with ``v.shape == p.shape`` is the VJP (equal to ``J @ v``: ``J`` is
-      symmetric); with ``v.shape == (k,) + p.shape`` the leading axis holds ``k`` row
+    * `v @ J` with `v.shape == p.shape` is the VJP (equal to `J @ v`: `J` is
+      symmetric); with `v.shape == (k,) + p.shape` the leading axis holds `k` row
       vectors.
 
-    Costs per row (``n`` classes): products, :meth:`diagonal`, :meth:`trace`,
-    ``J[i, j]`` and :meth:`pinv_solve` :math:`O(n)`; :meth:`dense` :math:`O(n^2)`;
-    :meth:`eigenvalues` :math:`O(n^2 b)` time with ``b`` the dtype's mantissa bits
-    (dense ``eigh`` is :math:`O(n^3)`).
+    Costs per row (`n` classes): products,
+    [`diagonal`][jsoftmax.SoftmaxJacobian.diagonal],
+    [`trace`][jsoftmax.SoftmaxJacobian.trace], `J[i, j]` and
+    [`pinv_solve`][jsoftmax.SoftmaxJacobian.pinv_solve] $O(n)$;
+    [`dense`][jsoftmax.SoftmaxJacobian.dense] $O(n^2)$;
+    [`eigenvalues`][jsoftmax.SoftmaxJacobian.eigenvalues] $O(n^2 b)$ time with `b` the
+    dtype's mantissa bits (dense `eigh` is $O(n^3)$).
 
     Attributes:
       p: the probabilities, as given.
       axis: the softmax axis, stored as a negative int (counted from the end, so
-        ``vmap`` over leading batch axes keeps it right).
-      scale: ``None`` (meaning 1) or an array of ``p``'s rank with size 1 along
-        ``axis``.
+        `vmap` over leading batch axes keeps it right).
+      scale: `None` (meaning 1) or an array of `p`'s rank with size 1 along
+        `axis`.
 
     Note:
-      * Masked classes (``p_i = 0``) have zero rows and columns; a fully masked row
+      * Masked classes (`p_i = 0`) have zero rows and columns; a fully masked row
         is the zero matrix.
-      * :meth:`trace` and :meth:`pinv_solve` assume each row of ``p`` sums to 1
-        (a softmax output); :meth:`eigenvalues` and the products do not.
+      * [`trace`][jsoftmax.SoftmaxJacobian.trace] and
+        [`pinv_solve`][jsoftmax.SoftmaxJacobian.pinv_solve] assume each row of `p` sums
+        to 1 (a softmax output); [`eigenvalues`][jsoftmax.SoftmaxJacobian.eigenvalues]
+        and the products do not.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -107,9 +115,9 @@ class SoftmaxJacobian:
     def from_probs(
         cls, p: ArrayLike, axis: int = -1, *, scale: ArrayLike | None = None
     ) -> SoftmaxJacobian:
-        """The operator of probabilities ``p`` (a softmax output) along ``axis``.
+        """The operator of probabilities `p` (a softmax output) along `axis`.
 
-        ``scale`` (optional, broadcastable to the batch shape) multiplies the matrix.
+        `scale` (optional, broadcastable to the batch shape) multiplies the matrix.
         """
         return cls(p, axis, scale=scale)
 
@@ -122,11 +130,11 @@ class SoftmaxJacobian:
         *,
         scale: ArrayLike | None = None,
     ) -> SoftmaxJacobian:
-        """The Jacobian of :func:`jsoftmax.softmax` at logits ``x`` (cost :math:`O(n)`).
+        """The Jacobian of [`jsoftmax.softmax`][] at logits `x` (cost $O(n)$).
 
-        ``p`` is computed with ``rule="jvp"``, so the operator can be differentiated
-        with respect to ``x`` in both modes. ``where`` masks classes as in
-        :func:`jsoftmax.softmax`.
+        `p` is computed with `rule="jvp"`, so the operator can be differentiated
+        with respect to `x` in both modes. `where` masks classes as in
+        [`jsoftmax.softmax`][].
         """
         x = _checks.as_float_array(x)
         ax = _checks.canonical_axis(axis, x.ndim)
@@ -141,23 +149,23 @@ class SoftmaxJacobian:
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
-        """``p.shape`` without the softmax axis."""
+        """`p.shape` without the softmax axis."""
         ax = self.axis % self.p.ndim
         return tuple(s for k, s in enumerate(self.p.shape) if k != ax)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The shape of :meth:`dense`: ``batch_shape + (n, n)``."""
+        """The shape of [`dense`][jsoftmax.SoftmaxJacobian.dense]: `batch_shape + (n, n)`."""
         return (*self.batch_shape, self.n, self.n)
 
     @property
     def dtype(self):
-        """The dtype of ``p``."""
+        """The dtype of `p`."""
         return self.p.dtype
 
     @property
     def T(self) -> SoftmaxJacobian:
-        """The transpose: ``J`` itself (it is symmetric)."""
+        """The transpose: `J` itself (it is symmetric)."""
         return self
 
     def __repr__(self) -> str:
@@ -167,7 +175,7 @@ class SoftmaxJacobian:
     # -- helpers -----------------------------------------------------------------------
 
     def _scale_like(self, a: jax.Array, lead: int = 0, trail: int = 0) -> jax.Array:
-        """``a * scale`` with ``scale`` padded by ``lead``/``trail`` size-1 axes."""
+        """`a * scale` with `scale` padded by `lead`/`trail` size-1 axes."""
         if self.scale is None:
             return a
         s = self.scale.reshape((1,) * lead + self.scale.shape + (1,) * trail)
@@ -198,7 +206,7 @@ class SoftmaxJacobian:
         return out.astype(jnp.result_type(p.dtype, v.dtype))
 
     def _last(self) -> jax.Array:
-        """``p`` in the compute dtype with the softmax axis last."""
+        """`p` in the compute dtype with the softmax axis last."""
         p = self.p.astype(_checks.accumulation_dtype(self.p.dtype))
         return jnp.moveaxis(p, self.axis, -1)
 
@@ -210,23 +218,23 @@ class SoftmaxJacobian:
     # -- products ----------------------------------------------------------------------
 
     def __matmul__(self, v: ArrayLike) -> jax.Array:
-        r"""``J @ v``: :math:`s\,p\odot(v - \langle p, v\rangle)`, :math:`O(n)` per vector."""
+        r"""`J @ v`: $s\,p\odot(v - \langle p, v\rangle)$, $O(n)$ per vector."""
         if isinstance(v, SoftmaxJacobian):
             return NotImplemented
         return self._product(v, "right")
 
     def __rmatmul__(self, v: ArrayLike) -> jax.Array:
-        r"""``v @ J`` (the VJP), :math:`O(n)` per vector; equal to ``J @ v``."""
+        r"""`v @ J` (the VJP), $O(n)$ per vector; equal to `J @ v`."""
         return self._product(v, "left")
 
     def matvec(self, v: ArrayLike) -> jax.Array:
-        """``J @ v`` as a method (for use with solvers taking a callable)."""
+        """`J @ v` as a method (for use with solvers taking a callable)."""
         return self._product(v, "right")
 
     # -- structure ---------------------------------------------------------------------
 
     def dense(self) -> jax.Array:
-        r"""The explicit matrices, shape ``batch_shape + (n, n)``; :math:`O(n^2)` per row."""
+        r"""The explicit matrices, shape `batch_shape + (n, n)`; $O(n^2)$ per row."""
         out = _formulas.dense_jacobian(self._last())
         s = self._batch_scale()
         if s is not None:
@@ -234,24 +242,24 @@ class SoftmaxJacobian:
         return out.astype(self.p.dtype)
 
     def diagonal(self) -> jax.Array:
-        r"""The diagonal :math:`s\,p_i(1 - p_i)`, laid out like ``p``; :math:`O(n)`."""
+        r"""The diagonal $s\,p_i(1 - p_i)$, laid out like `p`; $O(n)$."""
         d = _jacobian.jacobian_diagonal(self.p, self.axis)
         return self._scale_like(d)
 
     def trace(self) -> jax.Array:
-        r"""The trace :math:`s\sum_i p_i(1 - p_i) = s\,(1 - \sum_i p_i^2)`; :math:`O(n)`.
+        r"""The trace $s\sum_i p_i(1 - p_i) = s\,(1 - \sum_i p_i^2)$; $O(n)$.
 
-        Returns an array of shape ``batch_shape``.
+        Returns an array of shape `batch_shape`.
         """
         cdt = _checks.accumulation_dtype(self.p.dtype)
         d = self._scale_like(_jacobian.jacobian_diagonal(self.p.astype(cdt), self.axis))
         return jnp.sum(d, axis=self.axis).astype(self.p.dtype)
 
     def __getitem__(self, key) -> jax.Array:
-        r"""``J[i, j]`` = :math:`s\,p_i(\delta_{ij} - p_j)` for every batch row, :math:`O(1)`.
+        r"""`J[i, j]` = $s\,p_i(\delta_{ij} - p_j)$ for every batch row, $O(1)$.
 
-        ``i`` and ``j`` are ints or integer arrays broadcastable to ``batch_shape``
-        (negative counts from the end). Returns an array of shape ``batch_shape``.
+        `i` and `j` are ints or integer arrays broadcastable to `batch_shape`
+        (negative counts from the end). Returns an array of shape `batch_shape`.
         """
         if not isinstance(key, tuple) or len(key) != 2:
             raise IndexError(
@@ -272,36 +280,38 @@ class SoftmaxJacobian:
     # -- spectrum and solves -----------------------------------------------------------
 
     def eigenvalues(self) -> jax.Array:
-        r"""Eigenvalues of each matrix in ascending order, without a dense ``eigh``.
+        r"""Eigenvalues of each matrix in ascending order, without a dense `eigh`.
 
-        :math:`\mathrm{diag}(p) - pp^\top` is a rank-one downdate of a diagonal
-        matrix. With :math:`\det(D - \lambda I - pp^\top) = \prod_i (p_i - \lambda)
-        \bigl(1 - \sum_i \frac{p_i^2}{p_i - \lambda}\bigr)`, its eigenvalues are the
+        $\mathrm{diag}(p) - pp^\top$ is a rank-one downdate of a diagonal
+        matrix. With $\det(D - \lambda I - pp^\top) = \prod_i (p_i - \lambda)
+        \bigl(1 - \sum_i \frac{p_i^2}{p_i - \lambda}\bigr)$, its eigenvalues are the
         roots of the secular equation
 
-        .. math:: g(\lambda) = \sum_i \frac{p_i^2}{p_i - \lambda} - 1 = 0,
+        $$
+        g(\lambda) = \sum_i \frac{p_i^2}{p_i - \lambda} - 1 = 0,
+        $$
 
-        which interlace the sorted :math:`d_1 \le \dots \le d_n` of ``p``:
-        :math:`\lambda_1 \in [d_1 - \|p\|^2, d_1]` and
-        :math:`\lambda_k \in [d_{k-1}, d_k]`. :math:`g` increases from :math:`-\infty`
-        to :math:`+\infty` on each open interval, so bisection finds each root; an
-        interval of zero width (a repeated :math:`p_i`) is itself the eigenvalue, and
-        a zero :math:`p_i` (weight 0 in :math:`g`) gives the eigenvalue 0. When
-        :math:`\sum p = 1`, :math:`g(0) = 0`: the smallest eigenvalue is 0 (the
-        eigenvector is :math:`1`). Each evaluation of :math:`g` is shifted to the
+        which interlace the sorted $d_1 \le \dots \le d_n$ of `p`:
+        $\lambda_1 \in [d_1 - \|p\|^2, d_1]$ and
+        $\lambda_k \in [d_{k-1}, d_k]$. $g$ increases from $-\infty$
+        to $+\infty$ on each open interval, so bisection finds each root; an
+        interval of zero width (a repeated $p_i$) is itself the eigenvalue, and
+        a zero $p_i$ (weight 0 in $g$) gives the eigenvalue 0. When
+        $\sum p = 1$, $g(0) = 0$: the smallest eigenvalue is 0 (the
+        eigenvector is $1$). Each evaluation of $g$ is shifted to the
         interval's pole for accuracy.
 
-        Cost: :math:`O(n^2 b)` time and :math:`O(n^2)` memory per row (all ``n``
-        roots bisected together, ``b`` ≈ mantissa bits + 8 iterations), against
-        :math:`O(n^3)` for ``jnp.linalg.eigh(J.dense())``. Absolute accuracy is a few
-        machine epsilons of :math:`\max_i p_i`.
+        Cost: $O(n^2 b)$ time and $O(n^2)$ memory per row (all `n`
+        roots bisected together, `b` ≈ mantissa bits + 8 iterations), against
+        $O(n^3)$ for `jnp.linalg.eigh(J.dense())`. Absolute accuracy is a few
+        machine epsilons of $\max_i p_i$.
 
         Returns:
-          Array of shape ``batch_shape + (n,)``, ascending (multiplied by ``scale``).
+          Array of shape `batch_shape + (n,)`, ascending (multiplied by `scale`).
 
         Note:
           Not differentiable: the result carries no gradient (it is wrapped in
-          :func:`jax.lax.stop_gradient`). A row containing NaN gives NaN eigenvalues.
+          `jax.lax.stop_gradient`). A row containing NaN gives NaN eigenvalues.
 
         Examples:
           >>> import jax.numpy as jnp
@@ -348,37 +358,38 @@ class SoftmaxJacobian:
         return ev.astype(self.p.dtype)
 
     def pinv_solve(self, b: ArrayLike) -> jax.Array:
-        r"""Minimum-norm least-squares solution :math:`x = J^+ b`, in :math:`O(n)`.
+        r"""Minimum-norm least-squares solution $x = J^+ b$, in $O(n)$.
 
-        ``J`` is singular: its null space holds :math:`1` and every :math:`e_i` with
-        :math:`p_i = 0`. Let :math:`S = \{i : p_i > 0\}` (size :math:`m`). For a
-        probability vector (:math:`\sum_S p_i = 1`) the range of ``J`` is
-        :math:`\{v : v_i = 0 \ (i \notin S),\ \sum_S v_i = 0\}` and
-        :math:`J(b/p + c1) = b` for any such :math:`b` and any :math:`c`. So
+        `J` is singular: its null space holds $1$ and every $e_i$ with
+        $p_i = 0$. Let $S = \{i : p_i > 0\}$ (size $m$). For a
+        probability vector ($\sum_S p_i = 1$) the range of `J` is
+        $\{v : v_i = 0 \ (i \notin S),\ \sum_S v_i = 0\}$ and
+        $J(b/p + c1) = b$ for any such $b$ and any $c$. So
 
-        .. math::
-            \tilde b_i = b_i - \tfrac{1}{m}\textstyle\sum_{k\in S} b_k,\qquad
-            x_i = \frac{1}{s}\Bigl(\frac{\tilde b_i}{p_i}
-                 - \frac{1}{m}\sum_{k\in S}\frac{\tilde b_k}{p_k}\Bigr)
-            \ (i \in S), \qquad x_i = 0 \ (i \notin S):
+        $$
+        \tilde b_i = b_i - \tfrac{1}{m}\textstyle\sum_{k\in S} b_k,\qquad
+        x_i = \frac{1}{s}\Bigl(\frac{\tilde b_i}{p_i}
+        - \frac{1}{m}\sum_{k\in S}\frac{\tilde b_k}{p_k}\Bigr)
+        \ (i \in S), \qquad x_i = 0 \ (i \notin S):
+        $$
 
-        project :math:`b` onto the range, divide by :math:`p`, then project the
+        project $b$ onto the range, divide by $p$, then project the
         solution orthogonally to the null space. Equal to
-        ``jnp.linalg.pinv(J.dense()) @ b`` (which costs :math:`O(n^3)`).
+        `jnp.linalg.pinv(J.dense()) @ b` (which costs $O(n^3)$).
 
         Args:
-          b: right-hand side, shape ``p.shape`` or ``p.shape + (k,)`` (``k``
+          b: right-hand side, shape `p.shape` or `p.shape + (k,)` (`k`
             right-hand sides in the trailing axis).
 
         Returns:
-          ``x`` with the shape of ``b``.
+          `x` with the shape of `b`.
 
         Note:
-          Assumes each row of ``p`` sums to 1 (over its non-zero entries). The
-          solution grows like :math:`1/\min_S p_i`: tiny probabilities make the
+          Assumes each row of `p` sums to 1 (over its non-zero entries). The
+          solution grows like $1/\min_S p_i$: tiny probabilities make the
           problem ill-conditioned, exactly as for the dense pseudo-inverse (which
-          would instead cut singular values below its ``rtol``). A fully masked row
-          (``p = 0``) gives ``x = 0``; a ``scale`` of 0 gives inf/NaN.
+          would instead cut singular values below its `rtol`). A fully masked row
+          (`p = 0`) gives `x = 0`; a `scale` of 0 gives inf/NaN.
 
         Examples:
           >>> import jax.numpy as jnp

@@ -78,6 +78,21 @@ def test_quick_json_timing_rows_are_consistent(quick_result):
             assert r["met"] == (r["ratio"] >= r["target"])
 
 
+def test_quick_json_bandwidth_rows(quick_result):
+    # On a CPU the quick run has the accelerator group too (a small shape, no target), so
+    # that the smoke test of .ci/device runs its code: softmax and cross-entropy rows
+    # whose ratio is jsoftmax's fraction of the bound, beside the baseline's.
+    rows = [r for r in quick_result["rows"] if r["group"] == "bandwidth"]
+    cases = [r["case"].split()[0] for r in rows]
+    assert cases == ["softmax", "cross_entropy"], cases
+    for r in rows:
+        assert r["unit"] == "fraction" and r["ratio"] == r["candidate_value"]
+        assert 0 < r["candidate_value"] and 0 < r["baseline_value"]
+        assert "fraction of the bound" in r["note"] and "DIFFER" not in r["note"]
+        if jax.default_backend() == "cpu":
+            assert r["target"] is None and r["met"] is None
+
+
 def test_quick_json_residuals_one_output_sized_array(quick_result):
     # Independent count: one float32 array of the benchmark shape.
     row = next(

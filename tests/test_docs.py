@@ -1,6 +1,8 @@
 """The documentation site: every page's Python examples run as written (each page in
 order, in a fresh interpreter), and the site builds with MkDocs in strict mode (any
-warning, e.g. a broken link or a docstring mkdocstrings cannot parse, fails)."""
+warning, e.g. a broken link, an unresolved cross-reference or a docstring mkdocstrings
+cannot parse, fails). The built pages show no raw reStructuredText, and their formulas
+are marked for MathJax, which the site serves itself."""
 
 import os
 import pathlib
@@ -53,7 +55,61 @@ def test_site_builds_in_strict_mode(tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (tmp_path / "api" / "index.html").exists()
+    api = tmp_path / "api" / "index.html"
+    assert api.exists()
+    pages = [p for p in tmp_path.rglob("*.html") if "notebooks" not in p.parts]
+    raw = {str(p.relative_to(tmp_path)): _raw_markup(p.read_text()) for p in pages}
+    raw = {page: lines for page, lines in raw.items() if lines}
+    assert not raw, f"raw reStructuredText or unrendered math in the built site: {raw}"
+    # The formulas of the docstrings reach the page as arithmatex markup, and MathJax is
+    # served from the site itself (the site renders them without a network).
+    assert api.read_text().count('class="arithmatex"') >= 50
+    mathjax = tmp_path / "assets" / "mathjax" / "tex-svg-full.js"
+    assert mathjax.stat().st_size > 1_000_000
+    assert 'src="../assets/mathjax/tex-svg-full.js"' in api.read_text()
+
+
+# Markup that Markdown leaves as it is: reStructuredText roles (`:func:`, `:math:`, ...),
+# directives (`.. math::`), double backticks and unconverted `$` math.
+_RAW = re.compile(
+    r":(?:func|class|meth|mod|math|attr|data|obj|exc|ref|doc|py:\w+):(?=\S)"
+    r"|\.\. [a-z][\w-]*::"
+    r"|``"
+    r"|\$"
+)
+
+
+def _raw_markup(html: str) -> list[str]:
+    """The lines of a built page's visible text (code blocks and formulas left out)
+    that hold raw reStructuredText or unrendered math."""
+    body = re.sub(r"<(pre|script|style)\b.*?</\1>", "", html, flags=re.S)
+    body = re.sub(r'<(span|div) class="arithmatex">.*?</\1>', "", body, flags=re.S)
+    text = re.sub(r"<[^>]+>", "", body)
+    return [line.strip() for line in text.splitlines() if _RAW.search(line)]
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        "<p>The Jacobian of :func:<code>jsoftmax.softmax</code>.</p>",
+        "<p>Cost :math:<code>O(n)</code>.</p>",
+        "<p>.. math::\n    p_i = e^{z_i}</p>",
+        "<p>keys ``group, case,</p>",
+        "<p>Cost $O(n)$.</p>",
+    ],
+)
+def test_raw_markup_is_found(html):
+    assert _raw_markup(html)
+
+
+def test_rendered_markup_passes():
+    html = (
+        '<p>The Jacobian of <a href="#jsoftmax.softmax"><code>jsoftmax.softmax</code></a>, '
+        'cost <span class="arithmatex">\\(O(n)\\)</span>.</p>'
+        '<div class="arithmatex">\\[J = \\mathrm{diag}(p) - pp^\\top\\]</div>'
+        "<pre><code>x = ``raw`` $1</code></pre>"
+    )
+    assert _raw_markup(html) == []
 
 
 def _has_module(name: str) -> bool:

@@ -1,20 +1,22 @@
 """Tools built on jsoftmax: verification, benchmark and accuracy report.
 
-Three subpackages, each a command of ``python -m jsoftmax`` (or ``jsoftmax``) and a
-Python API. They import the core (``jsoftmax.softmax`` and friends), never the reverse.
+Three subpackages, each a command of `python -m jsoftmax` (or `jsoftmax`) and a
+Python API. They import the core (`jsoftmax.softmax` and friends), never the reverse.
 
-* :mod:`jsoftmax.tools.verify` — :func:`jsoftmax.tools.verify.verify` checks every
-  derivative method against a float64 reference (``jsoftmax verify``; also
-  :func:`jsoftmax.verify`).
-* :mod:`jsoftmax.tools.bench` — :func:`jsoftmax.tools.bench.run` times jsoftmax
-  against jax.nn and autodiff baselines (``jsoftmax bench``).
-* :mod:`jsoftmax.tools.accuracy` — :func:`jsoftmax.tools.accuracy.run` measures the
-  error against mpmath in ULPs (``jsoftmax accuracy``; needs ``jsoftmax[accuracy]``).
+* `jsoftmax.tools.verify` — [`jsoftmax.tools.verify.verify`][] checks every
+  derivative method against a float64 reference (`jsoftmax verify`; also
+  [`jsoftmax.verify`][]).
+* `jsoftmax.tools.bench` — [`jsoftmax.tools.bench.run`][] times jsoftmax
+  against jax.nn and autodiff baselines (`jsoftmax bench`).
+* `jsoftmax.tools.accuracy` — `jsoftmax.tools.accuracy.run` measures the
+  error against mpmath in ULPs (`jsoftmax accuracy`; needs `jsoftmax[accuracy]`).
 
-The subpackages load on first use, so ``import jsoftmax`` stays light::
+The subpackages load on first use, so `import jsoftmax` stays light:
 
-    import jsoftmax.tools.bench
-    result = jsoftmax.tools.bench.run(quick=True)
+```python
+import jsoftmax.tools.bench
+result = jsoftmax.tools.bench.run(quick=True)
+```
 """
 
 from __future__ import annotations

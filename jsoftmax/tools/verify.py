@@ -1,13 +1,13 @@
 """Verification harness: every way of computing the softmax derivatives, compared with
 an independent float64 reference, on the default backend.
 
-``python -m jsoftmax verify`` is the project's main job: it prints a short summary (the
+`python -m jsoftmax verify` is the project's main job: it prints a short summary (the
 worst error of each method per dtype, then the verdict) and exits non-zero when a
-jsoftmax method is out of tolerance; ``--full`` prints every comparison and
-``--json PATH`` writes them. :func:`verify` is the function behind it (also
-:func:`jsoftmax.verify`).
+jsoftmax method is out of tolerance; `--full` prints every comparison and
+`--json PATH` writes them. [`verify`][jsoftmax.tools.verify.verify] is the function behind it (also
+[`jsoftmax.verify`][]).
 
-Each method is a check function of ``_CHECKS``: it receives one input (``_Input``) and
+Each method is a check function of `_CHECKS`: it receives one input (`_Input`) and
 adds rows; a new method is a new check.
 """
 
@@ -99,10 +99,10 @@ def _full_line(r: Row) -> tuple[str, ...]:
 
 @dataclasses.dataclass
 class Report:
-    """Rows of a verification run; ``ok`` is True when every gating row passes.
+    """Rows of a verification run; `ok` is True when every gating row passes.
 
-    ``summary()`` is the short form (worst error per method and dtype, the verdict),
-    ``table()`` (also ``str(report)``) lists every comparison, ``as_dict()`` is the
+    `summary()` is the short form (worst error per method and dtype, the verdict),
+    `table()` (also `str(report)`) lists every comparison, `as_dict()` is the
     JSON form.
     """
 
@@ -220,7 +220,7 @@ def _to_float64(a) -> np.ndarray:
 
 @dataclasses.dataclass
 class _Input:
-    """Logits ``x`` (softmax along ``axis``), an optional direction ``v``, their float64
+    """Logits `x` (softmax along `axis`), an optional direction `v`, their float64
     references with the softmax axis last, and the rows collected so far."""
 
     x: jax.Array
@@ -242,7 +242,7 @@ class _Input:
         self.p_max = float(self.p_ref.max())
 
     def add(self, quantity, method, result, reference, *, gating=True, scale=None) -> None:
-        """Adds the row of ``result`` (softmax axis last) against ``reference``."""
+        """Adds the row of `result` (softmax axis last) against `reference`."""
         scale = self.p_max if scale is None else scale
         result = _to_float64(result)
         abs_err = float(np.max(np.abs(result - reference))) if reference.size else 0.0
@@ -278,7 +278,7 @@ def _sm(rule):
 
 
 def _check_jacobians(c: _Input) -> None:
-    """J four ways, plus ``jax.jacfwd(jax.nn.softmax)`` as an outside reference."""
+    """J four ways, plus `jax.jacfwd(jax.nn.softmax)` as an outside reference."""
     axis = c.axis
     explicit = jax.jit(lambda x: jsoftmax.jacobian(x, axis))
     c.add("J = d softmax", "jsoftmax.jacobian (explicit)", explicit(c.x), c.j_ref)
@@ -311,7 +311,7 @@ def _products(c: _Input) -> tuple[np.ndarray, float]:
 
 
 def _check_products(c: _Input) -> None:
-    """The O(n) products ``softmax_jvp`` / ``softmax_vjp`` (J is symmetric)."""
+    """The O(n) products `softmax_jvp` / `softmax_vjp` (J is symmetric)."""
     jv_ref, scale = _products(c)
     p = jsoftmax.softmax(c.x, c.axis)
     for name in ("softmax_jvp", "softmax_vjp"):
@@ -323,7 +323,7 @@ def _check_products(c: _Input) -> None:
 
 
 def _check_operator(c: _Input) -> None:
-    """:class:`jsoftmax.SoftmaxJacobian`: ``J @ v``, ``v @ J`` and ``.dense()``."""
+    """[`jsoftmax.SoftmaxJacobian`][]: `J @ v`, `v @ J` and `.dense()`."""
     jv_ref, scale = _products(c)
 
     def op(x):
@@ -341,7 +341,7 @@ def _check_operator(c: _Input) -> None:
 
 
 def _check_hessian(c: _Input) -> None:
-    """The explicit Hessian and ``jax.hessian`` of the jvp rule, for n <= 64."""
+    """The explicit Hessian and `jax.hessian` of the jvp rule, for n <= 64."""
     if c.shape[c.axis] > 64:
         return
     h_ref = _np_hessian(c.p_ref)
@@ -352,10 +352,10 @@ def _check_hessian(c: _Input) -> None:
 
 
 def _check_linear_cross_entropy(c: _Input) -> None:
-    """:func:`jsoftmax.linear_cross_entropy` (vocabulary in chunks that do not divide it)
-    and the dense path ``cross_entropy(h @ w)``: the loss and its gradients with respect
-    to ``h`` and ``w``, against float64 NumPy. The classes are the input's softmax axis;
-    hidden states ``h`` (16 features) and ``w`` are drawn per input."""
+    """[`jsoftmax.linear_cross_entropy`][] (vocabulary in chunks that do not divide it)
+    and the dense path `cross_entropy(h @ w)`: the loss and its gradients with respect
+    to `h` and `w`, against float64 NumPy. The classes are the input's softmax axis;
+    hidden states `h` (16 features) and `w` are drawn per input."""
     n = c.shape[c.axis]
     rows = int(np.prod(c.shape)) // n
     if n < 2 or rows > 4096:
@@ -425,37 +425,38 @@ def verify(
 ) -> Report:
     r"""Checks every jsoftmax derivative method against a float64 NumPy reference.
 
-    For each input (a vector per entry of ``sizes``, plus each ``(shape, axis)`` in
-    ``batched``) and each dtype, the softmax Jacobian
+    For each input (a vector per entry of `sizes`, plus each `(shape, axis)` in
+    `batched`) and each dtype, the softmax Jacobian
 
-    .. math::
-        J = \operatorname{diag}(p) - p p^\top, \qquad p = \operatorname{softmax}(x)
+    $$
+    J = \operatorname{diag}(p) - p p^\top, \qquad p = \operatorname{softmax}(x)
+    $$
 
-    is built four ways — the explicit :func:`jsoftmax.jacobian`, ``jax.jacrev`` of
-    ``softmax(rule="vjp")``, and ``jax.jacfwd`` / ``jax.jacrev`` of
-    ``softmax(rule="jvp")`` — and compared with ``diag(p) - p p^T`` evaluated in float64
-    NumPy on the same (dtype-rounded) logits. ``jax.jacfwd(jax.nn.softmax)`` is reported
-    beside them as an outside reference (not judged). With ``family=True`` the
+    is built four ways — the explicit [`jsoftmax.jacobian`][], `jax.jacrev` of
+    `softmax(rule="vjp")`, and `jax.jacfwd` / `jax.jacrev` of
+    `softmax(rule="jvp")` — and compared with `diag(p) - p p^T` evaluated in float64
+    NumPy on the same (dtype-rounded) logits. `jax.jacfwd(jax.nn.softmax)` is reported
+    beside them as an outside reference (not judged). With `family=True` the
     log-softmax Jacobian, the explicit Hessian (for n <= 64), the Jacobian-free
-    products ``softmax_jvp`` / ``softmax_vjp`` and the :class:`jsoftmax.SoftmaxJacobian`
-    operator (``J @ v``, ``v @ J``, ``.dense()``) are checked too.
+    products `softmax_jvp` / `softmax_vjp` and the [`jsoftmax.SoftmaxJacobian`][]
+    operator (`J @ v`, `v @ J`, `.dense()`) are checked too.
 
     Args:
       sizes: softmax lengths of the vector cases.
-      dtypes: dtype names; ``"float64"`` is skipped unless ``jax_enable_x64`` is on.
-      batched: ``(shape, axis)`` pairs for batched cases (``axis`` may be non-last).
+      dtypes: dtype names; `"float64"` is skipped unless `jax_enable_x64` is on.
+      batched: `(shape, axis)` pairs for batched cases (`axis` may be non-last).
       family: also check the log-softmax Jacobian, Hessian and products.
-      seed: PRNG seed for the logits (normal, times ``scale``).
+      seed: PRNG seed for the logits (normal, times `scale`).
       scale: standard deviation of the logits.
       progress: optional callback receiving a line of text per case.
 
     Returns:
-      A :class:`Report`; ``report.ok`` is False when any jsoftmax method differs from
-      the reference by more than ``16 * eps(dtype)`` (``2 * eps`` for 16-bit dtypes).
+      A `Report`; `report.ok` is False when any jsoftmax method differs from
+      the reference by more than `16 * eps(dtype)` (`2 * eps` for 16-bit dtypes).
       Errors are absolute errors divided by the scale of the terms that make up each
-      entry: ``max p`` for J and H, ``max p * max|v|`` for products, 1 for the
-      log-softmax Jacobian (whose entries are ``delta_ij - p_j``). ``report.summary()``
-      is the short form, ``str(report)`` the full table, ``report.as_dict()`` the JSON
+      entry: `max p` for J and H, `max p * max|v|` for products, 1 for the
+      log-softmax Jacobian (whose entries are `delta_ij - p_j`). `report.summary()`
+      is the short form, `str(report)` the full table, `report.as_dict()` the JSON
       form.
 
     Note:
@@ -493,7 +494,7 @@ def verify(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command with ``argv``; returns 0 when every jsoftmax method agrees, 1
+    """Runs the command with `argv`; returns 0 when every jsoftmax method agrees, 1
     when one is out of tolerance (2 for bad arguments)."""
     parser = argparse.ArgumentParser(
         prog=PROG,

@@ -25,7 +25,7 @@ FAMILIES: tuple[Family, ...] = get_args(Family)
 
 
 def family(name: Family, dtype: Dtype, rows: int, n: int, rng: np.random.Generator):
-    """Returns ``(x, where)`` of shape ``(rows, n)``; ``where`` is None when unmasked."""
+    """Returns `(x, where)` of shape `(rows, n)`; `where` is None when unmasked."""
     fmax = float(jnp.finfo(jnp.dtype(dtype)).max)
     where = None
     if name == "normal":

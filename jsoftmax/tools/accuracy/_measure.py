@@ -1,4 +1,4 @@
-"""Measuring jsoftmax and :mod:`jax.nn` against the mpmath reference: :func:`run`."""
+"""Measuring jsoftmax and `jax.nn` against the mpmath reference: `run`."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _grad(ce) -> Impl:
 
 
 def _impls(op: str) -> dict[str, Impl]:
-    """``{"jsoftmax": f, "jax.nn": g}``, each ``f(x, where, v, label)`` computing ``op``."""
+    """`{"jsoftmax": f, "jax.nn": g}`, each `f(x, where, v, label)` computing `op`."""
     js, nn = jsoftmax, jax.nn
 
     def sm(**kw):
@@ -117,32 +117,32 @@ def run(
     ops: Sequence[Op] | None = None,
     seed: int = 0,
 ) -> list[dict]:
-    """Measures jsoftmax and :mod:`jax.nn` against mpmath; returns one dict per row.
+    """Measures jsoftmax and `jax.nn` against mpmath; returns one dict per row.
 
     Every operation is computed by both implementations on the same dtype-rounded
-    inputs and compared with the exact value (mpmath at ``DIGITS`` significant
-    digits); see :mod:`jsoftmax.tools.accuracy` for the metrics.
+    inputs and compared with the exact value (mpmath at `DIGITS` significant
+    digits); see `jsoftmax.tools.accuracy` for the metrics.
 
     Args:
-      quick: fewer and shorter rows (2 rows of 33 entries, ``many_equal`` with 10**4
+      quick: fewer and shorter rows (2 rows of 33 entries, `many_equal` with 10**4
         instead of 10**6 entries), and fewer derivative operations.
-      dtypes: from ``DTYPES``; float64 requires ``jax_enable_x64``.
-      families: input families, from ``FAMILIES``.
-      ops: operations, from ``OPS``; by default all (the quick set with ``quick``).
+      dtypes: from `DTYPES`; float64 requires `jax_enable_x64`.
+      families: input families, from `FAMILIES`.
+      ops: operations, from `OPS`; by default all (the quick set with `quick`).
       seed: seed of the inputs (each dtype starts from it).
 
     Returns:
-      One dict per (dtype, family, operation, implementation) with the keys ``dtype``,
-      ``op``, ``family``, ``impl`` (``"jsoftmax"`` or ``"jax.nn"``), ``n`` (row
-      length), ``rows``, ``max_ulp``, ``median_ulp``, ``max_rel``, ``median_rel``,
-      ``nonfinite`` and ``flushed``.
+      One dict per (dtype, family, operation, implementation) with the keys `dtype`,
+      `op`, `family`, `impl` (`"jsoftmax"` or `"jax.nn"`), `n` (row
+      length), `rows`, `max_ulp`, `median_ulp`, `max_rel`, `median_rel`,
+      `nonfinite` and `flushed`.
 
     Raises:
-      ValueError: an unknown name, or float64 without ``jax_enable_x64``.
-      ImportError: mpmath is not installed (``pip install 'jsoftmax[accuracy]'``).
+      ValueError: an unknown name, or float64 without `jax_enable_x64`.
+      ImportError: mpmath is not installed (`pip install 'jsoftmax[accuracy]'`).
 
     Examples:
-      One dominant logit per row: ``jax.nn.log_softmax`` rounds its log-probability to 0.
+      One dominant logit per row: `jax.nn.log_softmax` rounds its log-probability to 0.
 
       >>> from jsoftmax.tools import accuracy
       >>> rows = accuracy.run(quick=True, dtypes=["float32"], families=["dominant"],

@@ -24,13 +24,13 @@ def smallest_normal(dtype: Dtype) -> float:
 
 
 def to_dtype(x, dtype: Dtype) -> np.ndarray:
-    """The float64 values ``x`` rounded to ``dtype`` (to nearest), back in float64."""
+    """The float64 values `x` rounded to `dtype` (to nearest), back in float64."""
     with np.errstate(over="ignore"):
         return np.asarray(x, np.float64).astype(jnp.dtype(dtype)).astype(np.float64)
 
 
 def ulp(a, dtype: Dtype) -> np.ndarray:
-    """Spacing of ``dtype`` at the float64 values ``a`` (smallest subnormal at 0).
+    """Spacing of `dtype` at the float64 values `a` (smallest subnormal at 0).
 
     Examples:
       >>> from jsoftmax.tools.accuracy import ulp
@@ -50,16 +50,16 @@ def ulp(a, dtype: Dtype) -> np.ndarray:
 def errors(got, hi: np.ndarray, lo: np.ndarray, dtype: Dtype, scale=None):
     """Per-component (ulp error, relative error, nonfinite flag, flushed flag).
 
-    The exact value is ``hi + lo`` (two float64 numbers); ``got`` is the computed result.
-    The error is ``|got - exact|`` in ULPs of ``dtype`` at ``|exact|`` (at ``scale``
-    when given, e.g. the largest component of a row) and relative to ``|exact|`` (or
-    ``scale``), never to less than the smallest normal number.
+    The exact value is `hi + lo` (two float64 numbers); `got` is the computed result.
+    The error is `|got - exact|` in ULPs of `dtype` at `|exact|` (at `scale`
+    when given, e.g. the largest component of a row) and relative to `|exact|` (or
+    `scale`), never to less than the smallest normal number.
 
     A component whose exact value lies below the dtype's smallest normal number and
     which came out as zero is "flushed" (XLA on CPU flushes subnormal results to zero):
     it is counted separately and given error 0, since no XLA CPU computation can
     return the subnormal. A NaN, or an infinity where the correctly rounded answer is
-    finite, is an infinite error and flagged ``nonfinite``; an exact value beyond the
+    finite, is an infinite error and flagged `nonfinite`; an exact value beyond the
     dtype's range must come out as the same infinity.
     """
     got = np.asarray(got, np.float64)
@@ -81,12 +81,12 @@ def errors(got, hi: np.ndarray, lo: np.ndarray, dtype: Dtype, scale=None):
 
 
 def row_scale(hi: np.ndarray) -> np.ndarray:
-    """The largest magnitude of each row (last axis), broadcast to ``hi``'s shape."""
+    """The largest magnitude of each row (last axis), broadcast to `hi`'s shape."""
     return np.broadcast_to(np.max(np.abs(hi), axis=-1, keepdims=True), hi.shape)
 
 
 def summary(ulps, rel, nonfinite, flushed) -> dict:
-    """The per-row report fields from :func:`errors`' per-component arrays."""
+    """The per-row report fields from `errors`' per-component arrays."""
     ulps, rel = np.ravel(ulps), np.ravel(rel)
     return {
         "max_ulp": float(np.max(ulps)) if ulps.size else 0.0,

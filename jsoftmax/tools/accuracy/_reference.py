@@ -1,9 +1,9 @@
 r"""The arbitrary-precision reference (mpmath).
 
 It handles the cases that defeat a naive high-precision evaluation: the log-sum-exp is
-:math:`\log c + \operatorname{log1p}(r / c)` with ``c`` the number of maximal entries
-and ``r`` the sum over the others, and :math:`1 - p_k` for a maximal entry is formed
-from the other terms, so a dominant logit whose probability is :math:`1 - 10^{-100}` is
+$\log c + \operatorname{log1p}(r / c)$ with `c` the number of maximal entries
+and `r` the sum over the others, and $1 - p_k$ for a maximal entry is formed
+from the other terms, so a dominant logit whose probability is $1 - 10^{-100}$ is
 still resolved.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 
 
 def split(values) -> tuple[np.ndarray, np.ndarray]:
-    """mpf values to a float64 (hi, lo) pair: ``hi`` the nearest float64, ``lo`` the
-    rest (0 where ``hi`` is infinite)."""
+    """mpf values to a float64 (hi, lo) pair: `hi` the nearest float64, `lo` the
+    rest (0 where `hi` is infinite)."""
     hi = np.array([float(v) for v in values], np.float64)
     with np.errstate(invalid="ignore"):
         lo = np.array(
@@ -29,8 +29,8 @@ def split(values) -> tuple[np.ndarray, np.ndarray]:
 class ExactRow:
     """Exact softmax quantities of one row, from its distinct values and multiplicities.
 
-    ``x`` holds float64 logits, ``valid`` the entries that take part (masked entries and
-    ``-inf`` get probability 0). Uses mpmath at its current working precision.
+    `x` holds float64 logits, `valid` the entries that take part (masked entries and
+    `-inf` get probability 0). Uses mpmath at its current working precision.
     """
 
     def __init__(self, x: np.ndarray, valid: np.ndarray):
@@ -74,7 +74,7 @@ class ExactRow:
         return self.p_u[self.inv[i]]
 
     def jac_product(self, g: np.ndarray):
-        r"""Exact :math:`p_i (g_i - \langle p, g\rangle)`, shifted by ``g`` at a maximum."""
+        r"""Exact $p_i (g_i - \langle p, g\rangle)$, shifted by `g` at a maximum."""
         out = [self.mp.mpf(0)] * self.n
         if not self.any:
             return out
@@ -86,7 +86,7 @@ class ExactRow:
         return out
 
     def log_vjp(self, g: np.ndarray):
-        """Exact ``g - p * sum(g)`` (``g`` is zero at non-finite outputs)."""
+        """Exact `g - p * sum(g)` (`g` is zero at non-finite outputs)."""
         out = [self.mp.mpf(0)] * self.n
         if not self.any:
             return out
@@ -97,7 +97,7 @@ class ExactRow:
         return out
 
     def jacobian(self) -> tuple[np.ndarray, np.ndarray]:
-        """Exact ``diag(p) - p p^T`` as a (hi, lo) pair of ``(n, n)`` arrays."""
+        """Exact `diag(p) - p p^T` as a (hi, lo) pair of `(n, n)` arrays."""
         if not self.any:
             z = np.zeros((self.n, self.n))
             return z, z.copy()
@@ -114,7 +114,7 @@ class ExactRow:
         return hi, lo
 
     def cross_entropy(self, label: int):
-        """Exact ``-log p_label`` and gradient ``p - onehot(label)`` (mpf)."""
+        """Exact `-log p_label` and gradient `p - onehot(label)` (mpf)."""
         loss = -self.logp_u[self.inv[label]]
         grad = [self._p(i) if self.fin[i] else self.mp.mpf(0) for i in range(self.n)]
         grad[label] = -self.q_u[self.inv[label]]

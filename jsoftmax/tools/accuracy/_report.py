@@ -1,4 +1,4 @@
-"""``python -m jsoftmax accuracy``: the tables and the command line of :func:`run`."""
+"""`python -m jsoftmax accuracy`: the tables and the command line of `run`."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _summary_table(table: dict) -> str:
 
 
 def format_table(results: list[dict], summary: bool = False) -> str:
-    """Markdown table of :func:`run`'s rows, jsoftmax beside jax.nn; ``summary`` keeps
+    """Markdown table of `run`'s rows, jsoftmax beside jax.nn; `summary` keeps
     the worst family of each dtype and operation only.
 
     Examples:
@@ -115,7 +115,7 @@ def _finite_or_none(r: dict) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command with ``argv``; returns 0, or 2 when mpmath is missing."""
+    """Runs the command with `argv`; returns 0, or 2 when mpmath is missing."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(

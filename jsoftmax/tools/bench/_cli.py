@@ -1,4 +1,4 @@
-"""``python -m jsoftmax bench``: the command line of :func:`run`."""
+"""`python -m jsoftmax bench`: the command line of [`run`][jsoftmax.tools.bench.run]."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _error(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command with ``argv`` (``sys.argv[1:]`` by default); returns the exit code:
+    """Runs the command with `argv` (`sys.argv[1:]` by default); returns the exit code:
     0, or 2 for bad arguments."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.repeats is not None and args.repeats < 1:

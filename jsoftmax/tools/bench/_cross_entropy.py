@@ -1,5 +1,5 @@
-"""Group ``cross-entropy``: :func:`jax.value_and_grad` of the mean cross-entropy with
-integer labels, :func:`jsoftmax.cross_entropy` vs optax; group ``ce options``: each
+"""Group `cross-entropy`: `jax.value_and_grad` of the mean cross-entropy with
+integer labels, [`jsoftmax.cross_entropy`][] vs optax; group `ce options`: each
 training option against the plain call of the same run (the options must fuse into the
 plain passes)."""
 

@@ -1,6 +1,6 @@
-"""Group ``forward``: :func:`jsoftmax.softmax` vs :func:`jax.nn.softmax`, with and without
-``where``, float32 and bfloat16, and :func:`jsoftmax.log_softmax` vs
-:func:`jax.nn.log_softmax`."""
+"""Group `forward`: [`jsoftmax.softmax`][] vs `jax.nn.softmax`, with and without
+`where`, float32 and bfloat16, and [`jsoftmax.log_softmax`][] vs
+`jax.nn.log_softmax`."""
 
 from __future__ import annotations
 

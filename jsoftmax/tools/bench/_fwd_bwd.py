@@ -1,6 +1,6 @@
-"""Groups ``fwd+bwd (a)``: value and VJP with the value returned (:func:`jax.vjp`), as when
-the output feeds the next layer; ``fwd+bwd (b)``: :func:`jax.value_and_grad` of a scalar
-loss. :func:`jsoftmax.softmax` with either rule vs :func:`jax.nn.softmax`."""
+"""Groups `fwd+bwd (a)`: value and VJP with the value returned (`jax.vjp`), as when
+the output feeds the next layer; `fwd+bwd (b)`: `jax.value_and_grad` of a scalar
+loss. [`jsoftmax.softmax`][] with either rule vs `jax.nn.softmax`."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ TARGET = 0.95  # minimum ratio jax.nn / jsoftmax, for the default rule
 
 
 def value_and_vjp(sm: Callable) -> Callable:
-    """``jit`` of ``(x, g) -> (sm(x), vjp of sm at x applied to g)``."""
+    """`jit` of `(x, g) -> (sm(x), vjp of sm at x applied to g)`."""
 
     def f(x, g):
         y, pullback = jax.vjp(sm, x)

@@ -1,7 +1,7 @@
-"""Groups ``jacobian``: :func:`jsoftmax.jacobian` vs ``jax.jacfwd`` / ``jax.jacrev`` of
-:func:`jax.nn.softmax` and vs the *write bound* (one elementwise pass writing an array of
-the Jacobian's size and dtype); ``jacobian-free``: :func:`jsoftmax.softmax_jvp` /
-:func:`jsoftmax.softmax_vjp` vs the dense product ``jacobian(x) @ v``."""
+"""Groups `jacobian`: [`jsoftmax.jacobian`][] vs `jax.jacfwd` / `jax.jacrev` of
+`jax.nn.softmax` and vs the *write bound* (one elementwise pass writing an array of
+the Jacobian's size and dtype); `jacobian-free`: [`jsoftmax.softmax_jvp`][] /
+[`jsoftmax.softmax_vjp`][] vs the dense product `jacobian(x) @ v`."""
 
 from __future__ import annotations
 

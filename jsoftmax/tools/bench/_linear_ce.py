@@ -1,10 +1,10 @@
-"""Groups ``linear-ce`` and ``linear-ce scaling``: :func:`jsoftmax.linear_cross_entropy`
+"""Groups `linear-ce` and `linear-ce scaling`: [`jsoftmax.linear_cross_entropy`][]
 (the output layer and the loss fused, logits never built) against the dense path a user
-writes today, ``optax.softmax_cross_entropy_with_integer_labels(x @ w, labels)``, and a
-token-chunked :func:`jax.lax.scan` with :func:`jax.checkpoint` (what MaxText-style code
-does). :func:`jax.value_and_grad` of the mean with respect to ``x`` and ``w``; memory is
-the compiled temporary bytes (``memory_analysis().temp_size_in_bytes``: inputs, ``dw``
-and ``dx`` excluded, since every variant has them)."""
+writes today, `optax.softmax_cross_entropy_with_integer_labels(x @ w, labels)`, and a
+token-chunked `jax.lax.scan` with `jax.checkpoint` (what MaxText-style code
+does). `jax.value_and_grad` of the mean with respect to `x` and `w`; memory is
+the compiled temporary bytes (`memory_analysis().temp_size_in_bytes`: inputs, `dw`
+and `dx` excluded, since every variant has them)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Group ``memory``: bytes saved for the backward pass (the residuals of :func:`jax.vjp`)
+"""Group `memory`: bytes saved for the backward pass (the residuals of `jax.vjp`)
 and the compiled footprint (arguments + outputs + temporaries) of a training-like step.
 Shapes are abstract: nothing of the benchmark's size is allocated."""
 
@@ -29,7 +29,7 @@ SHAPE = (4096, 32768)
 
 
 def _memory_row(case, candidate, baseline, cand, base, *, shape, out_bytes=None) -> Row:
-    """``cand``/``base`` are (arrays, bytes); with ``out_bytes`` the target is exactly one
+    """`cand`/`base` are (arrays, bytes); with `out_bytes` the target is exactly one
     saved array of that size."""
     (nc, bc), (nb, bb) = cand, base
     met = None

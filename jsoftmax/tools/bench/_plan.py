@@ -1,5 +1,5 @@
-"""The plan: which cases run, in which order. A new group is a module with ``GROUPS`` and
-``cases(quick) -> list[Case]``, added to ``_MODULES``."""
+"""The plan: which cases run, in which order. A new group is a module with `GROUPS` and
+`cases(quick) -> list[Case]`, added to `_MODULES`."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ GROUPS: tuple[Group, ...] = tuple(g for m in _MODULES for g in m.GROUPS) + _shar
 
 
 def check_groups(groups: Sequence[str] | None, devices: int | None) -> None:
-    """Raises ``ValueError`` for unknown group names, or ``sharded`` without devices."""
+    """Raises `ValueError` for unknown group names, or `sharded` without devices."""
     if groups is None:
         return
     unknown = sorted(set(groups) - set(GROUPS))
@@ -45,8 +45,8 @@ def check_groups(groups: Sequence[str] | None, devices: int | None) -> None:
 
 
 def plan(quick: bool, groups: Sequence[str] | None = None, devices: int | None = None):
-    """The cases to run: those of ``groups`` (all single-device groups by default), then
-    the ``sharded`` group when ``devices`` is given."""
+    """The cases to run: those of `groups` (all single-device groups by default), then
+    the `sharded` group when `devices` is given."""
     check_groups(groups, devices)
     cases: list[Case] = [
         c for m in _MODULES for c in m.cases(quick) if groups is None or c.group in groups

@@ -1,4 +1,4 @@
-"""Rendering a benchmark result: :func:`format_table` and :func:`plot`."""
+"""Rendering a benchmark result: [`format_table`][jsoftmax.tools.bench.format_table] and `plot`."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _fmt_target(row: Mapping[str, Any]) -> str:
 
 
 def format_table(result: Mapping[str, Any]) -> str:
-    """The result of :func:`run` as a plain-text table with a header and a summary.
+    """The result of `run` as a plain-text table with a header and a summary.
 
     A warning line names any row whose two sides computed different results; the
     summary counts the targets met and lists those missed.
@@ -115,7 +115,7 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 
 def require_matplotlib():
-    """``matplotlib.pyplot`` with the Agg backend, or an ImportError naming the extra."""
+    """`matplotlib.pyplot` with the Agg backend, or an ImportError naming the extra."""
     try:
         import matplotlib
 
@@ -132,7 +132,7 @@ def require_matplotlib():
 def plot(result: Mapping[str, Any], path: str) -> None:
     """Writes a PNG bar chart of the ratios (log scale) with the targets marked.
 
-    Needs matplotlib (``pip install 'jsoftmax[bench]'``).
+    Needs matplotlib (`pip install 'jsoftmax[bench]'`).
     """
     plt = require_matplotlib()
     rows = [r for r in result["rows"] if r["ratio"] is not None and r["unit"] != "fraction"]
@@ -161,7 +161,7 @@ def plot(result: Mapping[str, Any], path: str) -> None:
 
 
 def plot_scaling(result: Mapping[str, Any], path: str) -> bool:
-    """Writes a PNG of the ``linear-ce scaling`` rows: compiled temporary memory and time
+    """Writes a PNG of the `linear-ce scaling` rows: compiled temporary memory and time
     of the fused and the dense loss against the vocabulary size (log-log). Returns False
     (and writes nothing) when the result has no such rows. Needs matplotlib."""
     rows = [r for r in result["rows"] if r["group"] == "linear-ce scaling"]

@@ -1,4 +1,4 @@
-"""Running the plan: progress bar, metadata, :func:`run`."""
+"""Running the plan: progress bar, metadata, [`run`][jsoftmax.tools.bench.run]."""
 
 from __future__ import annotations
 
@@ -79,33 +79,33 @@ def run(
     progress: bool = False,
     devices: int | None = None,
 ) -> dict[str, Any]:
-    """Runs the benchmark and returns ``{"meta": {...}, "rows": [...]}``.
+    """Runs the benchmark and returns `{"meta": {...}, "rows": [...]}`.
 
     Every row times jsoftmax against a baseline measured in the same run (or compares
-    bytes), and reports ``ratio`` = baseline / jsoftmax, so > 1 means jsoftmax is faster
+    bytes), and reports `ratio` = baseline / jsoftmax, so > 1 means jsoftmax is faster
     or smaller. Functions are jitted, compiled and warmed up before timing, and the
     repeats of the functions in a row are interleaved.
 
     Args:
       quick: a reduced set of shapes and repeats (under a minute on 2 CPU cores).
       repeats: timed samples per function (default 5 quick, 15 full).
-      groups: restrict to these groups (see ``GROUPS``); all single-device groups by
+      groups: restrict to these groups (see `GROUPS`); all single-device groups by
         default.
       progress: print a progress bar on stderr.
-      devices: also run the ``sharded`` group on 1, 2, 4, 8 devices up to this count
+      devices: also run the `sharded` group on 1, 2, 4, 8 devices up to this count
         (simulated CPU devices are requested when JAX has not started yet).
 
     Returns:
-      A JSON-serialisable dict. Each row has ``group, case, candidate, baseline, unit,
-      candidate_value, baseline_value, ratio`` (baseline / jsoftmax: > 1 means jsoftmax
-      is faster or smaller), ``candidate_iqr``, ``baseline_iqr``, ``target`` (minimum
-      ratio, or None), ``met``, ``shape``, ``dtype`` and ``note`` (``"RESULTS DIFFER"``
+      A JSON-serialisable dict. Each row has `group, case, candidate, baseline, unit,
+      candidate_value, baseline_value, ratio` (baseline / jsoftmax: > 1 means jsoftmax
+      is faster or smaller), `candidate_iqr`, `baseline_iqr`, `target` (minimum
+      ratio, or None), `met`, `shape`, `dtype` and `note` (`"RESULTS DIFFER"`
       when the two sides did not compute the same thing).
 
     Raises:
-      ValueError: ``repeats`` < 1, an unknown group, ``"sharded"`` without ``devices``,
-        or ``devices`` not a positive int.
-      RuntimeError: fewer than ``devices`` devices are available.
+      ValueError: `repeats` < 1, an unknown group, `"sharded"` without `devices`,
+        or `devices` not a positive int.
+      RuntimeError: fewer than `devices` devices are available.
 
     Examples:
       >>> from jsoftmax.tools import bench

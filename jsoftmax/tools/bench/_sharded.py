@@ -1,23 +1,23 @@
-"""Group ``sharded`` (with ``devices``): the vocabulary-sharded loss.
+"""Group `sharded` (with `devices`): the vocabulary-sharded loss.
 
-For each device count ``d`` in 1, 2, 4, 8 (up to ``devices``), the class axis of a
-``(batch, vocab)`` float32 logits array is split over a mesh axis of ``d`` devices and
-the mean loss and its gradient are computed with :func:`jsoftmax.sharded.cross_entropy`
-inside :func:`jax.shard_map`. The rows compare it with :func:`jsoftmax.cross_entropy`
+For each device count `d` in 1, 2, 4, 8 (up to `devices`), the class axis of a
+`(batch, vocab)` float32 logits array is split over a mesh axis of `d` devices and
+the mean loss and its gradient are computed with [`jsoftmax.sharded.cross_entropy`][]
+inside `jax.shard_map`. The rows compare it with [`jsoftmax.cross_entropy`][]
 on one device: time per call, the bytes of logits each device holds, and the
 per-device footprint XLA reports for the compiled step (arguments + temporaries +
-outputs). ``ratio`` = unsharded / sharded, about ``d`` for the logits.
+outputs). `ratio` = unsharded / sharded, about `d` for the logits.
 
 On a machine without accelerators the devices are simulated CPU devices sharing the
-host's cores, so time is not expected to improve with ``d``; memory per device is.
+host's cores, so time is not expected to improve with `d`; memory per device is.
 
-The fused rows (``fused loss temporaries``) do the same for the output layer and the
-loss, ``(N, H, V)`` with ``w`` of shape ``(H, V)`` split by vocabulary:
-:func:`jsoftmax.sharded.linear_cross_entropy` against the sharded dense loss
-(``x @ w_shard`` then :func:`jsoftmax.sharded.cross_entropy`) and against the
-one-device :func:`jsoftmax.linear_cross_entropy`: the compiled temporary bytes per
-device of the mean loss's value and gradient with respect to ``x`` and ``w``
-(``memory_analysis().temp_size_in_bytes``; inputs and outputs excluded).
+The fused rows (`fused loss temporaries`) do the same for the output layer and the
+loss, `(N, H, V)` with `w` of shape `(H, V)` split by vocabulary:
+[`jsoftmax.sharded.linear_cross_entropy`][] against the sharded dense loss
+(`x @ w_shard` then [`jsoftmax.sharded.cross_entropy`][]) and against the
+one-device [`jsoftmax.linear_cross_entropy`][]: the compiled temporary bytes per
+device of the mean loss's value and gradient with respect to `x` and `w`
+(`memory_analysis().temp_size_in_bytes`; inputs and outputs excluded).
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ QUICK_FUSED_SHAPE = (256, 64, 8192)
 
 
 def prepare_devices(devices: int) -> None:
-    """Makes ``devices`` devices available, simulating CPU devices when needed.
+    """Makes `devices` devices available, simulating CPU devices when needed.
 
     Must run before the first JAX computation of the process (JAX fixes the number
     of CPU devices when its backends start).
 
     Raises:
-      ValueError: ``devices`` is not a positive int.
+      ValueError: `devices` is not a positive int.
       RuntimeError: fewer devices are available, with advice.
     """
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
@@ -104,7 +104,7 @@ def _bytes_row(case, candidate, baseline, cand: float, base: float, shape) -> Ro
 
 
 def sharded(ctx: Ctx, devices: int, shape) -> list[Row]:
-    """The rows of one device count ``devices``."""
+    """The rows of one device count `devices`."""
     batch, vocab = shape
     x_host = 3.0 * np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     y_host = np.random.default_rng(1).integers(0, vocab, size=batch)
@@ -172,7 +172,7 @@ def _temp(step, *args) -> int:
 
 
 def fused(ctx: Ctx, devices: int, shape) -> list[Row]:
-    """The fused rows of one device count ``devices``."""
+    """The fused rows of one device count `devices`."""
     del ctx  # structural figures only: nothing is timed
     n, h, v = shape
     rng = np.random.default_rng(0)
@@ -222,7 +222,7 @@ def fused(ctx: Ctx, devices: int, shape) -> list[Row]:
 
 
 def cases(quick: bool, devices: int) -> list[Case]:
-    """Per device count in ``DEVICE_COUNTS`` up to ``devices``: the sharded loss, then
+    """Per device count in `DEVICE_COUNTS` up to `devices`: the sharded loss, then
     the fused one."""
     shape = QUICK_SHAPE if quick else SHAPE
     fused_shape = QUICK_FUSED_SHAPE if quick else FUSED_SHAPE

@@ -70,9 +70,9 @@ def time_interleaved(
     """Times argument-free callables, interleaving their repeats.
 
     Each callable is called twice first (compilation and warm-up), then the number of
-    calls per sample is chosen so that one sample lasts about ``min_sample_s``. In
-    repeat ``r`` the callables run in an order rotated by ``r``, each for its number of
-    calls, every call followed by ``block_until_ready``.
+    calls per sample is chosen so that one sample lasts about `min_sample_s`. In
+    repeat `r` the callables run in an order rotated by `r`, each for its number of
+    calls, every call followed by `block_until_ready`.
 
     Args:
       fns: name -> callable taking no arguments.
@@ -80,7 +80,7 @@ def time_interleaved(
       min_sample_s: the length of one sample, in seconds.
 
     Returns:
-      name -> :class:`Timing` (seconds per call).
+      name -> `Timing` (seconds per call).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -129,7 +129,7 @@ def time_interleaved(
 
 @dataclasses.dataclass
 class Row:
-    """One comparison. ``ratio`` = baseline / jsoftmax (> 1: jsoftmax is better)."""
+    """One comparison. `ratio` = baseline / jsoftmax (> 1: jsoftmax is better)."""
 
     group: str
     case: str
@@ -172,7 +172,7 @@ def timing_row(
     target: float | None = None,
     note: str = "",
 ) -> Row:
-    """A row comparing two :class:`Timing`; ``met`` is judged when a target is given."""
+    """A row comparing two `Timing`; `met` is judged when a target is given."""
     ratio = base.median / cand.median
     return Row(
         group=group,
@@ -197,10 +197,10 @@ DIFFER = "RESULTS DIFFER"
 
 
 def agree(a, b, dtype) -> str:
-    """An empty note when the two pytrees of results agree, else ``"RESULTS DIFFER"``.
+    """An empty note when the two pytrees of results agree, else `"RESULTS DIFFER"`.
 
-    Agreement is judged relative to the largest magnitude of ``b``: ``3e-2`` for 16-bit
-    dtypes (the baselines round intermediate results), ``1e-5`` otherwise. Different
+    Agreement is judged relative to the largest magnitude of `b`: `3e-2` for 16-bit
+    dtypes (the baselines round intermediate results), `1e-5` otherwise. Different
     structures or shapes differ.
     """
     tol = 3e-2 if jnp.finfo(dtype).bits < 32 else 1e-5
@@ -221,11 +221,11 @@ def agree(a, b, dtype) -> str:
 
 
 def residuals(f: Callable, *args) -> tuple[int, int]:
-    """(count, bytes) of the arrays saved for the backward pass of ``f`` at ``args``.
+    """(count, bytes) of the arrays saved for the backward pass of `f` at `args`.
 
-    The residuals are the array leaves of the pullback :func:`jax.vjp` returns (the
-    arguments it keeps included), found abstractly with :func:`jax.eval_shape`, so
-    ``args`` may be :class:`jax.ShapeDtypeStruct`.
+    The residuals are the array leaves of the pullback `jax.vjp` returns (the
+    arguments it keeps included), found abstractly with `jax.eval_shape`, so
+    `args` may be `jax.ShapeDtypeStruct`.
     """
     pullback = jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], *args)
     leaves = jax.tree_util.tree_leaves(pullback)
@@ -258,7 +258,7 @@ def footprint(compiled) -> int | None:
 
 
 def logits(shape: Sequence[int], dtype, seed: int = 0) -> jax.Array:
-    """Random non-zero logits (standard deviation 3) of ``shape`` and ``dtype``."""
+    """Random non-zero logits (standard deviation 3) of `shape` and `dtype`."""
     x = 3.0 * jax.random.normal(jax.random.PRNGKey(seed), tuple(shape), dtype=F32)
     return x.astype(dtype)
 
@@ -270,7 +270,7 @@ def mask(shape: Sequence[int], seed: int = 7) -> jax.Array:
 
 
 def shape_str(shape: Sequence[int]) -> str:
-    """``(4096, 1024)``, ``(64,)``: the shape as Python prints a tuple."""
+    """`(4096, 1024)`, `(64,)`: the shape as Python prints a tuple."""
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
@@ -284,7 +284,7 @@ def dtype_name(dtype) -> str:
 
 
 class Case(NamedTuple):
-    """One step of the plan: ``run(ctx)`` returns the rows of ``group``; ``label`` is
+    """One step of the plan: `run(ctx)` returns the rows of `group`; `label` is
     shown in the progress bar."""
 
     group: Group
@@ -293,10 +293,10 @@ class Case(NamedTuple):
 
 
 def installed(name: str) -> bool:
-    """Whether the optional module ``name`` can be imported (without importing it)."""
+    """Whether the optional module `name` can be imported (without importing it)."""
     return importlib.util.find_spec(name) is not None
 
 
 def optional(name: str) -> ModuleType | None:
-    """The module ``name`` if it is installed (an optional baseline), else None."""
+    """The module `name` if it is installed (an optional baseline), else None."""
     return importlib.import_module(name) if installed(name) else None

@@ -1,4 +1,4 @@
-"""Group ``torch`` (only when PyTorch is installed): :func:`torch.softmax` on the CPU as an
+"""Group `torch` (only when PyTorch is installed): `torch.softmax` on the CPU as an
 outside reference, forward and forward + backward."""
 
 from __future__ import annotations
