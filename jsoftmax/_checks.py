@@ -36,6 +36,14 @@ def as_array(x, name: str) -> jax.Array:
         raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}.") from e
 
 
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether an array of `shape` broadcasts to exactly `target`."""
+    try:
+        return jnp.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except ValueError:
+        return False
+
+
 def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
     """Converts `x` to a JAX array of rank >= 1 with a floating dtype.
 
@@ -133,11 +141,7 @@ def check_where(where: ArrayLike | None, shape: tuple[int, ...], name: str = "wh
     if where is None:
         return None
     where = as_bool_mask(where, name)
-    try:
-        out = jnp.broadcast_shapes(where.shape, shape)
-    except ValueError:
-        out = None
-    if out != tuple(shape):
+    if not broadcasts_to(where.shape, shape):
         raise ValueError(
             f"{name} of shape {where.shape} does not broadcast to the input shape {tuple(shape)}."
         )
@@ -192,11 +196,7 @@ def per_row_array(value, shape: tuple[int, ...], axes: tuple[int, ...], name: st
         else:
             raise TypeError(f"{name} must be a real array, got dtype {t.dtype}.")
     batch = tuple(s for k, s in enumerate(shape) if k not in axes)
-    try:
-        ok = jnp.broadcast_shapes(t.shape, batch) == batch
-    except ValueError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(t.shape, batch):
         raise ValueError(
             f"{name} of shape {t.shape} does not broadcast to the batch shape {batch} "
             "(the input's shape without the softmax axis)."
@@ -275,7 +275,6 @@ def coefficient(value, name: str, what: str, ok) -> float | jax.Array | None:
 
 
 def loss_options(
-    *,
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
     logit_softcap=None,
@@ -340,11 +339,7 @@ def split_where(where, shape: tuple[int, ...], axes: tuple[int, ...]):
     where = as_bool_mask(as_array(where, "where"))
     batch = tuple(s for k, s in enumerate(shape) if k not in axes)
     if where.ndim < len(shape):
-        try:
-            ok = jnp.broadcast_shapes(where.shape, batch) == batch
-        except ValueError:
-            ok = False
-        if not ok:
+        if not broadcasts_to(where.shape, batch):
             raise ValueError(
                 f"where of shape {where.shape} has fewer dimensions than the logits "
                 f"{tuple(shape)}, so it is a per-example mask, and must broadcast to the "

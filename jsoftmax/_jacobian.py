@@ -154,11 +154,7 @@ def partial_derivative(p: ArrayLike, i, j, axis: int = -1) -> jax.Array:
 
     for name, k in (("i", i), ("j", j)):
         shape = jnp.shape(k)
-        try:
-            ok = jnp.broadcast_shapes(shape, batch) == batch
-        except ValueError:
-            ok = False
-        if not ok:
+        if not _checks.broadcasts_to(shape, batch):
             raise ValueError(
                 f"index {name} of shape {shape} does not broadcast to the batch shape {batch} "
                 f"(p's shape {p.shape} without axis {axis})."
@@ -207,22 +203,28 @@ def softmax_jvp(p: ArrayLike, t: ArrayLike, axis: int = -1) -> jax.Array:
 def softmax_vjp(p: ArrayLike, g: ArrayLike, axis: int = -1) -> jax.Array:
     r"""Vector-Jacobian product $g^\top J = p\odot(g - \langle g, p\rangle)$ in O(n).
 
-    The reverse-mode derivative (what `rule="vjp"` runs in its backward pass).
-    Because $J$ is symmetric this is the same formula as [`softmax_jvp`][jsoftmax.softmax_jvp].
+    The reverse-mode derivative: what `rule="vjp"` runs in its backward pass, with `g`
+    the cotangent $\partial L/\partial p$ arriving from the rest of the computation.
+    Because $J$ is symmetric it is the same formula as
+    [`softmax_jvp`][jsoftmax.softmax_jvp]; a `g` that is constant along the axis gives
+    0 (the rows of $J$ sum to 0).
 
     Args:
       p: probabilities, any rank >= 1.
-      g: cotangent of the probabilities, same shape as `p`.
+      g: $\partial L/\partial p$, same shape as `p`.
       axis: the softmax axis.
 
     Returns:
-      The cotangent of the logits, shape of `p`.
+      $\partial L/\partial z$, shape of `p`: row `i` of $J$ for `g` the `i`-th unit
+      vector, as the example shows.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> import jsoftmax
-      >>> print(jsoftmax.softmax_vjp(jnp.array([0.25, 0.75]), jnp.array([0.0, 1.0])))
-      [-0.1875  0.1875]
+      >>> p = jnp.array([0.25, 0.75])
+      >>> row = jsoftmax.softmax_vjp(p, jnp.array([0.0, 1.0]))
+      >>> print(row, jsoftmax.jacobian_from_probs(p)[1])
+      [-0.1875  0.1875] [-0.1875  0.1875]
     """
     return _product(p, g, axis, "g")
 

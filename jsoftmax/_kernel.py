@@ -40,9 +40,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jsoftmax import _formulas, _merge
+from jsoftmax import _checks, _formulas, _merge
 
 # --------------------------------------------------------------------------------------
 # The static flags and dynamic coefficients of a loss.
@@ -69,6 +70,31 @@ def coefs_as(coefs: Coefs, dtype) -> Coefs:
     """`coefs` in `dtype` (Python numbers and traced scalars alike)."""
     cast = lambda a: None if a is None else jnp.asarray(a).astype(dtype)  # noqa: E731
     return Coefs(cast(coefs.alpha), cast(coefs.z_loss))
+
+
+def is_integer(labels) -> bool:
+    """Integer class indices (else probability labels)."""
+    return bool(jnp.issubdtype(labels.dtype, jnp.integer))
+
+
+def loss_dtype(logits, labels) -> np.dtype:
+    """The dtype a loss is computed and returned in: float32 for 16-bit logits (a
+    bfloat16 loss would be quantised), else the logits' dtype, promoted with float
+    labels."""
+    cdt = _checks.accumulation_dtype(logits.dtype)
+    if not is_integer(labels):
+        cdt = jnp.promote_types(cdt, _checks.accumulation_dtype(labels.dtype))
+    return np.dtype(cdt)
+
+
+def class_weights(weights, ndim: int, axis: int, cdt):
+    """Per-class weights `(n,)` shaped to broadcast against logits of rank `ndim` with
+    the class axis `axis` (None stays None: unit weights)."""
+    if weights is None:
+        return None
+    shape = [1] * ndim
+    shape[axis] = weights.shape[0]
+    return weights.astype(cdt).reshape(shape)
 
 
 # --------------------------------------------------------------------------------------

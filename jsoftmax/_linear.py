@@ -140,14 +140,20 @@ def _lce_fwd(x, w, bias, labels, weights, row_ok, coefs, flags, size, va):
     return (loss[:, 0], weight[:, 0]), (x, w, bias, labels, weights, ok, row)
 
 
+def ce_backward(x, w, bias, idx, in_range, weights, ok, row, g, flags, size, va, limit=None):
+    """The cotangents `(dx, dw, db, None, ...)` of a fused cross-entropy's inputs from the
+    loss's cotangent `g` (per row), the merged `row` and the labels' columns `idx`."""
+    cdt = _chunks.compute_dtype(x, w)
+    g = _kernel.mask_rows(g.astype(cdt)[:, None], ok)
+    grad_fn = _chunks.ce_grad_fn(idx, in_range, weights, row, g, ok, cdt)
+    dx, dw, db = _chunks.scan_grads(x, w, bias, grad_fn, size, va, flags.softcap, cdt, limit)
+    return dx.astype(x.dtype), dw, db, None, None, None, None
+
+
 def _lce_bwd(flags, size, va, residuals, g):
     x, w, bias, labels, weights, ok, row = residuals
-    cdt = _chunks.compute_dtype(x, w)
     idx, in_range = _label_columns(labels, w.shape[va])
-    g = _kernel.mask_rows(g[0].astype(cdt)[:, None], ok)
-    grad_fn = _chunks.ce_grad_fn(idx, in_range, weights, row, g, ok, cdt)
-    dx, dw, db = _chunks.scan_grads(x, w, bias, grad_fn, size, va, flags.softcap, cdt)
-    return dx.astype(x.dtype), dw, db, None, None, None, None
+    return ce_backward(x, w, bias, idx, in_range, weights, ok, row, g[0], flags, size, va)
 
 
 _lce.defvjp(_lce_fwd, _lce_bwd)
@@ -244,12 +250,7 @@ def linear_cross_entropy(
     x, w, bias, va = check_inputs(x, w, bias, vocab_axis)
     labels = check_int_labels(labels, x)
     opts = _checks.loss_options(
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        labels_dtype=labels.dtype,
+        label_smoothing, z_loss, logit_softcap, ignore_index, reduction, labels.dtype
     )
     vocab = w.shape[va]
     weights = _checks.check_weights(weights, vocab)

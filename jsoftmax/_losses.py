@@ -21,7 +21,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -34,19 +33,6 @@ from jsoftmax._softmax import softmax
 # --------------------------------------------------------------------------------------
 # The forward pass and the cotangent, shared by both rules.
 # --------------------------------------------------------------------------------------
-
-
-def _is_integer(labels) -> bool:
-    return bool(jnp.issubdtype(labels.dtype, jnp.integer))
-
-
-def _compute_dtype(logits, labels) -> np.dtype:
-    """float32 for 16-bit logits (a bfloat16 loss would be quantised), else the logits'
-    dtype, promoted with float labels."""
-    cdt = _checks.accumulation_dtype(logits.dtype)
-    if not _is_integer(labels):
-        cdt = jnp.promote_types(cdt, _checks.accumulation_dtype(labels.dtype))
-    return np.dtype(cdt)
 
 
 def _label_index(labels, n: int, axis: int):
@@ -69,14 +55,6 @@ def _picker(idx, shape, axis: int):
     return pick
 
 
-def _class_weights(weights, ndim: int, axis: int, cdt):
-    if weights is None:
-        return None
-    shape = [1] * ndim
-    shape[axis] = weights.shape[0]
-    return weights.astype(cdt).reshape(shape)
-
-
 def _logits_pass(logits, where, temperature, flags: Flags, cdt) -> _kernel.Pass:
     z = logits.astype(cdt)
     if flags.softcap is None:
@@ -90,12 +68,12 @@ def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: 
     """`((loss, weight), residual row numbers)`: the per-row loss (0 where the row does
     not count) and its weight in the mean."""
     axis = flags.axis
-    cdt = _compute_dtype(logits, labels)
+    cdt = _kernel.loss_dtype(logits, labels)
     coefs = _kernel.coefs_as(coefs, cdt)
     fp = _logits_pass(logits, where, temperature, flags, cdt)
-    w = _class_weights(weights, logits.ndim, axis, cdt)
+    w = _kernel.class_weights(weights, logits.ndim, axis, cdt)
     ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
-    if _is_integer(labels):
+    if _kernel.is_integer(labels):
         idx, in_range = _label_index(labels, logits.shape[axis], axis)
         pick = _picker(idx, fp.u.shape, axis)
         st = _kernel.piece_stats(fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing)
@@ -113,7 +91,7 @@ def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: 
     weight = _kernel.row_weight(ok, w_y, loss.shape, cdt)
     loss = _kernel.mask_rows(loss, ok)
     out = (jnp.squeeze(loss, axis), jnp.squeeze(weight, axis))
-    if _is_integer(labels):
+    if _kernel.is_integer(labels):
         ok_bwd = ok
     return out, (ok_bwd, row, fp.total)
 
@@ -128,8 +106,8 @@ def _cotangent(logits, labels, where, temperature, weights, coefs, flags, ok, ro
     valid = u > -jnp.inf
     if where is not None:
         valid = valid & where
-    w = _class_weights(weights, logits.ndim, axis, cdt)
-    if _is_integer(labels):
+    w = _kernel.class_weights(weights, logits.ndim, axis, cdt)
+    if _kernel.is_integer(labels):
         idx, in_range = _label_index(labels, logits.shape[axis], axis)
         onehot = lax.broadcasted_iota(idx.dtype, logits.shape, axis) == idx
         q = _kernel.targets(row, valid, onehot=onehot, w=w)
@@ -193,7 +171,7 @@ def _ce_vjp_bwd(flags, residuals, g):
     g = jnp.expand_dims(g[0].astype(row.m.dtype), axis)
     g_z, g_t = _kernel.chain_to_logits(g_s * g, u, valid, (axis,), flags, temperature)
     g_labels = None
-    if not _is_integer(labels):
+    if not _kernel.is_integer(labels):
         alpha = _kernel.coefs_as(coefs, row.m.dtype).alpha if flags.smoothing else None
         g_y = _kernel.label_cotangent(u, row, valid, w, alpha, temperature) * g
         g_labels = _kernel.mask_rows(g_y, ok).astype(labels.dtype)
@@ -241,7 +219,7 @@ def _ce_jvp_rule(flags, primals, tangents):
         s = jnp.where(valid, u, zero) / temperature.astype(cdt)
         s_dot = (u_dot - s * t_dot.astype(cdt)) / temperature.astype(cdt)
     loss_dot = jnp.sum(g_s * s_dot, axis=axis, keepdims=True)
-    if not _is_integer(labels):
+    if not _kernel.is_integer(labels):
         alpha = _kernel.coefs_as(coefs, cdt).alpha if flags.smoothing else None
         d_y = _kernel.mask_rows(_kernel.label_cotangent(u, row, valid, w, alpha, temperature), ok)
         loss_dot = loss_dot + jnp.sum(d_y * labels_dot.astype(cdt), axis, keepdims=True)
@@ -270,7 +248,7 @@ def _flatten_classes(logits, labels, where, axes: tuple[int, ...]):
     logits = merge(logits)
     if where is not None:
         where = merge(where)
-    if not _is_integer(labels):
+    if not _kernel.is_integer(labels):
         labels = merge(labels)
     return logits, labels, where, len(batch)
 
@@ -409,30 +387,25 @@ def cross_entropy(
     _checks.check_rule(rule)
     labels = _checks.as_array(labels, "labels")
     opts = _checks.loss_options(
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        labels_dtype=labels.dtype,
+        label_smoothing, z_loss, logit_softcap, ignore_index, reduction, labels.dtype
     )
     where, example_mask = _checks.split_where(where, logits.shape, axes)
     ax = axes[0]
     if len(axes) > 1 or logits.ndim == 0:
-        if not _is_integer(labels) and labels.shape != logits.shape:
+        if not _kernel.is_integer(labels) and labels.shape != logits.shape:
             _checks.check_labels(labels, logits.shape, ax, opts.ignore_index)  # raises
         logits, labels, where, ax = _flatten_classes(logits, labels, where, axes)
     labels = _checks.check_labels(labels, logits.shape, ax, opts.ignore_index)
     n = logits.shape[ax]
     weights = _checks.check_weights(weights, n)
     t = _checks.prepare_temperature(temperature, logits.shape, (ax,))  # None for T = 1
-    out_dtype = _compute_dtype(logits, labels)
+    out_dtype = _kernel.loss_dtype(logits, labels)
     if n == 0 or logits.size == 0:
         batch = tuple(s for k, s in enumerate(logits.shape) if k != ax)
         per_row = jnp.zeros(batch, out_dtype)
         return per_row if opts.reduction == "none" else jnp.zeros((), out_dtype)
     row_ok = example_mask
-    if _is_integer(labels):
+    if _kernel.is_integer(labels):
         _checks.check_label_range(labels, n, opts.ignore_index, counted=example_mask)
         if opts.ignore_index is not None:
             row_ok = _kernel.both(row_ok, labels != opts.ignore_index)

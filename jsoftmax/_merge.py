@@ -20,8 +20,8 @@ arguments:
 
 * over an array axis ([`merge_partials`][jsoftmax.merge_partials]): `jnp.max` / `jnp.sum`;
 * over devices ([`jsoftmax.sharded`][], `merge_across`): `lax.pmax` of the
-  per-row shifts, then one `lax.psum` of the rescaled sums (with any other per-row
-  quantity riding in the same all-reduce);
+  per-row shifts, then one `lax.psum` of the rescaled sums (the losses carry their
+  other per-row statistics in the same all-reduce, `jsoftmax._kernel.merge`);
 * across the steps of a `jax.lax.scan` over chunks (a chunked loss): the
   per-row statistics of `jsoftmax._kernel` (`merge_pair`), built on
   `rescale`.
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TypeVar, overload
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +44,6 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _formulas
-
-_Tree = TypeVar("_Tree")  # a pytree of per-piece arrays reduced with the sums (``extra``)
 
 # --------------------------------------------------------------------------------------
 # The statistics of pieces and the one merge rule.
@@ -69,60 +66,27 @@ def rescale(m: jax.Array, total: jax.Array, m_new: jax.Array, temperature=None) 
     return jnp.where(empty, jnp.zeros((), total.dtype), total * jnp.exp(gap))
 
 
-@overload
 def merge_stats(
-    m: jax.Array,
-    total: jax.Array,
-    *,
-    reduce_max: Callable,
-    reduce_sum: Callable,
-    extra: None = None,
-) -> tuple[jax.Array, jax.Array]: ...
-
-
-@overload
-def merge_stats(
-    m: jax.Array,
-    total: jax.Array,
-    *,
-    reduce_max: Callable,
-    reduce_sum: Callable,
-    extra: Callable[[jax.Array], _Tree],
-) -> tuple[jax.Array, jax.Array, _Tree]: ...
-
-
-def merge_stats(
-    m: jax.Array,
-    total: jax.Array,
-    *,
-    reduce_max: Callable,
-    reduce_sum: Callable,
-    extra: Callable[[jax.Array], _Tree] | None = None,
-) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, _Tree]:
+    m: jax.Array, total: jax.Array, *, reduce_max: Callable, reduce_sum: Callable
+) -> tuple[jax.Array, jax.Array]:
     r"""The merge rule: `M = reduce_max(m)`, `T = reduce_sum(rescale(m, total, M))`.
 
     Args:
-      m, total: per-piece shifts and sum-exps (see the module docstring).
+      m: per-piece shifts (see the module docstring).
+      total: per-piece sum-exps.
       reduce_max: reduces the shifts over the pieces, e.g.
         `partial(jnp.max, axis=k, keepdims=True)` or
         `partial(lax.pmax, axis_name=name)`. Its result is treated as a constant
         shift (`stop_gradient`): derivatives flow through `T`, which is exact
         because the merged log-sum-exp does not depend on the shift.
-      reduce_sum: reduces a pytree of per-piece arrays over the pieces (all leaves in
-        one call, so across devices they share one all-reduce).
-      extra: optional function of `M` returning a pytree of per-piece arrays that
-        `reduce_sum` reduces together with the rescaled sums (e.g. a target logit
-        expressed against the merged shift).
+      reduce_sum: reduces the rescaled sums over the pieces.
 
     Returns:
-      `(M, T)`, or `(M, T, reduced_extra)` when `extra` is given.
+      `(M, T)`. The losses merge more per-row statistics the same way
+      (`jsoftmax._kernel.merge`).
     """
     m_new = lax.stop_gradient(reduce_max(lax.stop_gradient(m)))
-    scaled = rescale(m, total, m_new)
-    if extra is None:
-        return m_new, reduce_sum(scaled)
-    total_new, carried = reduce_sum((scaled, extra(m_new)))
-    return m_new, total_new, carried
+    return m_new, reduce_sum(rescale(m, total, m_new))
 
 
 def lse_of(m: jax.Array, total: jax.Array) -> jax.Array:
@@ -164,35 +128,20 @@ def log_scale(m: jax.Array, m_new: jax.Array, total_new: jax.Array) -> jax.Array
     return (m - m_new) - log_total(total_new)
 
 
-@overload
-def merge_across(
-    m: jax.Array, total: jax.Array, axis_name, *, extra: None = None
-) -> tuple[jax.Array, jax.Array]: ...
-
-
-@overload
-def merge_across(
-    m: jax.Array, total: jax.Array, axis_name, *, extra: Callable[[jax.Array], _Tree]
-) -> tuple[jax.Array, jax.Array, _Tree]: ...
-
-
-def merge_across(
-    m: jax.Array, total: jax.Array, axis_name, *, extra: Callable[[jax.Array], _Tree] | None = None
-) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, _Tree]:
-    """`merge_stats` over devices: `lax.pmax` of the shifts, then one `lax.psum`
-    of the rescaled sums (and of `extra(M)`, in the same all-reduce). Call inside
-    `jax.shard_map`; `m` and `total` are this device's per-row statistics."""
+def merge_across(m: jax.Array, total: jax.Array, axis_name) -> tuple[jax.Array, jax.Array]:
+    """`merge_stats` over devices: `lax.pmax` of the shifts, then one `lax.psum` of the
+    rescaled sums. Call inside `jax.shard_map`; `m` and `total` are this device's
+    per-row statistics."""
     return merge_stats(
         m,
         total,
         reduce_max=partial(lax.pmax, axis_name=axis_name),
         reduce_sum=partial(lax.psum, axis_name=axis_name),
-        extra=extra,
     )
 
 
 def _sum_over(axis: int):
-    return lambda tree: jax.tree.map(partial(jnp.sum, axis=axis, keepdims=True), tree)
+    return partial(jnp.sum, axis=axis, keepdims=True)
 
 
 def merge_over(m: jax.Array, total: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:

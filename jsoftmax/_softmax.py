@@ -572,11 +572,7 @@ def logsumexp(
         b = _checks.as_array(b, "b")
         if not (jnp.issubdtype(b.dtype, jnp.floating) or jnp.issubdtype(b.dtype, jnp.integer)):
             raise TypeError(f"b must be a real array, got dtype {b.dtype}.")
-        try:
-            ok = jnp.broadcast_shapes(b.shape, x.shape) == x.shape
-        except ValueError:
-            ok = False
-        if not ok:
+        if not _checks.broadcasts_to(b.shape, x.shape):
             raise ValueError(f"b of shape {b.shape} does not broadcast to a's shape {x.shape}.")
         dtype = jnp.promote_types(x.dtype, b.dtype)
         x = x.astype(dtype)

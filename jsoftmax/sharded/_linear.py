@@ -73,12 +73,9 @@ def _lce_kernel_bwd(flags, axis_name, size, n_classes, residuals, g):
     # dw and db stay on their shard; dx, a sum over the vocabulary, is this shard's part
     # (summed over the shards by the transpose of the varying cast in the caller).
     x, w, bias, labels, weights, ok, row = residuals
-    cdt = _chunks.compute_dtype(x, w)
     idx, in_range, limit = _layout(labels, w.shape[1], axis_name, n_classes)
-    g = _kernel.mask_rows(g[0].astype(cdt)[:, None], ok)
-    grad_fn = _chunks.ce_grad_fn(idx, in_range, weights, row, g, ok, cdt)
-    dx, dw, db = _chunks.scan_grads(x, w, bias, grad_fn, size, 1, flags.softcap, cdt, limit)
-    return dx.astype(x.dtype), dw, db, None, None, None, None
+    args = (idx, in_range, weights, ok, row, g[0], flags, size, 1)
+    return _linear.ce_backward(x, w, bias, *args, limit=limit)
 
 
 _lce_kernel.defvjp(_lce_kernel_fwd, _lce_kernel_bwd)
@@ -192,12 +189,7 @@ def linear_cross_entropy(
     )
     labels = _linear.check_int_labels(labels, x)
     opts = _checks.loss_options(
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        labels_dtype=labels.dtype,
+        label_smoothing, z_loss, logit_softcap, ignore_index, reduction, labels.dtype
     )
     shards = _common.num_shards(axis_name, "linear_cross_entropy")
     data_axis_name = _common.check_data_axis_name(data_axis_name, axis_name, "linear_cross_entropy")

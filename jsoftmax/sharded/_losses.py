@@ -19,29 +19,10 @@ from jsoftmax.sharded import _common
 from jsoftmax.sharded._common import AxisName
 
 
-def _is_integer(labels) -> bool:
-    return bool(jnp.issubdtype(labels.dtype, jnp.integer))
-
-
-def _compute_dtype(x, labels):
-    cdt = _checks.accumulation_dtype(x.dtype)
-    if not _is_integer(labels):
-        cdt = jnp.promote_types(cdt, _checks.accumulation_dtype(labels.dtype))
-    return cdt
-
-
 def _onehot(labels, shape, axis: int, axis_name: AxisName):
     """True at the label's entry of this shard's block (nowhere on the other shards)."""
     local = labels - _common.offset(shape[axis], axis_name)
     return lax.broadcasted_iota(jnp.int32, shape, axis) == jnp.expand_dims(local, axis)
-
-
-def _class_weights(weights, ndim: int, axis: int, cdt):
-    if weights is None:
-        return None
-    shape = [1] * ndim
-    shape[axis] = weights.shape[0]
-    return weights.astype(cdt).reshape(shape)
 
 
 def _capped(x, where, flags: Flags, cdt, barrier: bool = False):
@@ -60,13 +41,13 @@ def _ce_kernel(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis
 
 def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_name, n_classes):
     axis = flags.axis
-    cdt = _compute_dtype(x, labels)
+    cdt = _kernel.loss_dtype(x, labels)
     coefs_c = _kernel.coefs_as(coefs, cdt)
     u, _ = _capped(x, None, flags, cdt)
     fp = _kernel.exp_pass(u, where, (axis,), temperature)
-    w = _class_weights(weights, x.ndim, axis, cdt)
+    w = _kernel.class_weights(weights, x.ndim, axis, cdt)
     ok = None if ex_ok is None else jnp.expand_dims(ex_ok, axis)
-    if _is_integer(labels):
+    if _kernel.is_integer(labels):
         onehot = _onehot(labels, x.shape, axis, axis_name)
 
         def pick(a):
@@ -91,7 +72,7 @@ def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_na
     out_dtype = cdt  # float32 for 16-bit logits
     loss = _kernel.mask_rows(loss, ok)
     out = (jnp.squeeze(loss, axis).astype(out_dtype), jnp.squeeze(weight, axis))
-    if _is_integer(labels):
+    if _kernel.is_integer(labels):
         ok_bwd = ok
     return out, (x, labels, where, temperature, weights, coefs, ok_bwd, row)
 
@@ -114,8 +95,8 @@ def _ce_kernel_bwd(flags, axis_name, n_classes, residuals, g):
     u, masked = _capped(x, where, flags, cdt, barrier=flags.softcap is not None)
     p = _kernel.probs(masked, row, temperature)
     valid = masked > -jnp.inf
-    w = _class_weights(weights, x.ndim, axis, cdt)
-    integer = _is_integer(labels)
+    w = _kernel.class_weights(weights, x.ndim, axis, cdt)
+    integer = _kernel.is_integer(labels)
     if integer:
         onehot = _onehot(labels, x.shape, axis, axis_name)
         q = _kernel.targets(row, valid, onehot=onehot, w=w)
@@ -282,12 +263,7 @@ def cross_entropy(
     axis = _checks.canonical_axis(axis, x.ndim)
     labels = _checks.as_array(labels, "labels")
     opts = _checks.loss_options(
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        labels_dtype=labels.dtype,
+        label_smoothing, z_loss, logit_softcap, ignore_index, reduction, labels.dtype
     )
     labels = _checks.check_labels(
         labels,
@@ -313,7 +289,7 @@ def cross_entropy(
     where = _common.pad_mask(x.shape, axis, axis_name, where, num_classes)
     n_classes = x.shape[axis] * shards if num_classes is None else num_classes
     ex_ok = example_mask
-    if _is_integer(labels):
+    if _kernel.is_integer(labels):
         labels = labels.astype(jnp.int32)
         if opts.ignore_index is not None:
             ex_ok = _kernel.both(ex_ok, labels != opts.ignore_index)
