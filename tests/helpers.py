@@ -6,15 +6,15 @@ of jsoftmax and of JAX's configuration (they work with ``jax_enable_x64`` on or 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-# The one place the tests reach into JAX's internals: the residual list of a vjp.
-from jax._src.ad_checkpoint import saved_residuals  # noqa: F401
+from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import AxisType, NamedSharding
 
 # Whether float64 is enabled (tests/conftest.py: on unless JSOFTMAX_TEST_X64=0).
@@ -24,6 +24,31 @@ X64 = bool(jax.config.read("jax_enable_x64"))
 # jax.nn, optax, check_grads): float64 where enabled, else float32. Comparisons in it take
 # their tolerances from it (``close(..., REF_DTYPE)``, ``tol(REF_DTYPE, ...)``).
 REF_DTYPE = jnp.float64 if X64 else jnp.float32
+
+
+_SHORT_DTYPES = {
+    "bool": "bool",
+    **{f"f{b}": f"float{b}" for b in (16, 32, 64)},
+    "bf16": "bfloat16",
+    **{f"i{b}": f"int{b}" for b in (8, 16, 32, 64)},
+    **{f"u{b}": f"uint{b}" for b in (8, 16, 32, 64)},
+}
+
+
+def saved_residuals(f, *args) -> list[tuple[jax.ShapeDtypeStruct, str]]:
+    """What `jax.vjp(f, *args)` saves for the backward pass: `(shape and dtype, where it
+    comes from)` per array, read from JAX's public printer
+    (`jax.ad_checkpoint.print_saved_residuals`; the description is its line, e.g.
+    `f32[8,32] from the argument x`)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_saved_residuals(f, *args)
+    out = []
+    for line in buf.getvalue().splitlines():
+        dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
+        shape = tuple(int(d) for d in dims.split(",") if d)
+        out.append((jax.ShapeDtypeStruct(shape, jnp.dtype(_SHORT_DTYPES[dtype])), line))
+    return out
 
 
 def fast_subset(values, fast, *, unpack: bool = False) -> list:

@@ -108,19 +108,46 @@ def test_shift_invariance_within_the_error_bound(dtype, shape, shift, data):
     assert np.all(np.abs(l1 - l2) <= 8 * fi.eps * np.maximum(np.abs(l1), 1.0))
 
 
+def _exact_probs(x, axis):
+    """float64 probabilities along the last axis, independent of jsoftmax, and the
+    per-entry bound on jsoftmax's relative error in the dtype of ``x``: the rounding of
+    ``x - max x`` costs up to ``|x - max x| / 2`` ULP (``precision="default"``), the sum
+    up to ``n`` ULP."""
+    lp = np.moveaxis(_exact_log_softmax(x, axis), axis, -1)
+    with np.errstate(invalid="ignore"):
+        p = np.exp(lp).astype(np.float64)
+    # A row without a finite entry: all probabilities 0 (the documented value).
+    p = np.where(np.isnan(p), 0.0, p)
+    x_last = np.moveaxis(x.astype(np.float64), axis, -1)
+    m = np.max(x_last, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        gap = np.where(np.isfinite(x_last) & np.isfinite(m), np.abs(x_last - m), 0.0)
+    n = x_last.shape[-1]
+    eps = np.finfo(x.dtype).eps
+    # p * gap is at most 1/e: bound it as such where gap overflows float64.
+    p_gap = np.where(np.isfinite(gap), p * np.minimum(gap, 1e300), 0.0)
+    return p, (n + 4) * eps * p + eps * p_gap
+
+
 @SETTINGS
 @given(logits(allow_neg_inf=True))
-def test_jacobian_is_symmetric_with_zero_row_sums_and_psd(case):
+def test_jacobian_against_float64_and_its_structure(case):
     x, axis = case
     J = np.asarray(jsoftmax.jacobian(x, axis=axis), np.float64)
-    p = np.moveaxis(np.asarray(jsoftmax.softmax(x, axis=axis), np.float64), axis, -1)
+    p, err = _exact_probs(x, axis)
+    # The independent reference: J = diag(p) - p p^T from float64 probabilities. The
+    # bound propagates each probability's error through p_i (delta_ij - p_j).
+    J_ref = p[..., :, None] * (np.eye(p.shape[-1]) - p[..., None, :])
+    tiny = np.finfo(x.dtype).tiny
+    bound = 2 * (err[..., :, None] + err[..., None, :]) + 4 * tiny
+    assert np.all(np.abs(J - J_ref) <= bound)
     n = J.shape[-1]
     eps = np.finfo(x.dtype).eps
-    # Row i sums to p_i (1 - sum p) plus rounding; sum p = 1 within n eps.
-    bound = 2 * n * eps * (p + np.abs(J).max(axis=-1))
     np.testing.assert_array_equal(J, np.swapaxes(J, -1, -2))
-    assert np.all(np.abs(J.sum(axis=-1)) <= bound)
-    assert np.all(np.linalg.eigvalsh(J) >= -2 * n * eps * p.max(axis=-1, keepdims=True))
+    # Row i sums to p_i (1 - sum p) plus rounding; sum p = 1 within n eps.
+    row_bound = 2 * n * eps * (p + np.abs(J).max(axis=-1)) + 4 * tiny
+    assert np.all(np.abs(J.sum(axis=-1)) <= row_bound)
+    assert np.all(np.linalg.eigvalsh(J) >= -2 * n * eps * p.max(axis=-1, keepdims=True) - tiny)
 
 
 @SETTINGS
@@ -128,10 +155,10 @@ def test_jacobian_is_symmetric_with_zero_row_sums_and_psd(case):
 def test_vjp_is_jt_g_and_jvp_is_j_t(case, precision, data):
     x, axis = case
     g = data.draw(hnp.arrays(x.dtype, x.shape, elements=st.floats(-4, 4, width=32)))
-    # The dense float64 Jacobian of the probabilities is the independent reference.
-    p = np.asarray(jsoftmax.softmax(x, axis=axis, precision=precision), np.float64)
-    p_last = np.moveaxis(p, axis, -1)
-    J = p_last[..., :, None] * (np.eye(p_last.shape[-1]) - p_last[..., None, :])
+    # The independent reference: the dense Jacobian of float64 probabilities that do not
+    # come from jsoftmax, applied to g.
+    p, err = _exact_probs(x, axis)
+    J = p[..., :, None] * (np.eye(p.shape[-1]) - p[..., None, :])
     g_last = np.moveaxis(g.astype(np.float64), axis, -1)
     expected = np.moveaxis(np.einsum("...ij,...i->...j", J, g_last), -1, axis)
 
@@ -142,9 +169,12 @@ def test_vjp_is_jt_g_and_jvp_is_j_t(case, precision, data):
     jvp = np.asarray(jax.jvp(f("jvp"), (jnp.asarray(x),), (jnp.asarray(g),))[1], np.float64)
     eps = np.finfo(x.dtype).eps
     n = x.shape[axis]
-    tol = 8 * n * eps * np.max(np.abs(g), initial=1.0) * np.maximum(p, np.finfo(x.dtype).tiny)
-    assert np.all(np.abs(vjp - expected) <= tol + np.finfo(x.dtype).tiny)
-    assert np.all(np.abs(jvp - expected) <= tol + np.finfo(x.dtype).tiny)
+    g_max = np.max(np.abs(g), initial=1.0)
+    # The products' own rounding, plus each probability's error carried through J g.
+    tol = 8 * n * eps * g_max * p + 4 * g_max * (err + p * err.sum(axis=-1, keepdims=True))
+    tol = np.moveaxis(tol, -1, axis) + np.finfo(x.dtype).tiny
+    assert np.all(np.abs(vjp - expected) <= tol)
+    assert np.all(np.abs(jvp - expected) <= tol)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])

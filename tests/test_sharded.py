@@ -33,6 +33,7 @@ from helpers import (
     host,
     mesh_of,
     put,
+    saved_residuals,
     tol,
 )
 
@@ -388,8 +389,6 @@ def test_collectives_per_row_match_the_design(mesh_shape, names, spec, axis_name
 
 
 def test_one_output_sized_residual():
-    from jax._src.ad_checkpoint import saved_residuals
-
     mesh = mesh_of((2, 4), ("b", "c"))
     spec = P("b", "c")
     x = put(_logits(12), mesh, spec)

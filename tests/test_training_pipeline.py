@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax._src.ad_checkpoint import saved_residuals
 
 import jsoftmax
 
-from helpers import fast_subset, make_logits
+from helpers import fast_subset, make_logits, saved_residuals
 
 # The references are float64 computations with JAX: skipped in JAX's default config.
 pytestmark = pytest.mark.x64
