@@ -60,29 +60,32 @@ class Chunk:
         self.cols = self.start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         self.fresh = self.cols >= k * size
         self.limit = limit
+        self.keep: jax.Array = self.fresh  # the columns that count, refined by logits()
 
     def slice(self, a, axis: int):
         return lax.dynamic_slice_in_dim(a, self.start, self.size, axis=axis)
 
     def logits(self, x, w, bias, va: int, softcap, cdt):
         """`softcap(x @ w[:, chunk] + b[chunk])` with `cdt` (float32 or wider)
-        accumulation; `va` is the vocabulary axis of `w` (1: `(H, V)`, 0: `(V, H)`)."""
+        accumulation, `-inf` on the columns that do not count (not fresh, at or past
+        `limit`, or a `-inf` bias); `va` is the vocabulary axis of `w` (1: `(H, V)`, 0:
+        `(V, H)`).
+
+        The columns are excluded by adding a `(1, chunk)` row of 0 and `-inf` to the
+        matmul's result (with the bias), not by a select: the chunk's logits are then
+        the only chunk-sized array of the loop, read by every reduction that follows."""
         z = lax.dot_general(
             x, self.slice(w, va), (((1,), (1 - va,)), ((), ())), preferred_element_type=cdt
         )
-        if bias is not None:
-            z = z + self.slice(bias, 0).astype(cdt)[None, :]
-        return z if softcap is None else _formulas.softcap(z, softcap)
-
-    def valid(self, bias):
-        """Columns that count: fresh ones whose bias is not `-inf` and whose index is
-        below `limit` (the padding of a split vocabulary)."""
-        valid = self.fresh
+        keep = self.fresh
         if self.limit is not None:
-            valid = valid & (self.cols < self.limit)
+            keep = keep & (self.cols < self.limit)
+        shift = jnp.where(keep, jnp.zeros((), cdt), -jnp.inf)
         if bias is not None:
-            valid = valid & (self.slice(bias, 0) > -jnp.inf)[None, :]
-        return valid
+            shift = shift + self.slice(bias, 0).astype(cdt)[None, :]
+        self.keep = shift > -jnp.inf  # the columns that count, (1, size)
+        z = z + shift
+        return z if softcap is None else _formulas.softcap(z, softcap)
 
     def weights(self, weights, cdt):
         """The chunk's class weights, `(1, size)` (None: unit weights)."""
@@ -113,7 +116,7 @@ def scan_stats(
     x,
     w,
     bias,
-    stats_fn: Callable[[Chunk, jax.Array, jax.Array], _kernel.RowStats],
+    stats_fn: Callable[[Chunk, jax.Array], _kernel.RowStats],
     size: int,
     va: int,
     softcap,
@@ -123,8 +126,8 @@ def scan_stats(
 ) -> _kernel.RowStats:
     """The row statistics over `w`'s columns, one chunk at a time.
 
-    `stats_fn(chunk, u, valid)` gives a chunk's statistics from its (soft-capped)
-    logits `u` and its valid columns; they are merged by
+    `stats_fn(chunk, u)` gives a chunk's statistics from its (soft-capped) logits `u`
+    (`-inf` on the columns that do not count); they are merged by
     [`merge_pair`][jsoftmax._kernel.merge_pair].
     """
     vocab = w.shape[va]
@@ -132,7 +135,7 @@ def scan_stats(
 
     def chunk_stats(k):
         c = Chunk(k, vocab, size, limit)
-        return stats_fn(c, c.logits(x, w, bias, va, softcap, cdt), c.valid(bias))
+        return stats_fn(c, c.logits(x, w, bias, va, softcap, cdt))
 
     def body(running, k):
         return _kernel.merge_pair(running, chunk_stats(k), temperature), None
@@ -157,9 +160,10 @@ def scan_grads(
     """`(dx, dw, db)` accumulated over `w`'s columns, one chunk at a time.
 
     `grad_fn(chunk, u, valid)` gives the chunk's cotangent with respect to its
-    (soft-capped) logits `u`, 0 on columns that do not count; the soft-cap's
-    derivative is applied here. `dx` is in `cdt`: for a shard of a split vocabulary it
-    is this shard's part, to be summed over the shards.
+    (soft-capped) logits `u` (`-inf` where `valid`, the columns that count, is False);
+    it is set to 0 off the valid columns and the soft-cap's derivative is applied here.
+    `dx` is in `cdt`: for a shard of a split vocabulary it is this shard's part, to be
+    summed over the shards.
     """
     vocab = w.shape[va]
     n_chunks = -(-vocab // size)
@@ -168,7 +172,7 @@ def scan_grads(
         dx, dw, db = carry
         c = Chunk(k, vocab, size, limit)
         u = c.logits(x, w, bias, va, softcap, cdt)
-        valid = c.valid(bias)
+        valid = u > -jnp.inf
         g = jnp.where(valid, grad_fn(c, u, valid), jnp.zeros((), cdt))
         if softcap is not None:
             g = g * _formulas.softcap_derivative(jnp.where(valid, u, 0), softcap)
@@ -200,22 +204,56 @@ def scan_grads(
 # --------------------------------------------------------------------------------------
 
 
-def ce_stats_fn(idx, weights, flags: _kernel.Flags, cdt, temperature=None):
-    """`stats_fn` of a cross-entropy with integer labels at column `idx` (per row,
-    `(rows, 1)`; -1 or out of range: not in this `w`)."""
+def ce_stats_fn(weights, flags: _kernel.Flags, cdt, temperature=None):
+    """`stats_fn` of a cross-entropy with integer labels: the row maximum and sum of
+    exponentials, and with label smoothing the valid columns' count, weight and centred
+    sum. The label's logit is not read from the chunk (a second reader of the chunk's
+    logits would keep a second chunk-sized array alive): see `label_logits`."""
 
-    def stats_fn(c: Chunk, u, valid):
-        fp = _kernel.exp_pass(u, valid, (1,), temperature)
-        onehot = c.onehot(idx)
-
-        def pick(a):
-            return jnp.sum(jnp.where(onehot, a, jnp.zeros((), a.dtype)), 1, keepdims=True)
-
-        w_c = None if weights is None else c.weights(weights, cdt)
-        st = _kernel.piece_stats(fp, (1,), pick=pick, smoothing=flags.smoothing, w=w_c)
-        return st._replace(w_y=None)  # the label's weight is gathered once, outside
+    def stats_fn(c: Chunk, u):
+        fp = _kernel.exp_pass(u, None, (1,), temperature)
+        st = _kernel.RowStats(fp.m, fp.total)
+        if not flags.smoothing:
+            return st
+        # The valid columns are the same for every row: count them (and their weight)
+        # from the chunk's column mask, so that the centred sum is the only other reader
+        # of the chunk's logits.
+        zero = jnp.zeros((), cdt)
+        keep = c.keep
+        w_c = c.weights(weights, cdt)
+        w_keep = keep.astype(cdt) if w_c is None else jnp.where(keep, w_c, zero)
+        count = jnp.broadcast_to(jnp.sum(keep, 1, keepdims=True, dtype=cdt), fp.m.shape)
+        gap = jnp.where(u > -jnp.inf, u - fp.m, zero)
+        centred = jnp.sum(w_keep * gap, 1, keepdims=True)
+        wsum = None
+        if w_c is not None:
+            wsum = jnp.broadcast_to(jnp.sum(w_keep, 1, keepdims=True), fp.m.shape)
+        return st._replace(count=count, wsum=wsum, centred=centred)
 
     return stats_fn
+
+
+def label_logits(x, w, bias, idx, va: int, softcap, cdt, limit=None):
+    """The (soft-capped) logit of each row's label column `idx` of `w` (`(rows, 1)`): 0
+    where `idx` is -1 (a label held by another shard), `-inf` where the column does not
+    count (a `-inf` bias, or at or past `limit`).
+
+    A gather of `w`'s columns and a dot product per row, $O(NH)$. It rounds differently
+    from the chunk's matmul, by a few ULP, so the kernel clamps the label's logit to the
+    row maximum (`jsoftmax._kernel.integer_loss`): the loss is never negative.
+    """
+    here = idx >= 0
+    j = jnp.maximum(idx[:, 0], 0)
+    w_y = jnp.take(w, j, axis=va)  # (H, N) or (N, H)
+    spec = "nh,hn->n" if va == 1 else "nh,nh->n"
+    z = jnp.einsum(spec, x, w_y, preferred_element_type=cdt)[:, None]
+    if bias is not None:
+        z = z + bias[j].astype(cdt)[:, None]
+    if limit is not None:
+        z = jnp.where(j[:, None] < limit, z, -jnp.inf)
+    if softcap is not None:
+        z = _formulas.softcap(z, softcap)
+    return jnp.where(here, z, jnp.zeros((), cdt))
 
 
 def ce_grad_fn(idx, in_range, weights, row: _kernel.Row, g, ok, cdt, temperature=None):
@@ -224,7 +262,7 @@ def ce_grad_fn(idx, in_range, weights, row: _kernel.Row, g, ok, cdt, temperature
     row does not count, `ok`), divided by the temperature."""
 
     def grad_fn(c: Chunk, u, valid):
-        p = _kernel.probs(jnp.where(valid, u, -jnp.inf), row, temperature)
+        p = _kernel.probs(u, row, temperature)
         q = _kernel.targets(row, valid, onehot=c.onehot(idx), w=c.weights(weights, cdt))
         g_s = _kernel.score_cotangent(p, q, row)
         g_s = jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt)) * g

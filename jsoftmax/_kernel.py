@@ -35,6 +35,7 @@ derivatives stay finite.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -126,11 +127,33 @@ def exp_pass(u, valid, axes: tuple[int, ...], temperature=None, row_max=None) ->
     """
     if valid is not None:
         u = jnp.where(valid, u, -jnp.inf)
-    m = jnp.max(u, axis=axes, keepdims=True, initial=jnp.finfo(u.dtype).min)
+    m = row_max_of(u, axes)
     m = lax.stop_gradient(m if row_max is None else row_max(m))
     d = shifted(u, m, temperature)
     e = jnp.exp(d)
     return Pass(u, d, e, jnp.sum(e, axis=axes, keepdims=True), m)
+
+
+def row_max_of(u, axes: tuple[int, ...]):
+    """The maximum over `axes` (keepdims), starting from the lowest finite value, so a
+    row without a finite entry gives a finite maximum.
+
+    A `lax.reduce` whose initial value is that lowest value: XLA's CPU backend then fuses
+    the maximum with the subtraction and exponential that follow (as for
+    `jax.nn.softmax`), where `jnp.max(..., initial=...)` adds a separate `maximum` after
+    the reduction and splits that fusion (one more pass over the data).
+    """
+    lowest = jnp.asarray(jnp.finfo(u.dtype).min, u.dtype)
+    axes = tuple(a % u.ndim for a in axes)
+    # No derivative: the shift is a constant of every formula it enters (and the
+    # derivative rule of a maximum divides by the number of entries equal to it, which
+    # is 0 for a row without a finite entry).
+    m = lax.reduce(lax.stop_gradient(u), lowest, lax.max, axes)
+    if math.prod(u.shape[a] for a in axes) == 1:
+        # XLA rewrites a reduction over one entry as that entry, dropping the initial
+        # value (jaxlib 0.10): apply it here (test_n1_fully_masked_row).
+        m = jnp.maximum(m, lowest)
+    return jnp.expand_dims(m, axes)
 
 
 def shifted(u, m, temperature=None):
@@ -148,7 +171,7 @@ def softcap_row_max(z, valid, axis: int, cap: float):
     """The row maximum of `softcap(z)` from the maximum of `z` (the soft-cap is
     increasing): one `tanh` per row instead of per entry before the reduction."""
     masked = z if valid is None else jnp.where(valid, z, -jnp.inf)
-    z_max = jnp.max(masked, axis=axis, keepdims=True, initial=jnp.finfo(z.dtype).min)
+    z_max = row_max_of(masked, (axis,))
     return lax.stop_gradient(_formulas.softcap(z_max, cap))
 
 

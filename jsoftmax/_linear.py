@@ -105,10 +105,10 @@ def ce_forward(
     column `idx` of `w` (`(rows, 1)`), merged across chunks (and by `merge`, e.g. over
     devices). `ok` says which rows count, `weight` their weight in the mean."""
     coefs = _kernel.coefs_as(coefs, cdt)
-    stats_fn = _chunks.ce_stats_fn(idx, weights, flags, cdt)
+    stats_fn = _chunks.ce_stats_fn(weights, flags, cdt)
     st = _chunks.scan_stats(x, w, bias, stats_fn, size, va, flags.softcap, cdt, limit=limit)
-    if w_y is not None:
-        st = st._replace(w_y=w_y)
+    label = _chunks.label_logits(x, w, bias, idx, va, flags.softcap, cdt, limit)
+    st = st._replace(label=label, w_y=w_y)
     if merge is not None:
         st = merge(st)
     loss, excluded, row = _kernel.integer_loss(st, coefs, flags)

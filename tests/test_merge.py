@@ -52,7 +52,7 @@ def _pieces(x, v, ids, k_pieces):
         mask = ids == k
         p = jsoftmax.softmax(x, where=mask)
         outs.append(jnp.einsum("rn,rn...->r...", p, v))
-        lses.append(jsoftmax.logsumexp(x, where=mask))
+        lses.append(jsoftmax.logsumexp(x, -1, where=mask))
     return jnp.stack(outs), jnp.stack(lses)
 
 
@@ -453,7 +453,7 @@ def test_errors_name_values_and_lse():
 def _attention(q, k, v, mask=None, rule="vjp"):
     s = q @ k.T
     o = jsoftmax.softmax(s, where=mask, rule=rule) @ v
-    return o, jsoftmax.logsumexp(s, where=mask, rule=rule)
+    return o, jsoftmax.logsumexp(s, -1, where=mask, rule=rule)
 
 
 def _blockwise_attention(q, k, v, block, mask=None, rule="vjp"):

@@ -423,3 +423,15 @@ def test_string_and_none_options_name_the_argument(kw, name):
     z = make_logits((2, 3), REF_DTYPE)
     with pytest.raises((TypeError, ValueError), match=name):
         jsoftmax.cross_entropy(z, jnp.array([0, 1]), **kw)
+
+
+@pytest.mark.parametrize("rule", ["vjp", "jvp"])
+def test_n1_fully_masked_row(rule):
+    # A reduction over one entry: XLA drops the initial value of the row maximum there,
+    # so a row whose single entry is masked or -inf must still give 0 / -inf, not NaN.
+    for x, where in [(jnp.array([[0.0]]), jnp.array([[False]])), (jnp.array([[-jnp.inf]]), None)]:
+        assert float(jsoftmax.softmax(x, -1, where, rule=rule)[0, 0]) == 0.0
+        assert float(jsoftmax.log_softmax(x, -1, where, rule=rule)[0, 0]) == -np.inf
+        assert float(jsoftmax.logsumexp(x, -1, where=where, rule=rule)[0]) == -np.inf
+        g = jax.grad(lambda x, m=where: jsoftmax.logsumexp(x, -1, where=m, rule=rule).sum())(x)
+        assert float(g[0, 0]) == 0.0
