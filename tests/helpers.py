@@ -45,8 +45,9 @@ def saved_residuals(f, *args) -> list[tuple[jax.ShapeDtypeStruct, str]]:
         print_saved_residuals(f, *args)
     out = []
     for line in buf.getvalue().splitlines():
-        dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
-        shape = tuple(int(d) for d in dims.split(",") if d)
+        # Sharded dimensions print with their mesh axes, e.g. f32[8@b,32@c].
+        dtype, dims = re.match(r"(\w+)\[([^\]]*)\]", line).groups()
+        shape = tuple(int(d.split("@")[0]) for d in dims.split(",") if d)
         out.append((jax.ShapeDtypeStruct(shape, jnp.dtype(_SHORT_DTYPES[dtype])), line))
     return out
 
