@@ -14,10 +14,14 @@ from jsoftmax._jacobian import softmax_hvp as softmax_hvp
 from jsoftmax._jacobian import softmax_jvp as softmax_jvp
 from jsoftmax._jacobian import softmax_vjp as softmax_vjp
 from jsoftmax._linear import linear_cross_entropy as linear_cross_entropy
+from jsoftmax._linear_post import linear_kl_divergence as linear_kl_divergence
+from jsoftmax._linear_post import linear_token_log_probs as linear_token_log_probs
 from jsoftmax._losses import cross_entropy as cross_entropy
 from jsoftmax._losses import cross_entropy_hessian as cross_entropy_hessian
 from jsoftmax._merge import merge_partials as merge_partials
 from jsoftmax._operator import SoftmaxJacobian as SoftmaxJacobian
+from jsoftmax._post import kl_divergence as kl_divergence
+from jsoftmax._post import token_log_probs as token_log_probs
 from jsoftmax._softmax import log_softmax as log_softmax
 from jsoftmax._softmax import logsumexp as logsumexp
 from jsoftmax._softmax import softmax as softmax
@@ -40,7 +44,10 @@ __all__ = [
     "jacobian",
     "jacobian_diagonal",
     "jacobian_from_probs",
+    "kl_divergence",
     "linear_cross_entropy",
+    "linear_kl_divergence",
+    "linear_token_log_probs",
     "log_softmax",
     "log_softmax_jacobian",
     "logsumexp",
@@ -51,6 +58,7 @@ __all__ = [
     "softmax_hvp",
     "softmax_jvp",
     "softmax_vjp",
+    "token_log_probs",
     "tools",
     "verify",
 ]

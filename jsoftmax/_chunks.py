@@ -116,32 +116,41 @@ def scan_stats(
     x,
     w,
     bias,
-    stats_fn: Callable[[Chunk, jax.Array], _kernel.RowStats],
+    stats_fn: Callable,
     size: int,
     va: int,
     softcap,
     cdt,
     temperature=None,
     limit=None,
-) -> _kernel.RowStats:
+    merge: Callable | None = None,
+):
     """The row statistics over `w`'s columns, one chunk at a time.
 
     `stats_fn(chunk, u)` gives a chunk's statistics from its (soft-capped) logits `u`
-    (`-inf` on the columns that do not count); they are merged by
-    [`merge_pair`][jsoftmax._kernel.merge_pair].
+    (`-inf` on the columns that do not count): a `RowStats`, merged by
+    `jsoftmax._kernel.merge_pair`, or any pytree merged by `merge(running, chunk)` (the
+    scan starts from its empty statistics: `RowStats` of an empty piece, zeros
+    elsewhere).
     """
     vocab = w.shape[va]
     n_chunks = -(-vocab // size)
+    if merge is None:
+        merge = lambda a, b: _kernel.merge_pair(a, b, temperature)  # noqa: E731
 
     def chunk_stats(k):
         c = Chunk(k, vocab, size, limit)
         return stats_fn(c, c.logits(x, w, bias, va, softcap, cdt))
 
     def body(running, k):
-        return _kernel.merge_pair(running, chunk_stats(k), temperature), None
+        return merge(running, chunk_stats(k)), None
 
     shape = jax.eval_shape(chunk_stats, jnp.zeros((), jnp.int32))
-    init = _kernel.empty_like(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+    is_stats = lambda a: isinstance(a, _kernel.RowStats)  # noqa: E731
+    init = jax.tree.map(
+        lambda a: _kernel.empty_like(a) if is_stats(a) else a, zeros, is_leaf=is_stats
+    )
     st, _ = lax.scan(body, vary_like(init, w), jnp.arange(n_chunks))
     return st
 

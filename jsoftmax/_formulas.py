@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -247,7 +248,76 @@ def merge_jvp(
     so JAX transposes it for reverse mode: the cotangent of $\ell_k$ is
     $w_k(\langle \bar v, o_k - v\rangle + \bar\ell)$, the weight's softmax
     Jacobian applied to $\langle \bar v, o_k\rangle$.
-    """
+    r"""
     lse_out_dot = lse_jvp(w, lse_dot, axes)
     value_dot = dot(w, o_dot + o * lse_dot, axes) - value * lse_out_dot
     return value_dot, lse_out_dot
+
+
+# --------------------------------------------------------------------------------------
+# Post-training: token log-probabilities, entropy, and the distillation divergences.
+# --------------------------------------------------------------------------------------
+
+
+def log_prob_cotangent(p, onehot, g):
+    r"""$\partial(g\log p_y)/\partial s = g\,(e_y - p)$ (the cross-entropy's $p - q$,
+    negated, with the one-hot target)."""
+    return g * (jnp.where(onehot, jnp.ones((), p.dtype), jnp.zeros((), p.dtype)) - p)
+
+
+def entropy_cotangent(p, s_centred, g):
+    r"""$\partial(g H)/\partial s = -g\,p \odot (s - E_p[s])$ for the entropy
+    $H = \mathrm{lse} - \langle p, s\rangle$; `s_centred` is $s - E_p[s]$."""
+    return -g * p * s_centred
+
+
+def _xlogy_ratio(p, log_a, log_b):
+    r"""$p(\log a - \log b)$ with $0 \log 0 = 0$ (double where: finite derivatives)."""
+    live = p > 0
+    zero = jnp.zeros((), p.dtype)
+    diff = jnp.where(live, log_a, zero) - jnp.where(live, log_b, zero)
+    return jnp.where(live, p * diff, zero)
+
+
+def _log_mixture(log_ps, log_pt, beta: float):
+    r"""$\log m$ with $m = \beta p_t + (1 - \beta) p_s$."""
+    return jnp.logaddexp(np.log(beta) + log_pt, np.log1p(-beta) + log_ps)
+
+
+def divergence_terms(log_ps, log_pt, beta: float):
+    r"""`(terms, kl_s)` per class of the generalised Jensen-Shannon divergence (TRL's GKD
+    convention): summed over the classes, `terms` is $\mathrm{KL}(p_t\|p_s)$ for
+    $\beta = 0$, $\mathrm{KL}(p_s\|p_t)$ for $\beta = 1$, and
+    $\beta\,\mathrm{KL}(p_t\|m) + (1-\beta)\,\mathrm{KL}(p_s\|m)$ otherwise, with
+    $m = \beta p_t + (1-\beta) p_s$. `kl_s` sums to the per-row number the cotangent
+    needs ($\mathrm{KL}(p_s\|p_t)$ for $\beta = 1$, $\mathrm{KL}(p_s\|m)$ for
+    $0 < \beta < 1$; None for $\beta = 0$). Classes with $p = 0$ add 0."""
+    p_s, p_t = jnp.exp(log_ps), jnp.exp(log_pt)
+    if beta == 0:
+        return _xlogy_ratio(p_t, log_pt, log_ps), None
+    if beta == 1:
+        terms = _xlogy_ratio(p_s, log_ps, log_pt)
+        return terms, terms
+    log_m = _log_mixture(log_ps, log_pt, beta)
+    kl_s = _xlogy_ratio(p_s, log_ps, log_m)
+    return beta * _xlogy_ratio(p_t, log_pt, log_m) + (1 - beta) * kl_s, kl_s
+
+
+def divergence_cotangent(log_ps, log_pt, kl_s, beta: float):
+    r"""$\partial D/\partial s$ (the student's scaled logits $s$, before the
+    temperature's $1/T$): $p_s - p_t$ for $\beta = 0$,
+    $p_s \odot (\log p_s - \log p_t - \mathrm{KL}(p_s\|p_t))$ for $\beta = 1$, and
+    $(1-\beta)\,p_s \odot (\log(p_s/m) - \mathrm{KL}(p_s\|m))$ otherwise: the softmax
+    VJP of $\partial D/\partial p_s = (1-\beta)\log(p_s/m)$. `kl_s` is the row's sum of
+    `divergence_terms`' second output."""
+    p_s = jnp.exp(log_ps)
+    if beta == 0:
+        return p_s - jnp.exp(log_pt)
+    zero = jnp.zeros((), p_s.dtype)
+    live = p_s > 0
+    if beta == 1:
+        g_p = jnp.where(live, log_ps, zero) - jnp.where(live, log_pt, zero)
+        return jnp.where(live, p_s * (g_p - kl_s), zero)
+    log_m = _log_mixture(log_ps, log_pt, beta)
+    g_p = jnp.where(live, log_ps, zero) - jnp.where(live, log_m, zero)
+    return jnp.where(live, (1 - beta) * p_s * (g_p - kl_s), zero)

@@ -61,7 +61,7 @@ class Flags(NamedTuple):
 
 
 class Coefs(NamedTuple):
-    """The dynamic coefficients: label smoothing $\\alpha$ and z-loss $c$ (None: off)."""
+    r"""The dynamic coefficients: label smoothing $\\alpha$ and z-loss $c$ (None: off)."""
 
     alpha: jax.Array | float | None = None
     z_loss: jax.Array | float | None = None
@@ -196,6 +196,7 @@ class RowStats(NamedTuple):
     centred: jax.Array | None = None  # sum_valid w (u - m)
     mass: jax.Array | None = None  # probability labels: sum_valid w y
     cross: jax.Array | None = None  # probability labels: sum_valid w y (u - m)
+    ent: jax.Array | None = None  # entropy: sum_valid exp((u - m) / T) (u - m)
 
 
 def _sum(a, axes):
@@ -210,6 +211,7 @@ def piece_stats(
     w=None,
     y=None,
     smoothing: bool = False,
+    entropy: bool = False,
 ) -> RowStats:
     """The statistics of one piece from its pass `fp`.
 
@@ -236,13 +238,13 @@ def piece_stats(
         q = y.astype(fp.u.dtype) if w is None else w * y.astype(fp.u.dtype)
         q = jnp.where(valid, q, zero)
         st = st._replace(mass=_sum(q, axes), cross=_sum(q * gap, axes))
+    if entropy:
+        st = st._replace(ent=_sum(fp.e * gap, axes))
     return st
 
 
-def _shift(x, weight, gap):
+def _shift(x: jax.Array, weight, gap) -> jax.Array:
     """`x + weight * gap`, 0 added where `weight` is 0 (an empty piece's gap may be -inf)."""
-    if x is None:
-        return None
     return x + jnp.where(weight == 0, jnp.zeros((), x.dtype), weight * gap)
 
 
@@ -255,6 +257,10 @@ def recentre(st: RowStats, m_new, temperature=None) -> RowStats:
         total=_merge.rescale(st.m, st.total, m_new, temperature),
         centred=None if st.centred is None else _shift(st.centred, weight, gap),
         cross=None if st.cross is None else _shift(st.cross, st.mass, gap),
+        # sum e (u - M) = r (sum e (u - m) + t (m - M)), r = exp((m - M) / T)
+        ent=None
+        if st.ent is None
+        else _merge.rescale(st.m, _shift(st.ent, st.total, gap), m_new, temperature),
     )
 
 
@@ -315,12 +321,12 @@ def _over_t(a, temperature):
 
 
 def lse_of(st: RowStats, temperature=None):
-    """The row's log-sum-exp $M/T + \\log t$ (`-inf` for a row without valid classes)."""
+    r"""The row's log-sum-exp $M/T + \\log t$ (`-inf` for a row without valid classes)."""
     return _merge.lse_of(_over_t(st.m, temperature), st.total)
 
 
 def _smoothing(st: RowStats, coefs: Coefs):
-    """`(k, W)`: the smoothing mass $\\alpha/m$ and the valid classes' total weight."""
+    r"""`(k, W)`: the smoothing mass $\\alpha/m$ and the valid classes' total weight."""
     assert coefs.alpha is not None and st.count is not None
     k = _formulas.smoothing_mass(coefs.alpha, jnp.maximum(st.count, 1))
     return k, st.count if st.wsum is None else st.wsum
@@ -370,7 +376,7 @@ def integer_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
 
 
 def prob_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
-    """`(loss, empty, row)` of probability labels from merged statistics: the loss is
+    r"""`(loss, empty, row)` of probability labels from merged statistics: the loss is
     $(\\sum q)\\log t - \\sum q (u - M)/T + c\\,\\mathrm{lse}^2$, two non-negative
     terms; `empty` marks rows without valid classes (they do not count)."""
     assert st.mass is not None and st.cross is not None
@@ -389,6 +395,33 @@ def prob_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
         loss = loss + _formulas.z_loss_term(lse, coefs.z_loss)
         scale = _formulas.ce_cotangent_scale(scale, lse, coefs.z_loss)
     return loss, st.total == 0, Row(st.m, log_total, scale, None, k)
+
+
+def log_prob(st: RowStats, temperature=None):
+    """`(log p_y, excluded)` of the integer label from merged statistics: never above 0
+    (the label's logit is clamped to the row maximum), `-inf` for a label on an excluded
+    class."""
+    assert st.label is not None
+    log_total = log_total_of(st.total)
+    excluded = st.label == -jnp.inf
+    gap = st.label - st.m
+    gap = jnp.where(excluded | (gap > 0), jnp.zeros((), gap.dtype), gap)
+    lp = _over_t(gap, temperature) - log_total
+    return jnp.where(excluded, jnp.full((), -jnp.inf, lp.dtype), lp), excluded
+
+
+def mean_gap(st: RowStats):
+    """$E_p[u - M]$, the softmax mean of the logits against the row maximum (0 for a
+    row without valid classes)."""
+    assert st.ent is not None
+    return st.ent / jnp.where(st.total == 0, jnp.ones((), st.total.dtype), st.total)
+
+
+def entropy(st: RowStats, temperature=None):
+    r"""The entropy $H = \mathrm{lse} - E_p[s] = \log t - E_p[u - M]/T$ (0 for a row
+    without valid classes, and never below 0)."""
+    h = log_total_of(st.total) - _over_t(mean_gap(st), temperature)
+    return jnp.where(h < 0, jnp.zeros((), h.dtype), h)
 
 
 # --------------------------------------------------------------------------------------
@@ -422,7 +455,7 @@ def targets(row: Row, valid, *, onehot=None, w=None, y=None, alpha=None):
 
 
 def score_cotangent(p, q, row: Row):
-    """$\\partial\\ell/\\partial s = (\\sum q + 2cb\\,\\mathrm{lse})\\,p - q$."""
+    r"""$\\partial\\ell/\\partial s = (\\sum q + 2cb\\,\\mathrm{lse})\\,p - q$."""
     return _formulas.ce_cotangent(p, q, 1 if row.scale is None else row.scale)
 
 
@@ -444,7 +477,7 @@ def chain_to_logits(g_s, u, valid, axes, flags: Flags, temperature=None):
 
 
 def label_cotangent(u, row: Row, valid, w, alpha, temperature=None):
-    """$\\partial\\ell/\\partial y_i = (1-\\alpha)\\,w_i\\,(\\mathrm{lse} - s_i) =
+    r"""$\\partial\\ell/\\partial y_i = (1-\\alpha)\\,w_i\\,(\\mathrm{lse} - s_i) =
     -(1-\\alpha) w_i \\log p_i$ on valid classes, 0 elsewhere."""
     zero = jnp.zeros((), row.m.dtype)
     neg_log_p = row.log_total - _over_t(jnp.where(valid, u, row.m) - row.m, temperature)
