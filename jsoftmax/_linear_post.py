@@ -65,7 +65,7 @@ def lp_backward(x, w, bias, idx, t, cap, g_lp, g_h, stats, size, va, limit=None)
     return _chunks.scan_grads(x, w, bias, grad_fn, size, va, cap, cdt, limit)
 
 
-def _row_temperature(temperature, batch):
+def row_temperature(temperature, batch):
     """None, or a positive `(rows, 1)` array (not differentiated)."""
     if temperature is None:
         return None
@@ -175,7 +175,7 @@ def linear_token_log_probs(
     vocab = w.shape[va]
     batch = x.shape[:-1]
     rows = int(np.prod(batch, dtype=np.int64))
-    t = _row_temperature(temperature, batch)
+    t = row_temperature(temperature, batch)
     lab = labels.reshape(rows)
     _checks.check_label_range(lab, vocab, None)
     size = _chunks.chunk_size(chunk_size, rows, vocab)

@@ -14,6 +14,8 @@ own collectives (`lax.pmax`, `lax.psum`), never the logits:
   options' per-row sums; backward none (the cotangent $(\sum q)p - q$ is local).
 * `linear_cross_entropy`: forward as `cross_entropy` with integer labels; backward
   all-reduces `dx` (`N * H` values).
+* `linear_token_log_probs`: forward all-reduces the row max, then the sums with the
+  label's logit (and the entropy's sum); backward as `linear_cross_entropy`.
 
 Every forward all-reduce carries one scalar per row (per statistic). The forward pass
 is the merge rule of [`merge_partials`][jsoftmax.merge_partials] applied across
@@ -41,7 +43,14 @@ are then masked (probability 0, gradient 0, never a target). Without padding,
 
 from jsoftmax.sharded._linear import linear_cross_entropy as linear_cross_entropy
 from jsoftmax.sharded._losses import cross_entropy as cross_entropy
+from jsoftmax.sharded._post import linear_token_log_probs as linear_token_log_probs
 from jsoftmax.sharded._softmax import log_softmax as log_softmax
 from jsoftmax.sharded._softmax import softmax as softmax
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "log_softmax", "softmax"]
+__all__ = [
+    "cross_entropy",
+    "linear_cross_entropy",
+    "linear_token_log_probs",
+    "log_softmax",
+    "softmax",
+]

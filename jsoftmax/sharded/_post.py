@@ -1,0 +1,157 @@
+"""`linear_token_log_probs` with the vocabulary split over devices (inside `shard_map`):
+each device runs the chunk loop over its columns; the devices merge per-row statistics
+(one `pmax`, one `psum`); the backward pass is local except for `dx`."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jsoftmax import _checks, _chunks, _custom, _kernel, _linear, _linear_post
+from jsoftmax.sharded import _common
+from jsoftmax.sharded._common import AxisName
+
+
+def _layout(labels, local: int, axis_name, n_classes):
+    """`(idx, in_range, limit)`: the label's column in this shard's block (-1: another
+    shard's), whether the global label is in range, and the first padded column."""
+    offset = _common.offset(local, axis_name)
+    local_label = labels - offset
+    here = (local_label >= 0) & (local_label < local)
+    idx = jnp.where(here, local_label, -1)[:, None]
+    in_range = ((labels >= 0) & (labels < n_classes))[:, None]
+    return idx, in_range, n_classes - offset
+
+
+@partial(_custom.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _lp(x, w, bias, labels, t, cap, with_entropy, axis_name, size, n_classes):
+    return _lp_fwd(x, w, bias, labels, t, cap, with_entropy, axis_name, size, n_classes)[0]
+
+
+def _lp_fwd(x, w, bias, labels, t, cap, with_entropy, axis_name, size, n_classes):
+    cdt = _chunks.compute_dtype(x, w)
+    idx, in_range, limit = _layout(labels, w.shape[1], axis_name, n_classes)
+    t_c = None if t is None else t.astype(cdt)
+    merge = partial(_kernel.merge_devices, axis_name=axis_name, temperature=t_c)
+    (lp, h), stats = _linear_post.lp_forward(
+        x, w, bias, idx, t_c, cap, with_entropy, size, 1, limit, merge
+    )
+    lp = jnp.where(in_range, lp, jnp.full((), jnp.nan, cdt))
+    out = (lp[:, 0], None if h is None else h[:, 0])
+    return out, (x, w, bias, labels, t, stats)
+
+
+def _lp_bwd(cap, with_entropy, axis_name, size, n_classes, residuals, g):
+    # dw and db stay on their shard; dx is this shard's part (summed over the shards by
+    # the transpose of the varying cast in the caller).
+    x, w, bias, labels, t, stats = residuals
+    cdt = _chunks.compute_dtype(x, w)
+    idx, in_range, limit = _layout(labels, w.shape[1], axis_name, n_classes)
+    g_lp = jnp.where(in_range, g[0].astype(cdt)[:, None], jnp.full((), jnp.nan, cdt))
+    g_h = None if not with_entropy else g[1].astype(cdt)[:, None]
+    t_c = None if t is None else t.astype(cdt)
+    dx, dw, db = _linear_post.lp_backward(
+        x, w, bias, idx, t_c, cap, g_lp, g_h, stats, size, 1, limit
+    )
+    return dx.astype(x.dtype), dw, db, None, None
+
+
+_lp.defvjp(_lp_fwd, _lp_bwd)
+
+
+def linear_token_log_probs(
+    x: ArrayLike,
+    w_shard: ArrayLike,
+    labels: ArrayLike,
+    axis_name: AxisName,
+    *,
+    bias_shard: ArrayLike | None = None,
+    num_classes: int | None = None,
+    temperature: ArrayLike | None = None,
+    logit_softcap: float | None = None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""[`linear_token_log_probs`][jsoftmax.linear_token_log_probs] with the vocabulary
+    split over devices (tensor parallelism of the output layer); call inside
+    `jax.shard_map`.
+
+    The kernel `w` of shape `(H, V)` is split along `V` over `axis_name` (and `bias`
+    alike); every shard holds the same rows of `x`. Each device reduces its columns to
+    per-row statistics in chunks; the devices exchange only per-row numbers: one
+    all-reduce of the row maxima, one carrying the rescaled sums of exponentials, the
+    label's logit (from the shard holding it) and, for the entropy, the softmax-weighted
+    sums of the logits. Backward: each shard recomputes its chunks and accumulates `dw`
+    and `db` for its columns and its part of `dx`, summed over `axis_name`.
+
+    Args:
+      x: hidden states, `(..., H)`, the same on every shard of `axis_name`.
+      w_shard: this shard's block of the kernel, `(H, V_local)` (`in_specs`
+        `P(None, axis_name)`).
+      labels: integer **global** class indices, shape `x.shape[:-1]`.
+      axis_name: the mesh axis name(s) the vocabulary is split over.
+      bias_shard: optional `(V_local,)`, split like `w`.
+      num_classes: the true vocabulary size when `V` was padded at the end to a
+        multiple of the shard count (padded columns are excluded).
+      temperature: None (1), a positive number, or an array broadcastable to
+        `x.shape[:-1]`; not differentiated.
+      logit_softcap: None or $\kappa > 0$.
+      return_entropy: also return the entropy per row.
+      chunk_size: vocabulary columns per chunk of the local loop.
+
+    Returns:
+      The log-probabilities (shape `x.shape[:-1]`), and with `return_entropy` the pair
+      `(log_probs, entropy)`; the same on every shard; float32 for 16-bit inputs.
+
+    Note:
+      * Labels are traced: an out-of-range label gives a NaN row, never an error.
+      * Needs `jax.shard_map`'s default `check_vma=True` (the sum of `dx` over
+        `axis_name` is derived from it).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> import jsoftmax
+      >>> from jsoftmax import sharded
+      >>> mesh = jax.make_mesh((1,), ("vocab",))
+      >>> x = jax.random.normal(jax.random.key(0), (4, 8))
+      >>> w = jax.random.normal(jax.random.key(1), (8, 1000)) / 3
+      >>> y = jnp.array([3, 999, 0, 512])
+      >>> f = jax.jit(jax.shard_map(
+      ...     lambda x, w, y: sharded.linear_token_log_probs(x, w, y, "vocab"),
+      ...     mesh=mesh, in_specs=(P(), P(None, "vocab"), P()), out_specs=P()))
+      >>> w_split = jax.device_put(w, jax.NamedSharding(mesh, P(None, "vocab")))
+      >>> lp = f(x, w_split, y)
+      >>> print(bool(jnp.allclose(lp, jsoftmax.token_log_probs(x @ w, y), rtol=1e-5)))
+      True
+    """
+    axis_name = _common.check_axis_name(axis_name)
+    x, w, bias, _ = _linear.check_inputs(
+        x, w_shard, bias_shard, 1, w_name="w_shard", bias_name="bias_shard"
+    )
+    labels = _linear.check_int_labels(labels, x)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}.")
+    cap = _checks.loss_options(logit_softcap=logit_softcap).logit_softcap
+    shards = _common.num_shards(axis_name, "linear_token_log_probs")
+    local = w.shape[1]
+    if local == 0:
+        raise ValueError("w_shard has no columns; the log-probabilities are undefined.")
+    num_classes = _common.check_num_classes(num_classes, local, shards)
+    batch = x.shape[:-1]
+    rows = int(np.prod(batch, dtype=np.int64))
+    t = _linear_post.row_temperature(temperature, batch)
+    size = _chunks.chunk_size(chunk_size, rows, local)
+    x2 = x.reshape(rows, x.shape[-1])
+    lab = labels.reshape(rows).astype(jnp.int32)
+    x2, w, bias = _common.varying((x2, w, bias), _common.axis_tuple(axis_name))
+    n_classes = local * shards if num_classes is None else num_classes
+    lp, h = _lp(x2, w, bias, lab, t, cap, return_entropy, axis_name, size, n_classes)
+    if not return_entropy:
+        return lp.reshape(batch)
+    assert h is not None
+    return lp.reshape(batch), h.reshape(batch)
