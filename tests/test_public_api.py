@@ -10,7 +10,10 @@ EXPECTED = {
     "jacobian",
     "jacobian_diagonal",
     "jacobian_from_probs",
+    "kl_divergence",
     "linear_cross_entropy",
+    "linear_kl_divergence",
+    "linear_token_log_probs",
     "log_softmax",
     "log_softmax_jacobian",
     "logsumexp",
@@ -21,6 +24,7 @@ EXPECTED = {
     "softmax_hvp",
     "softmax_jvp",
     "softmax_vjp",
+    "token_log_probs",
     "tools",
     "verify",
 }
@@ -41,6 +45,7 @@ def test_sharded_submodule_surface():
     assert set(jsoftmax.sharded.__all__) == {
         "cross_entropy",
         "linear_cross_entropy",
+        "linear_token_log_probs",
         "log_softmax",
         "softmax",
     }
