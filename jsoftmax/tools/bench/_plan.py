@@ -13,6 +13,7 @@ from jsoftmax.tools.bench import (
     _jacobians,
     _linear_ce,
     _memory,
+    _post,
     _sharded,
     _torch,
 )
@@ -26,6 +27,7 @@ _MODULES = (
     _jacobians,
     _memory,
     _linear_ce,
+    _post,
     _bandwidth,
     _torch,
 )
