@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 
@@ -279,9 +278,12 @@ def _xlogy_ratio(p, log_a, log_b):
     return jnp.where(live, p * diff, zero)
 
 
-def _log_mixture(log_ps, log_pt, beta: float):
-    r"""$\log m$ with $m = \beta p_t + (1 - \beta) p_s$."""
-    return jnp.logaddexp(np.log(beta) + log_pt, np.log1p(-beta) + log_ps)
+def _log_mixture(p_s, p_t, beta: float):
+    r"""$\log m$ with $m = \beta p_t + (1 - \beta) p_s$ (0 where $m = 0$: only products with
+    $p = 0$ read it)."""
+    m = beta * p_t + (1 - beta) * p_s
+    live = m > 0
+    return jnp.where(live, jnp.log(jnp.where(live, m, jnp.ones((), m.dtype))), 0.0), m
 
 
 def divergence_terms(log_ps, log_pt, beta: float):
@@ -298,9 +300,14 @@ def divergence_terms(log_ps, log_pt, beta: float):
     if beta == 1:
         terms = _xlogy_ratio(p_s, log_ps, log_pt)
         return terms, terms
-    log_m = _log_mixture(log_ps, log_pt, beta)
+    log_m, m = _log_mixture(p_s, p_t, beta)
+    # beta p_t (log p_t - log m) + (1 - beta) p_s (log p_s - log m)
+    #   = beta p_t log p_t + (1 - beta) p_s log p_s - m log m   (m = beta p_t + (1 - beta) p_s)
     kl_s = _xlogy_ratio(p_s, log_ps, log_m)
-    return beta * _xlogy_ratio(p_t, log_pt, log_m) + (1 - beta) * kl_s, kl_s
+    zero = jnp.zeros((), p_s.dtype)
+    plogp = lambda p, log_p: jnp.where(p > 0, p * jnp.where(p > 0, log_p, zero), zero)  # noqa: E731
+    terms = beta * plogp(p_t, log_pt) + (1 - beta) * plogp(p_s, log_ps) - m * log_m
+    return terms, kl_s
 
 
 def divergence_cotangent(log_ps, log_pt, kl_s, beta: float):
@@ -318,6 +325,22 @@ def divergence_cotangent(log_ps, log_pt, kl_s, beta: float):
     if beta == 1:
         g_p = jnp.where(live, log_ps, zero) - jnp.where(live, log_pt, zero)
         return jnp.where(live, p_s * (g_p - kl_s), zero)
-    log_m = _log_mixture(log_ps, log_pt, beta)
+    log_m, _ = _log_mixture(p_s, jnp.exp(log_pt), beta)
     g_p = jnp.where(live, log_ps, zero) - jnp.where(live, log_m, zero)
     return jnp.where(live, (1 - beta) * p_s * (g_p - kl_s), zero)
+
+
+def kl_from_cross(cross, total_a, lse_a, lse_b, temperature=None):
+    r"""$\mathrm{KL}(p_a \| p_b)$ from one pass's row numbers: with
+        $p = \mathrm{softmax}(\cdot / T)$ of logits $a$ and $b$ over the same classes,
+        $\mathrm{KL} = \langle p_a, a - b
+    angle / T - \mathrm{lse}_a + \mathrm{lse}_b$, where
+        `cross` $= \sum_i e^{(a_i - M)/T}(a_i - b_i)$ and `total_a` $= \sum_i e^{(a_i - M)/T}$
+        (the same shift $M$), and the log-sum-exps are of $a/T$ and $b/T$. A row where
+        $p_a$ has no mass gives 0."""
+    empty = total_a == 0
+    mean = cross / jnp.where(empty, jnp.ones((), total_a.dtype), total_a)
+    if temperature is not None:
+        mean = mean / temperature
+    kl = mean - lse_a + lse_b
+    return jnp.where(empty, jnp.zeros((), kl.dtype), kl)

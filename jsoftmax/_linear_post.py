@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _chunks, _custom, _formulas, _kernel, _linear, _post
+from jsoftmax import _checks, _chunks, _custom, _formulas, _kernel, _linear, _merge, _post
 from jsoftmax._checks import Reduction
 
 # --------------------------------------------------------------------------------------
@@ -201,30 +201,60 @@ def _teacher_logits(c, teacher, va, cdt):
 
 
 def _kl_stats(x, w, bias, teacher, beta, t, size, va, cdt):
-    """`(value, (student row, teacher row, kl_s))` per row: two passes over the chunks,
-    the log-sum-exps of both models, then the divergence's terms."""
+    r"""`(value, (student row, teacher row, kl_s))` per row.
+
+    For $\beta \in \{0, 1\}$ one pass over the chunks: the log-sum-exps of both models
+    and the cross sum $\sum_i e^{(a_i - M_a)/T}(a_i - b_i)$ of the model the
+    divergence weights by ($a$ the teacher for $\beta = 0$, the student for
+    $\beta = 1$), merged like the sums of exponentials. Otherwise two passes: the
+    log-sum-exps, then the divergence's terms (they need $\log m$, a function of both
+    rows' log-sum-exps).
+    """
+    single = beta in (0.0, 1.0)
 
     def lse_fn(c, u):
-        st_s = _kernel.piece_stats(_kernel.exp_pass(u, None, (1,), t), (1,))
-        u_t = _teacher_logits(c, teacher, va, cdt)
-        return st_s, _kernel.piece_stats(_kernel.exp_pass(u_t, None, (1,), t), (1,))
+        fp_s = _kernel.exp_pass(u, None, (1,), t)
+        fp_t = _kernel.exp_pass(_teacher_logits(c, teacher, va, cdt), None, (1,), t)
+        stats = _kernel.piece_stats(fp_s, (1,)), _kernel.piece_stats(fp_t, (1,))
+        if not single:
+            return stats
+        a, b = (fp_t, fp_s) if beta == 0.0 else (fp_s, fp_t)
+        cross = jnp.where(a.e > 0, a.e * (a.u - b.u), jnp.zeros((), cdt))
+        return stats + (jnp.sum(cross, 1, keepdims=True),)
 
-    def merge2(a, b):
-        return tuple(_kernel.merge_pair(p, q, t) for p, q in zip(a, b, strict=True))
+    def merge(p, q):
+        merged = tuple(_kernel.merge_pair(a, b, t) for a, b in zip(p[:2], q[:2], strict=True))
+        if not single:
+            return merged
+        k = 1 if beta == 0.0 else 0  # the weighting model's statistics
+        m_new = merged[k].m
+        cross = _merge_rescale(p[k].m, p[2], m_new, t) + _merge_rescale(q[k].m, q[2], m_new, t)
+        return merged + (cross,)
 
-    st_s, st_t = _chunks.scan_stats(x, w, bias, lse_fn, size, va, None, cdt, merge=merge2)
+    out = _chunks.scan_stats(x, w, bias, lse_fn, size, va, None, cdt, merge=merge)
+    st_s, st_t = out[0], out[1]
     rows = tuple(_kernel.Row(st.m, _kernel.log_total_of(st.total), None, None, None)
                  for st in (st_s, st_t))  # fmt: skip
+    if single:
+        a, b = (st_t, st_s) if beta == 0.0 else (st_s, st_t)
+        value = _formulas.kl_from_cross(
+            out[2], a.total, _kernel.lse_of(a, t), _kernel.lse_of(b, t), t
+        )
+        return value, (rows, value if beta == 1.0 else None)
 
     def terms_fn(c, u):
         log_ps, log_pt = _log_probs(c, u, rows, teacher, t, va, cdt)
         terms, kl_s = _formulas.divergence_terms(log_ps, log_pt, beta)
-        kl_s = jnp.zeros_like(terms) if kl_s is None else kl_s
+        assert kl_s is not None
         return jnp.sum(terms, 1, keepdims=True), jnp.sum(kl_s, 1, keepdims=True)
 
     add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
     value, kl_s = _chunks.scan_stats(x, w, bias, terms_fn, size, va, None, cdt, merge=add)
     return value, (rows, kl_s)
+
+
+def _merge_rescale(m, value, m_new, t):
+    return _merge.rescale(m, value, m_new, t)
 
 
 def _log_probs(c, u, rows, teacher, t, va, cdt):
