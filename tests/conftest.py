@@ -64,7 +64,7 @@ def _is_float64(value) -> bool:
         return False
     try:
         return np.dtype(value) == np.float64
-    except TypeError:
+    except (TypeError, ValueError):  # e.g. a tuple of axes, which np.dtype reads as fields
         return False
 
 
