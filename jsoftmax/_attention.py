@@ -185,10 +185,28 @@ def visit_order(table: jax.Array) -> tuple[jax.Array, jax.Array]:
     return order, jnp.sum(table, axis=1, dtype=jnp.int32)
 
 
+def _all_visible(c: _Chunked, cfg: Config) -> bool:
+    """Whether every (query, key) pair is visible, known from the static configuration
+    (no option that hides keys, chunks that divide both lengths)."""
+    x = c.x
+    hides = (
+        cfg.causal
+        or cfg.window is not None
+        or x.mask is not None
+        or x.q_seg is not None
+        or x.q_len is not None
+        or x.kv_len is not None
+    )
+    return not hides and c.nq * c.tq == c.t and c.nk * c.tk == c.s
+
+
 def _block_visible(c: _Chunked, cfg: Config, i, j):
     """Which (query, key) pairs of block `(i, j)` are visible, shaped like the block's
-    scores `(B', K', T_c, G', S_c)` with size-1 axes where nothing varies."""
+    scores `(B', K', T_c, G', S_c)` with size-1 axes where nothing varies; None when all
+    are."""
     x = c.x
+    if _all_visible(c, cfg):
+        return None
     q0, k0 = i * c.tq, j * c.tk
     r = q0 + jnp.arange(c.tq)[None, :]
     col = k0 + jnp.arange(c.tk)[None, :]
@@ -280,7 +298,7 @@ def forward(x: Inputs, cfg: Config) -> tuple[jax.Array, jax.Array]:
             k_c = _chunk_rows(x.k, j, c.tk, cdt)
             v_c = _chunk_rows(x.v, j, c.tk, cdt)
             u, vis = _logits(q_c, k_c, c, cfg, i, j, cdt)
-            s = jnp.where(vis, u, -jnp.inf)
+            s = u if vis is None else jnp.where(vis, u, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
             p = jnp.exp(s - m_new)
             total = _merge.rescale(m, total, m_new) + jnp.sum(p, axis=-1, keepdims=True)
@@ -354,7 +372,7 @@ def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
             lse_c = _chunk_rows(lse_safe, i, c.tq, cdt)[..., None]  # (B, K, T_c, G, 1)
             d_c = _chunk_rows(d_row, i, c.tq, cdt)[..., None]
             u, vis = _logits(q_c, k_c, c, cfg, i, j, cdt)
-            p = jnp.exp(jnp.where(vis, u, -jnp.inf) - lse_c)
+            p = jnp.exp((u if vis is None else jnp.where(vis, u, -jnp.inf)) - lse_c)
             dv_c = dv_c + jnp.einsum("bkqgs,bkqgv->bksv", p, do_c, preferred_element_type=cdt)
             dp = jnp.einsum("bkqgv,bksv->bkqgs", do_c, v_c, preferred_element_type=cdt)
             ds = _formulas.attention_score_cotangent(p, dp, d_c)
@@ -437,13 +455,22 @@ _kernel_jit = jax.jit(kernel, static_argnums=(1,))
 # Public API: argument checks, then the kernel.
 # --------------------------------------------------------------------------------------
 
-# The default chunk: 512 queries by 512 keys (a block of scores per head group).
-DEFAULT_CHUNK = 512
+# The default block: about 2**18 scores (1 MiB of float32) over the batch and heads.
+_BLOCK_SCORES = 1 << 18
 
 
-def default_chunks(t: int, s: int) -> tuple[int, int]:
-    """The default `(query_chunk, key_chunk)`: 512 each, or the whole length if shorter."""
-    return min(t, DEFAULT_CHUNK), min(s, DEFAULT_CHUNK)
+def default_chunks(heads: int, t: int, s: int) -> tuple[int, int]:
+    """The default `(query_chunk, key_chunk)` for `heads = B * N` query heads.
+
+    Square blocks of about `2**18` scores over all heads: the power of two nearest below
+    `sqrt(2**18 / heads)`, clipped to `[64, 512]` and to `T` and `S`. E.g. 256 for one
+    sequence of 4 heads, 64 for 64 heads or more. On a CPU the time hardly depends on it
+    between 64 and 512; memory grows with it.
+    """
+    side = math.sqrt(_BLOCK_SCORES / max(heads, 1))
+    chunk = 1 << int(math.floor(math.log2(max(side, 1.0))))
+    chunk = min(max(chunk, 64), 512)
+    return max(1, min(chunk, t)), max(1, min(chunk, s))
 
 
 def _is_int(x) -> bool:
@@ -587,9 +614,9 @@ def _check_scale(scale, h: int) -> float:
     return float(scale)
 
 
-def _check_chunk_size(chunk_size, t: int, s: int) -> tuple[int, int]:
+def _check_chunk_size(chunk_size, heads: int, t: int, s: int) -> tuple[int, int]:
     if chunk_size is None:
-        return default_chunks(t, s)
+        return default_chunks(heads, t, s)
     sizes = chunk_size if isinstance(chunk_size, (tuple, list)) else (chunk_size, chunk_size)
     if len(sizes) != 2 or not all(_is_int(c) for c in sizes):
         raise TypeError(
@@ -708,7 +735,8 @@ def attention(
         so results over disjoint sets of keys merge exactly with
         [`jsoftmax.merge_partials`][].
       chunk_size: `(query_chunk, key_chunk)`, or an int for both; `T` and `S` need not be
-        multiples. Default 512 each (or the whole length if shorter).
+        multiples. Default: square blocks of about $2^{18}$ scores over the batch and
+        heads (256 for `B * N = 4`), a power of two in $[64, 512]$.
 
     Returns:
       The output `(B, T, N, Hv)` (or `(T, N, Hv)`) in `query`'s dtype; with
@@ -769,7 +797,7 @@ def attention(
     kv_pos = _check_per_position(kv_positions, "kv_positions", b, s, "S")
     cap = _losses._check_softcap(logit_softcap)
     sinks_n = _check_sinks(sinks, n)
-    tq, tk = _check_chunk_size(chunk_size, t, s)
+    tq, tk = _check_chunk_size(chunk_size, b * n, t, s)
     cdt = compute_dtype(jnp.result_type(q, k, v))
     if min(b, t, s, n) == 0:
         out, lse = _empty(q, v, sinks_n, cdt)

@@ -30,6 +30,7 @@ Group = Literal[
     "memory",
     "linear-ce",
     "linear-ce scaling",
+    "attention",
     "bandwidth",
     "torch",
     "sharded",
