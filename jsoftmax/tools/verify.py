@@ -398,6 +398,88 @@ def _check_linear_cross_entropy(c: _Input) -> None:
             c.add(quantity, name, result, ref, gating=gating, scale=scale)
 
 
+# --------------------------------------------------------------------------------------
+# Attention: once per dtype, on one small grouped-query causal case.
+# --------------------------------------------------------------------------------------
+
+# (B, T, S, N, K, H, Hv): 6 queries at positions 2..7 of 8 keys (a KV cache), 4 query
+# heads over 2 key heads, chunks of (4, 3) that divide neither length.
+_ATTENTION_SHAPE = (1, 6, 8, 4, 2, 4, 3)
+
+
+def _dense_attention(q, k, v, q_pos, k_pos):
+    """Causal attention from the definition, dense, in the inputs' dtype: out and lse."""
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    z = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    z = jnp.where(k_pos[None, :] <= q_pos[:, None], z, -jnp.inf)
+    lse = jax.scipy.special.logsumexp(z, axis=-1)
+    out = jnp.einsum("bnts,bsnh->btnh", jnp.exp(z - lse[..., None]), v)
+    return out, jnp.swapaxes(lse, 1, 2)
+
+
+def _check_attention(dtype_name: str, rows: list[Row], rng: np.random.Generator) -> None:
+    """:func:`jsoftmax.attention`: its Jacobians in ``q``, ``k``, ``v`` (``jax.jacrev``,
+    through the custom backward pass) against ``jax.jacrev`` of a dense float64
+    implementation, and the merge (:func:`jsoftmax.merge_partials`) of two halves of the
+    keys against the whole."""
+    b, t, s, n, kh, h, hv = _ATTENTION_SHAPE
+    dtype = jnp.dtype(dtype_name)
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(shape), dtype)
+        for shape in ((b, t, n, h), (b, s, kh, h), (b, s, kh, hv))
+    )
+    q_pos, k_pos = np.arange(s - t, s), np.arange(s)
+
+    def attention(q, k, v, kv_positions=k_pos, chunk_size=(4, 3)):
+        return jsoftmax.attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            q_positions=q_pos,
+            kv_positions=kv_positions,
+            return_lse=True,
+            chunk_size=chunk_size,
+        )
+
+    with jax.enable_x64(True):
+        args64 = tuple(jnp.asarray(_to_float64(a)) for a in (q, k, v))
+        dense = lambda q, k, v: _dense_attention(q, k, v, q_pos, k_pos)[0]  # noqa: E731
+        jac_ref = [np.asarray(j) for j in jax.jit(jax.jacrev(dense, (0, 1, 2)))(*args64)]
+        out_ref, lse_ref = (np.asarray(a) for a in jax.jit(_dense_attention)(*args64, q_pos, k_pos))
+    jac = jax.jit(jax.jacrev(lambda q, k, v: attention(q, k, v)[0], (0, 1, 2)))(q, k, v)
+    scale = max(float(np.abs(j).max()) for j in jac_ref)
+    err = max(float(np.abs(_to_float64(a) - r).max()) for a, r in zip(jac, jac_ref, strict=True))
+    shape = (b, t, n, h)
+    tol = _tolerance(dtype)
+
+    def add(quantity, method, abs_err, rel_err):
+        rows.append(Row(quantity, shape, -1, dtype_name, method, abs_err, rel_err, tol, True))
+
+    add("attention d out / d (q, k, v)", "jacrev(jsoftmax.attention)", err, err / scale)
+    half = s // 2
+    halves = jax.jit(attention, static_argnames="chunk_size")
+    parts = [
+        halves(q, k[:, sl], v[:, sl], k_pos[sl], chunk_size=(4, 3))
+        for sl in (slice(0, half), slice(half, s))
+    ]
+    out, lse = jax.jit(jsoftmax.merge_partials)(
+        jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts])
+    )
+    errs = [
+        float(np.abs(_to_float64(result) - ref).max())
+        for result, ref in ((out, out_ref), (lse, lse_ref))
+    ]
+    rel = max(errs[0] / float(np.abs(out_ref).max()), errs[1] / float(np.abs(lse_ref).max()))
+    add(
+        "attention (out, lse), key halves merged",
+        "jsoftmax.merge_partials(attention halves)",
+        max(errs),
+        rel,
+    )
+
+
 def _is_16bit(dtype) -> bool:
     return jnp.finfo(dtype).bits < 32
 
@@ -438,13 +520,17 @@ def verify(
     beside them as an outside reference (not judged). With ``family=True`` the
     log-softmax Jacobian, the explicit Hessian (for n <= 64), the Jacobian-free
     products ``softmax_jvp`` / ``softmax_vjp`` and the :class:`jsoftmax.SoftmaxJacobian`
-    operator (``J @ v``, ``v @ J``, ``.dense()``) are checked too.
+    operator (``J @ v``, ``v @ J``, ``.dense()``) are checked too, and, once per dtype,
+    :func:`jsoftmax.attention`: its Jacobians in ``q``, ``k``, ``v`` (``jax.jacrev``
+    through its backward pass) against ``jax.jacrev`` of a dense float64 attention, and
+    the merge of its results over two halves of the keys against the whole.
 
     Args:
       sizes: softmax lengths of the vector cases.
       dtypes: dtype names; ``"float64"`` is skipped unless ``jax_enable_x64`` is on.
       batched: ``(shape, axis)`` pairs for batched cases (``axis`` may be non-last).
-      family: also check the log-softmax Jacobian, Hessian and products.
+      family: also check the log-softmax Jacobian, Hessian, products, linear
+        cross-entropy and attention.
       seed: PRNG seed for the logits (normal, times ``scale``).
       scale: standard deviation of the logits.
       progress: optional callback receiving a line of text per case.
@@ -467,7 +553,7 @@ def verify(
       >>> import jsoftmax
       >>> report = jsoftmax.verify(sizes=(3, 8), dtypes=("float32",), batched=())
       >>> report.ok, len(report.rows)
-      (True, 38)
+      (True, 40)
       >>> max(r.max_rel_err for r in report.rows if r.gating) <= 16 * 2.0**-23
       True
     """
@@ -488,6 +574,10 @@ def verify(
             case = _Input(x, axis, dtype_name, v, rows)
             for check in checks:
                 check(case)
+        if family:
+            if progress is not None:
+                progress(f"{dtype_name} attention {_ATTENTION_SHAPE}")
+            _check_attention(dtype_name, rows, rng)
     device = jax.devices()[0]
     return Report(jax.default_backend(), getattr(device, "device_kind", str(device)), rows)
 
