@@ -12,8 +12,15 @@ passes: a per-chunk list of visible chunks is computed on the device from the po
 so it also works with traced positions (ring attention's global offsets).
 
 Internal layout: the query heads are split as `N = K * G` (key head `n // G`), so
-`query` is `(B, T, K, G, H)`; block scores are `(B, K, T_c, G, S_c)`, the output of the
-batched matrix product, so no block is transposed.
+`query` is `(B, T, K, G, H)` and a key head is never copied per group. A chunk of rows
+is sliced from the inputs as they are and moved to `(B, K, T_c, ...)` (a copy of one
+chunk); a block of scores is `(B, K, T_c, G, S_c)`, the layout the batched matrix
+product writes, so the scores themselves are never transposed.
+
+The kernel (`kernel`, with `Inputs` and `Config`) takes the positions as arrays and
+returns the log-sum-exp, so a caller can run it on one block of a longer sequence (keys
+held by another device, say) with global positions, even traced ones, and merge the
+results with `jsoftmax.merge_partials`.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ class Inputs(NamedTuple):
 
 
 def compute_dtype(dtype) -> np.dtype:
+    """The dtype the kernel computes in: float32 for 16-bit inputs, else the input's."""
     return _checks.accumulation_dtype(dtype)
 
 
@@ -411,7 +419,7 @@ def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
     dq = dq[:, : c.t].astype(x.q.dtype)
     dk = dk[:, : c.s].astype(x.k.dtype)
     dv = dv[:, : c.s].astype(x.v.dtype)
-    if dbias is not None:
+    if dbias is not None and x.bias is not None:
         tb = c.t if x.bias.shape[3] > 1 else 1
         sb = c.s if x.bias.shape[4] > 1 else 1
         dbias = dbias[:, :, :, :tb, :sb].astype(x.bias.dtype)
