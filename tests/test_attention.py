@@ -199,7 +199,7 @@ def _all_together(t=T, s=S, b=B, n=N):
         "is_causal": True,
         "query_seq_lengths": jnp.asarray([t - 2, t], jnp.int32),
         "key_value_seq_lengths": jnp.asarray([s, s - 4], jnp.int32),
-        "local_window_size": (9, 1),
+        "local_window_size": (3, 1),
         "q_positions": jnp.arange(t) + (s - t),
         "logit_softcap": 2.0,
         "sinks": o["sinks"]["sinks"],
