@@ -208,10 +208,10 @@ def _all_visible(c: _Chunked, cfg: Config) -> bool:
     return not hides and c.nq * c.tq == c.t and c.nk * c.tk == c.s
 
 
-def _block_visible(c: _Chunked, cfg: Config, i, j):
+def _block_visible(c: _Chunked, cfg: Config, i, j, transposed: bool = False):
     """Which (query, key) pairs of block `(i, j)` are visible, shaped like the block's
-    scores `(B', K', T_c, G', S_c)` with size-1 axes where nothing varies; None when all
-    are."""
+    scores, `(B', K', T_c, G', S_c)` or transposed `(B', K', S_c, T_c, G')`, with size-1
+    axes where nothing varies; None when all are."""
     x = c.x
     if _all_visible(c, cfg):
         return None
@@ -231,17 +231,19 @@ def _block_visible(c: _Chunked, cfg: Config, i, j):
         qs = _slice(x.q_seg, q0, c.tq, 1)[:, :, None]
         ks = _slice(x.kv_seg, k0, c.tk, 1)[:, None, :]
         vis = vis & (qs == ks)
-    vis = vis[:, None, :, None, :]  # (B', 1, T_c, 1, S_c)
+    # (B', T_c, S_c) -> (B', 1, T_c, 1, S_c), or (B', 1, S_c, T_c, 1) transposed.
+    vis = jnp.swapaxes(vis, 1, 2)[:, None, :, :, None] if transposed else vis[:, None, :, None, :]
     if x.mask is not None:
-        vis = vis & _block_of(x.mask, c, q0, k0)
+        vis = vis & _block_of(x.mask, c, q0, k0, transposed)
     return vis
 
 
-def _block_of(a, c: _Chunked, q0, k0):
-    """The block of a `(Bb, Kb, Gb, Tb, Sb)` bias or mask, in the scores' layout
-    `(Bb, Kb, T_c, Gb, S_c)` (size-1 axes kept)."""
+def _block_of(a, c: _Chunked, q0, k0, transposed: bool = False):
+    """The block of a `(Bb, Kb, Gb, Tb, Sb)` bias or mask in the scores' layout:
+    `(Bb, Kb, T_c, Gb, S_c)`, or `(Bb, Kb, S_c, T_c, Gb)` transposed (size-1 axes
+    kept)."""
     blk = _slice(_slice(a, q0, c.tq, 3), k0, c.tk, 4)
-    return jnp.swapaxes(blk, 2, 3)
+    return jnp.transpose(blk, (0, 1, 4, 3, 2) if transposed else (0, 1, 3, 2, 4))
 
 
 # --------------------------------------------------------------------------------------
@@ -254,17 +256,21 @@ def _chunk_rows(a, i, size: int, cdt):
     return jnp.swapaxes(lax.dynamic_slice_in_dim(a, i * size, size, axis=1), 1, 2).astype(cdt)
 
 
-def _logits(q_c, k_c, c: _Chunked, cfg: Config, i, j, cdt):
-    """`(u, visible)` of block `(i, j)`: the (biased, soft-capped) logits
-    `(B, K, T_c, G, S_c)` and which entries are visible. `q_c` `(B, K, T_c, G, H)`,
-    `k_c` `(B, K, S_c, H)`."""
-    z = jnp.einsum("bkqgh,bksh->bkqgs", q_c, k_c, preferred_element_type=cdt)
+def _logits(q_c, k_c, c: _Chunked, cfg: Config, i, j, cdt, transposed: bool = False):
+    """`(u, visible)` of block `(i, j)`: the (biased, soft-capped) logits and which
+    entries are visible, `(B, K, T_c, G, S_c)`, or `(B, K, S_c, T_c, G)` transposed (the
+    backward pass's layout: its products then contract over the minor axes). `q_c`
+    `(B, K, T_c, G, H)`, `k_c` `(B, K, S_c, H)`."""
+    if transposed:
+        z = jnp.einsum("bksh,bkqgh->bksqg", k_c, q_c, preferred_element_type=cdt)
+    else:
+        z = jnp.einsum("bkqgh,bksh->bkqgs", q_c, k_c, preferred_element_type=cdt)
     z = z * jnp.asarray(cfg.scale, cdt)
     if c.x.bias is not None:
-        z = z + _block_of(c.x.bias, c, i * c.tq, j * c.tk).astype(cdt)
+        z = z + _block_of(c.x.bias, c, i * c.tq, j * c.tk, transposed).astype(cdt)
     if cfg.softcap is not None:
         z = _formulas.softcap(z, cfg.softcap)
-    return z, _block_visible(c, cfg, i, j)
+    return z, _block_visible(c, cfg, i, j, transposed)
 
 
 # --------------------------------------------------------------------------------------
@@ -337,10 +343,10 @@ def forward(x: Inputs, cfg: Config) -> tuple[jax.Array, jax.Array]:
 # --------------------------------------------------------------------------------------
 
 
-def _add_bias_block(dbias, ds, c: _Chunked, i, j):
-    """`dbias` `(Bb, Kb, Gb, Tb, Sb)` plus the block's score cotangent `ds`
-    `(B, K, T_c, G, S_c)` summed over the axes the bias broadcasts along."""
-    ds = jnp.swapaxes(ds, 2, 3)  # (B, K, G, T_c, S_c)
+def _add_bias_block(dbias, ds_t, c: _Chunked, i, j):
+    """`dbias` `(Bb, Kb, Gb, Tb, Sb)` plus the block's score cotangent `ds_t`
+    `(B, K, S_c, T_c, G)` summed over the axes the bias broadcasts along."""
+    ds = jnp.transpose(ds_t, (0, 1, 4, 3, 2))  # (B, K, G, T_c, S_c)
     axes = tuple(a for a in range(5) if dbias.shape[a] == 1 != ds.shape[a])
     ds = jnp.sum(ds, axis=axes, keepdims=True) if axes else ds
     zero = jnp.zeros((), jnp.int32)
@@ -374,25 +380,28 @@ def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
         v_c = _chunk_rows(x.v, j, c.tk, cdt)
 
         def query_chunk(i, state):
+            # The block is computed transposed, (B, K, S_c, T_c, G): dV, dP and dK then
+            # contract over its minor axes, and dQ is formed transposed, K^T dS, which
+            # contracts over its major axis; no block of scores is ever transposed.
             dq, dk_c, dv_c, dbias = state
-            q_c = _chunk_rows(x.q, i, c.tq, cdt)  # (B, K, T_c, G, H)
-            do_c = _chunk_rows(d_out, i, c.tq, cdt)  # (B, K, T_c, G, Hv)
-            lse_c = _chunk_rows(lse_safe, i, c.tq, cdt)[..., None]  # (B, K, T_c, G, 1)
-            d_c = _chunk_rows(d_row, i, c.tq, cdt)[..., None]
-            u, vis = _logits(q_c, k_c, c, cfg, i, j, cdt)
+            q_c = _chunk_rows(x.q, i, c.tq, cdt)
+            do_c = _chunk_rows(d_out, i, c.tq, cdt)
+            lse_c = _chunk_rows(lse_safe, i, c.tq, cdt)[:, :, None]
+            d_c = _chunk_rows(d_row, i, c.tq, cdt)[:, :, None]
+            u, vis = _logits(q_c, k_c, c, cfg, i, j, cdt, transposed=True)
             p = jnp.exp((u if vis is None else jnp.where(vis, u, -jnp.inf)) - lse_c)
-            dv_c = dv_c + jnp.einsum("bkqgs,bkqgv->bksv", p, do_c, preferred_element_type=cdt)
-            dp = jnp.einsum("bkqgv,bksv->bkqgs", do_c, v_c, preferred_element_type=cdt)
+            dv_c = dv_c + jnp.einsum("bksqg,bkqgv->bksv", p, do_c, preferred_element_type=cdt)
+            dp = jnp.einsum("bksv,bkqgv->bksqg", v_c, do_c, preferred_element_type=cdt)
             ds = _formulas.attention_score_cotangent(p, dp, d_c)
             if cfg.softcap is not None:
                 ds = ds * _formulas.softcap_derivative(u, cfg.softcap)
             if dbias is not None:
                 dbias = _add_bias_block(dbias, ds, c, i, j)
             ds = ds * jnp.asarray(cfg.scale, cdt)
-            dq_c = jnp.einsum("bkqgs,bksh->bqkgh", ds, k_c, preferred_element_type=cdt)
-            dq_old = lax.dynamic_slice_in_dim(dq, i * c.tq, c.tq, axis=1)
-            dq = lax.dynamic_update_slice_in_dim(dq, dq_old + dq_c, i * c.tq, axis=1)
-            dk_c = dk_c + jnp.einsum("bkqgs,bkqgh->bksh", ds, q_c, preferred_element_type=cdt)
+            dq_c = jnp.einsum("bksh,bksqg->bkhqg", k_c, ds, preferred_element_type=cdt)
+            dq_old = lax.dynamic_slice_in_dim(dq, i * c.tq, c.tq, axis=3)
+            dq = lax.dynamic_update_slice_in_dim(dq, dq_old + dq_c, i * c.tq, axis=3)
+            dk_c = dk_c + jnp.einsum("bksqg,bkqgh->bksh", ds, q_c, preferred_element_type=cdt)
             return dq, dk_c, dv_c, dbias
 
         b, kh = x.k.shape[0], x.k.shape[2]
@@ -409,14 +418,15 @@ def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
         dv = lax.dynamic_update_slice_in_dim(dv, jnp.swapaxes(dv_c, 1, 2), j * c.tk, axis=1)
         return dq, dk, dv, dbias
 
+    b, tp, kh, g, h = x.q.shape
     init = (
-        jnp.zeros(x.q.shape, cdt),
+        jnp.zeros((b, kh, h, tp, g), cdt),  # dq transposed, as the blocks make it; moved once
         jnp.zeros(x.k.shape, cdt),
         jnp.zeros(x.v.shape, cdt),
         None if x.bias is None else jnp.zeros(x.bias.shape, cdt),
     )
     dq, dk, dv, dbias = lax.fori_loop(jnp.int32(0), jnp.int32(c.nk), key_chunk, init)
-    dq = dq[:, : c.t].astype(x.q.dtype)
+    dq = jnp.transpose(dq, (0, 3, 1, 4, 2))[:, : c.t].astype(x.q.dtype)
     dk = dk[:, : c.s].astype(x.k.dtype)
     dv = dv[:, : c.s].astype(x.v.dtype)
     if dbias is not None and x.bias is not None:

@@ -272,8 +272,13 @@ def merge_jvp(
 def attention_row_term(o: jax.Array, d_o: jax.Array, d_lse: jax.Array) -> jax.Array:
     """``D_i = <dO_i, O_i> - dlse_i``: the inner product ``<P_i, dP_i>`` of the softmax VJP
     of row ``i`` (computed from the output ``O_i``), less the cotangent of its
-    log-sum-exp. ``o`` and ``d_o`` have the value axis last; the result drops it."""
-    return jnp.sum(o * d_o, axis=-1) - d_lse
+    log-sum-exp. ``o`` and ``d_o`` have the value axis last; the result drops it.
+
+    A contraction (:func:`_dot`): on XLA's CPU backend in jaxlib 0.10 the reduction
+    ``sum(o * d_o, axis=-1)`` over a short last axis (a head dimension of 64) runs about
+    ten times slower than the same contraction.
+    """
+    return _dot(o, d_o, (o.ndim - 1,))[..., 0] - d_lse
 
 
 def attention_score_cotangent(p: jax.Array, d_p: jax.Array, d_row: jax.Array) -> jax.Array:
