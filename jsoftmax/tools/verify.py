@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoftmax
+from jsoftmax.tools import _verify_attention
 
 PROG = "python -m jsoftmax verify"
 SIZES = (2, 3, 16, 128, 1024)
@@ -399,85 +400,15 @@ def _check_linear_cross_entropy(c: _Input) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Attention: once per dtype, on one small grouped-query causal case.
+# Attention: once per dtype (jsoftmax.tools._verify_attention).
 # --------------------------------------------------------------------------------------
-
-# (B, T, S, N, K, H, Hv): 6 queries at positions 2..7 of 8 keys (a KV cache), 4 query
-# heads over 2 key heads, chunks of (4, 3) that divide neither length.
-_ATTENTION_SHAPE = (1, 6, 8, 4, 2, 4, 3)
-
-
-def _dense_attention(q, k, v, q_pos, k_pos):
-    """Causal attention from the definition, dense, in the inputs' dtype: out and lse."""
-    g = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    z = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
-    z = jnp.where(k_pos[None, :] <= q_pos[:, None], z, -jnp.inf)
-    lse = jax.scipy.special.logsumexp(z, axis=-1)
-    out = jnp.einsum("bnts,bsnh->btnh", jnp.exp(z - lse[..., None]), v)
-    return out, jnp.swapaxes(lse, 1, 2)
 
 
 def _check_attention(dtype_name: str, rows: list[Row], rng: np.random.Generator) -> None:
-    """:func:`jsoftmax.attention`: its Jacobians in ``q``, ``k``, ``v`` (``jax.jacrev``,
-    through the custom backward pass) against ``jax.jacrev`` of a dense float64
-    implementation, and the merge (:func:`jsoftmax.merge_partials`) of two halves of the
-    keys against the whole."""
-    b, t, s, n, kh, h, hv = _ATTENTION_SHAPE
-    dtype = jnp.dtype(dtype_name)
-    q, k, v = (
-        jnp.asarray(rng.standard_normal(shape), dtype)
-        for shape in ((b, t, n, h), (b, s, kh, h), (b, s, kh, hv))
-    )
-    q_pos, k_pos = np.arange(s - t, s), np.arange(s)
-
-    def attention(q, k, v, kv_positions=k_pos, chunk_size=(4, 3)):
-        return jsoftmax.attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            q_positions=q_pos,
-            kv_positions=kv_positions,
-            return_lse=True,
-            chunk_size=chunk_size,
-        )
-
-    with jax.enable_x64(True):
-        args64 = tuple(jnp.asarray(_to_float64(a)) for a in (q, k, v))
-        dense = lambda q, k, v: _dense_attention(q, k, v, q_pos, k_pos)[0]  # noqa: E731
-        jac_ref = [np.asarray(j) for j in jax.jit(jax.jacrev(dense, (0, 1, 2)))(*args64)]
-        out_ref, lse_ref = (np.asarray(a) for a in jax.jit(_dense_attention)(*args64, q_pos, k_pos))
-    jac = jax.jit(jax.jacrev(lambda q, k, v: attention(q, k, v)[0], (0, 1, 2)))(q, k, v)
-    scale = max(float(np.abs(j).max()) for j in jac_ref)
-    err = max(float(np.abs(_to_float64(a) - r).max()) for a, r in zip(jac, jac_ref, strict=True))
-    shape = (b, t, n, h)
-    tol = _tolerance(dtype)
-
-    def add(quantity, method, abs_err, rel_err):
+    """:func:`jsoftmax.attention`'s Jacobians and its merged key halves, as rows."""
+    tol = _tolerance(jnp.dtype(dtype_name))
+    for quantity, method, shape, abs_err, rel_err in _verify_attention.errors(dtype_name, rng):
         rows.append(Row(quantity, shape, -1, dtype_name, method, abs_err, rel_err, tol, True))
-
-    add("attention d out / d (q, k, v)", "jacrev(jsoftmax.attention)", err, err / scale)
-    half = s // 2
-    halves = jax.jit(attention, static_argnames="chunk_size")
-    parts = [
-        halves(q, k[:, sl], v[:, sl], k_pos[sl], chunk_size=(4, 3))
-        for sl in (slice(0, half), slice(half, s))
-    ]
-    out, lse = jax.jit(jsoftmax.merge_partials)(
-        jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts])
-    )
-    errs = [
-        float(np.abs(_to_float64(result) - ref).max())
-        for result, ref in ((out, out_ref), (lse, lse_ref))
-    ]
-    rel = max(errs[0] / float(np.abs(out_ref).max()), errs[1] / float(np.abs(lse_ref).max()))
-    add(
-        "attention (out, lse), key halves merged",
-        "jsoftmax.merge_partials(attention halves)",
-        max(errs),
-        rel,
-    )
 
 
 def _is_16bit(dtype) -> bool:
@@ -576,7 +507,7 @@ def verify(
                 check(case)
         if family:
             if progress is not None:
-                progress(f"{dtype_name} attention {_ATTENTION_SHAPE}")
+                progress(f"{dtype_name} attention {_verify_attention.SHAPE}")
             _check_attention(dtype_name, rows, rng)
     device = jax.devices()[0]
     return Report(jax.default_backend(), getattr(device, "device_kind", str(device)), rows)
