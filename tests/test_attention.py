@@ -172,7 +172,6 @@ def _options(t=T, s=S, b=B, n=N):
         "query_seq_lengths": dict(query_seq_lengths=jnp.asarray([t - 5, t], jnp.int32)),
         "key_value_seq_lengths": dict(key_value_seq_lengths=jnp.asarray([s - 7, 3], jnp.int32)),
         "window": dict(local_window_size=(4, 2)),
-        "window int": dict(local_window_size=3),
         "segments": dict(q_segment_ids=jnp.asarray(seg_q), kv_segment_ids=jnp.asarray(seg_k)),
         "positions": dict(
             is_causal=True,
@@ -277,7 +276,7 @@ def test_each_option_matches_reference(name):
     _check_against_reference(q, k, v, _opts(name), (8, 5))
 
 
-@pytest.mark.parametrize("chunk_size", fast_subset([1, 4, (7, 3), (23, 19), 64, None], [None]))
+@pytest.mark.parametrize("chunk_size", fast_subset([1, (7, 3), (23, 19), 64, None], [None]))
 def test_chunk_sizes(chunk_size):
     q, k, v = inputs()
     _check_against_reference(q, k, v, _all_together(), chunk_size)
@@ -377,6 +376,16 @@ def test_a_sink_alone_gives_zero_output_and_the_sink_as_lse():
     np.testing.assert_array_equal(f64(grads[3]), float(B * T))  # d lse / d sink = 1
 
 
+def test_an_int_window_is_symmetric():
+    q, k, v = inputs()
+    f = jax.jit(jsoftmax.attention, static_argnames=("local_window_size", "chunk_size"))
+    a = f(q, k, v, local_window_size=3, chunk_size=(8, 5))
+    b = f(q, k, v, local_window_size=(3, 3), chunk_size=(8, 5))
+    np.testing.assert_array_equal(f64(a), f64(b))
+    ref = reference(q, k, v, local_window_size=(3, 3))[0]
+    assert_rel(a, ref, name="out")
+
+
 def test_empty_axes():
     q, k, v = inputs(t=4, s=0)
     out, lse = _attention_lse(q, k, v)
@@ -450,7 +459,7 @@ def _nn_options(t, s, b=B, n=N):
         "scale": dict(scale=0.3),
         "query_seq_lengths": dict(query_seq_lengths=jnp.asarray([t - 3, 2], jnp.int32)),
         "key_value_seq_lengths": dict(key_value_seq_lengths=jnp.asarray([s - 2, 4], jnp.int32)),
-        "window": dict(local_window_size=(3, 1)),
+        "window": dict(local_window_size=(4, 1)),
     }
 
 
@@ -466,22 +475,29 @@ def test_matches_jax_nn_in_float32(name):
         opts["local_window_size"] = (30, 2)
     else:
         opts = o[name]
-    ours = jax.jit(lambda q, k, v: _attention_lse(q, k, v, chunk_size=(8, 5), **opts))
-    theirs = jax.jit(
-        lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, implementation="xla", return_residual=True, **opts
+    w = jnp.asarray(_rng(4).standard_normal((B, T, N, H)), jnp.float32)
+
+    def step(attention):
+        def loss(q, k, v):
+            out, lse = attention(q, k, v)
+            return jnp.sum(out * w), (out, lse)
+
+        return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+
+    # Every query sees a key under these options, so the loss may weigh every row: rows
+    # past query_seq_lengths are 0 in both (and their gradients too).
+    (_, (out, lse)), g = step(lambda *a: _attention_lse(*a, chunk_size=(8, 5), **opts))
+    (_, (nn_out, nn_lse)), g_nn = step(
+        lambda *a: jax.nn.dot_product_attention(
+            *a, implementation="xla", return_residual=True, **opts
         )
     )
-    out, lse = ours(q, k, v)
-    nn_out, nn_lse = theirs(q, k, v)
     seen = np.isfinite(f64(lse))  # rows that see a key (past query_seq_lengths: none)
     rows = seen[..., None] & np.ones(out.shape, bool)
     np.testing.assert_allclose(f64(out)[rows], f64(nn_out)[rows], rtol=F32_TOL, atol=F32_TOL)
     np.testing.assert_array_equal(f64(out)[~rows], 0.0)
+    np.testing.assert_array_equal(f64(nn_out)[~rows], 0.0)
     np.testing.assert_allclose(f64(lse)[seen], f64(nn_lse)[seen], rtol=F32_TOL)
-    w = jnp.asarray(_rng(4).standard_normal(out.shape) * rows, jnp.float32)
-    g = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a)[0] * w), (0, 1, 2)))(q, k, v)
-    g_nn = jax.jit(jax.grad(lambda *a: jnp.sum(theirs(*a)[0] * w), (0, 1, 2)))(q, k, v)
     for name_g, a, b in zip(("dq", "dk", "dv"), g, g_nn, strict=True):
         scale = float(np.max(np.abs(f64(b))))
         np.testing.assert_allclose(f64(a), f64(b), atol=F32_TOL * scale, err_msg=name_g)
