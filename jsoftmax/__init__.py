@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from jsoftmax import sharded as sharded
+from jsoftmax._attention import attention as attention
 from jsoftmax._jacobian import hessian as hessian
 from jsoftmax._jacobian import jacobian as jacobian
 from jsoftmax._jacobian import jacobian_diagonal as jacobian_diagonal
@@ -38,6 +39,7 @@ from jsoftmax.tools.verify import verify as verify  # noqa: E402
 
 __all__ = [
     "SoftmaxJacobian",
+    "attention",
     "cross_entropy",
     "cross_entropy_hessian",
     "hessian",

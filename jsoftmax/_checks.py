@@ -274,6 +274,23 @@ def coefficient(value, name: str, what: str, ok) -> float | jax.Array | None:
     return value or None
 
 
+def check_softcap(logit_softcap) -> float | None:
+    """`logit_softcap` as a float (None when not given); a static Python number > 0."""
+    if logit_softcap is None:
+        return None
+    if not _is_number(logit_softcap):
+        raise TypeError(
+            f"logit_softcap must be None or a Python number > 0 (it is static), got "
+            f"{logit_softcap!r}."
+        )
+    cap = float(logit_softcap)
+    if not (cap > 0.0 and np.isfinite(cap)):
+        raise ValueError(
+            f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}."
+        )
+    return cap
+
+
 def loss_options(
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
@@ -289,18 +306,7 @@ def loss_options(
     c = coefficient(
         z_loss, "z_loss", "a finite number >= 0", lambda c: c >= 0.0 and bool(np.isfinite(c))
     )
-    cap = None
-    if logit_softcap is not None:
-        if not _is_number(logit_softcap):
-            raise TypeError(
-                f"logit_softcap must be None or a Python number > 0 (it is static), got "
-                f"{logit_softcap!r}."
-            )
-        cap = float(logit_softcap)
-        if not (cap > 0.0 and np.isfinite(cap)):
-            raise ValueError(
-                f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}."
-            )
+    cap = check_softcap(logit_softcap)
     return LossOptions(
         alpha, c, cap, check_ignore_index(ignore_index, labels_dtype), check_reduction(reduction)
     )

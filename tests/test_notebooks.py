@@ -36,6 +36,7 @@ def test_notebooks_exist():
         "03_performance.ipynb",
         "04_training.ipynb",
         "05_language_model.ipynb",
+        "06_attention.ipynb",
     ], names
 
 

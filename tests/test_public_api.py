@@ -4,6 +4,7 @@ import jsoftmax
 
 EXPECTED = {
     "SoftmaxJacobian",
+    "attention",
     "cross_entropy",
     "cross_entropy_hessian",
     "hessian",

@@ -35,6 +35,8 @@ METHODS = {
     "SoftmaxJacobian.dense()",
     "jsoftmax.linear_cross_entropy (chunked)",
     "jsoftmax.cross_entropy(h @ w) (dense)",
+    "jacrev(jsoftmax.attention)",
+    "jsoftmax.merge_partials(attention halves)",
 }
 
 
@@ -57,6 +59,19 @@ def test_a_wrong_linear_cross_entropy_fails(monkeypatch):
     report = jsoftmax.verify(sizes=(17,), dtypes=("float32",), batched=())
     bad = {r.method for r in report.rows if r.gating and not r.ok}
     assert not report.ok and bad == {"jsoftmax.linear_cross_entropy (chunked)"}
+
+
+def test_a_wrong_attention_fails(monkeypatch):
+    real = jsoftmax.attention
+
+    def off_by_a_bit(q, k, v, *args, **kw):
+        out = real(q, k, v, *args, **kw)
+        return (1.001 * out[0], out[1]) if kw.get("return_lse") else 1.001 * out
+
+    monkeypatch.setattr(jsoftmax, "attention", off_by_a_bit)
+    report = jsoftmax.verify(sizes=(3,), dtypes=("float32",), batched=())
+    bad = {r.method for r in report.rows if r.gating and not r.ok}
+    assert bad == {"jacrev(jsoftmax.attention)", "jsoftmax.merge_partials(attention halves)"}
 
 
 def test_top_level_name_is_the_tool():
@@ -94,8 +109,9 @@ def test_reference_is_independent_numpy():
 
 ARGS = ["verify", "--sizes", "2", "5", "--dtypes", "float32", "--no-batched", "--quiet"]
 # Two inputs (n = 2, 5 <= 64, so the Hessians too), one row per method, three (loss,
-# d/dh, d/dw) for the two linear cross-entropy methods.
-N_ROWS = 2 * (len(METHODS) + 4)
+# d/dh, d/dw) for the two linear cross-entropy methods; the two attention methods once
+# per dtype.
+N_ROWS = 2 * (len(METHODS) - 2 + 4) + 2
 
 
 def _table_lines(out: str) -> list[str]:
@@ -138,7 +154,8 @@ def test_cli_json_writes_every_comparison(tmp_path, capsys):
     assert len(data["rows"]) == N_ROWS
     assert {r["method"] for r in data["rows"]} == METHODS
     for r in data["rows"]:
-        assert r["shape"] in ([2], [5]) and r["axis"] == -1 and r["dtype"] == "float32"
+        assert r["shape"] in ([2], [5], [1, 6, 4, 4]) and r["axis"] == -1  # attention: (B, T, N, H)
+        assert r["dtype"] == "float32"
         assert r["ok"] == (r["max_rel_err"] <= r["tolerance"])
         assert 0 <= r["max_rel_err"] <= r["tolerance"] or not r["gating"]
 

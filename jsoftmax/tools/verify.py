@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoftmax
+from jsoftmax.tools import _verify_attention
 
 PROG = "python -m jsoftmax verify"
 SIZES = (2, 3, 16, 128, 1024)
@@ -398,6 +399,18 @@ def _check_linear_cross_entropy(c: _Input) -> None:
             c.add(quantity, name, result, ref, gating=gating, scale=scale)
 
 
+# --------------------------------------------------------------------------------------
+# Attention: once per dtype (jsoftmax.tools._verify_attention).
+# --------------------------------------------------------------------------------------
+
+
+def _check_attention(dtype_name: str, rows: list[Row], rng: np.random.Generator) -> None:
+    """`jsoftmax.attention`'s Jacobians and its merged key halves, as rows."""
+    tol = _tolerance(jnp.dtype(dtype_name))
+    for quantity, method, shape, abs_err, rel_err in _verify_attention.errors(dtype_name, rng):
+        rows.append(Row(quantity, shape, -1, dtype_name, method, abs_err, rel_err, tol, True))
+
+
 def _is_16bit(dtype) -> bool:
     return jnp.finfo(dtype).bits < 32
 
@@ -439,13 +452,17 @@ def verify(
     beside them as an outside reference (not judged). With `family=True` the
     log-softmax Jacobian, the explicit Hessian (for n <= 64), the Jacobian-free
     products `softmax_jvp` / `softmax_vjp` and the [`jsoftmax.SoftmaxJacobian`][]
-    operator (`J @ v`, `v @ J`, `.dense()`) are checked too.
+    operator (`J @ v`, `v @ J`, `.dense()`) are checked too, and, once per dtype,
+    [`jsoftmax.attention`][]: its Jacobians in `q`, `k`, `v` (`jax.jacrev`
+    through its backward pass) against `jax.jacrev` of a dense float64 attention, and
+    the merge of its results over two halves of the keys against the whole.
 
     Args:
       sizes: softmax lengths of the vector cases.
       dtypes: dtype names; `"float64"` is skipped unless `jax_enable_x64` is on.
       batched: `(shape, axis)` pairs for batched cases (`axis` may be non-last).
-      family: also check the log-softmax Jacobian, Hessian and products.
+      family: also check the log-softmax Jacobian, Hessian, products, linear
+        cross-entropy and attention.
       seed: PRNG seed for the logits (normal, times `scale`).
       scale: standard deviation of the logits.
       progress: optional callback receiving a line of text per case.
@@ -468,7 +485,7 @@ def verify(
       >>> import jsoftmax
       >>> report = jsoftmax.verify(sizes=(3, 8), dtypes=("float32",), batched=())
       >>> report.ok, len(report.rows)
-      (True, 38)
+      (True, 40)
       >>> max(r.max_rel_err for r in report.rows if r.gating) <= 16 * 2.0**-23
       True
     """
@@ -489,6 +506,10 @@ def verify(
             case = _Input(x, axis, dtype_name, v, rows)
             for check in checks:
                 check(case)
+        if family:
+            if progress is not None:
+                progress(f"{dtype_name} attention {_verify_attention.SHAPE}")
+            _check_attention(dtype_name, rows, rng)
     device = jax.devices()[0]
     return Report(jax.default_backend(), getattr(device, "device_kind", str(device)), rows)
 

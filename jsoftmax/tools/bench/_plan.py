@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from jsoftmax.tools.bench import (
+    _attention,
     _bandwidth,
     _cross_entropy,
     _forward,
@@ -28,6 +29,7 @@ _MODULES = (
     _memory,
     _linear_ce,
     _post,
+    _attention,
     _bandwidth,
     _torch,
 )

@@ -31,6 +31,7 @@ Group = Literal[
     "linear-ce",
     "linear-ce scaling",
     "post-training",
+    "attention",
     "bandwidth",
     "torch",
     "sharded",
