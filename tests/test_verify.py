@@ -37,6 +37,16 @@ METHODS = {
     "jsoftmax.cross_entropy(h @ w) (dense)",
     "jacrev(jsoftmax.attention)",
     "jsoftmax.merge_partials(attention halves)",
+    "jsoftmax.token_log_probs",
+    "jsoftmax.linear_token_log_probs",
+    "jsoftmax.kl_divergence",
+    "jsoftmax.linear_kl_divergence",
+}
+POST_METHODS = {
+    "jsoftmax.token_log_probs",
+    "jsoftmax.linear_token_log_probs",
+    "jsoftmax.kl_divergence",
+    "jsoftmax.linear_kl_divergence",
 }
 
 
@@ -74,6 +84,20 @@ def test_a_wrong_attention_fails(monkeypatch):
     assert bad == {"jacrev(jsoftmax.attention)", "jsoftmax.merge_partials(attention halves)"}
 
 
+@pytest.mark.parametrize("name", sorted(POST_METHODS))
+def test_a_wrong_post_training_loss_fails(monkeypatch, name):
+    real = getattr(jsoftmax, name.split(".")[1])
+
+    def off_by_a_bit(*args, **kw):
+        out = real(*args, **kw)
+        return tuple(1.001 * o for o in out) if isinstance(out, tuple) else 1.001 * out
+
+    monkeypatch.setattr(jsoftmax, name.split(".")[1], off_by_a_bit)
+    report = jsoftmax.verify(sizes=(3,), dtypes=("float32",), batched=())
+    bad = {r.method for r in report.rows if r.gating and not r.ok}
+    assert bad == {name}
+
+
 def test_top_level_name_is_the_tool():
     assert jsoftmax.verify is verify_module.verify
     assert jsoftmax.tools.verify.verify is verify_module.verify
@@ -109,9 +133,10 @@ def test_reference_is_independent_numpy():
 
 ARGS = ["verify", "--sizes", "2", "5", "--dtypes", "float32", "--no-batched", "--quiet"]
 # Two inputs (n = 2, 5 <= 64, so the Hessians too), one row per method, three (loss,
-# d/dh, d/dw) for the two linear cross-entropy methods; the two attention methods once
-# per dtype.
-N_ROWS = 2 * (len(METHODS) - 2 + 4) + 2
+# d/dh, d/dw) for the two linear cross-entropy methods; once per dtype, the two attention
+# methods and the post-training rows (log-probs: values and gradients, dense and fused;
+# divergences: three betas, dense and fused).
+N_ROWS = 2 * (len(METHODS) - 2 - len(POST_METHODS) + 4) + 2 + 10
 
 
 def _table_lines(out: str) -> list[str]:
@@ -154,7 +179,9 @@ def test_cli_json_writes_every_comparison(tmp_path, capsys):
     assert len(data["rows"]) == N_ROWS
     assert {r["method"] for r in data["rows"]} == METHODS
     for r in data["rows"]:
-        assert r["shape"] in ([2], [5], [1, 6, 4, 4]) and r["axis"] == -1  # attention: (B, T, N, H)
+        # attention: (B, T, N, H); post-training: (N, V) dense, (N, H, H_t, V) fused
+        shapes = ([2], [5], [1, 6, 4, 4], [6, 11], [6, 5, 7, 11])
+        assert r["shape"] in shapes and r["axis"] == -1
         assert r["dtype"] == "float32"
         assert r["ok"] == (r["max_rel_err"] <= r["tolerance"])
         assert 0 <= r["max_rel_err"] <= r["tolerance"] or not r["gating"]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoftmax
-from jsoftmax.tools import _verify_attention
+from jsoftmax.tools import _verify_attention, _verify_post
 
 PROG = "python -m jsoftmax verify"
 SIZES = (2, 3, 16, 128, 1024)
@@ -400,14 +400,15 @@ def _check_linear_cross_entropy(c: _Input) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Attention: once per dtype (jsoftmax.tools._verify_attention).
+# Attention and the post-training losses: once per dtype (jsoftmax.tools._verify_attention,
+# jsoftmax.tools._verify_post).
 # --------------------------------------------------------------------------------------
 
 
-def _check_attention(dtype_name: str, rows: list[Row], rng: np.random.Generator) -> None:
-    """`jsoftmax.attention`'s Jacobians and its merged key halves, as rows."""
+def _check_once(module, dtype_name: str, rows: list[Row], rng: np.random.Generator) -> None:
+    """The rows of a once-per-dtype check (`module.errors`)."""
     tol = _tolerance(jnp.dtype(dtype_name))
-    for quantity, method, shape, abs_err, rel_err in _verify_attention.errors(dtype_name, rng):
+    for quantity, method, shape, abs_err, rel_err in module.errors(dtype_name, rng):
         rows.append(Row(quantity, shape, -1, dtype_name, method, abs_err, rel_err, tol, True))
 
 
@@ -455,7 +456,10 @@ def verify(
     operator (`J @ v`, `v @ J`, `.dense()`) are checked too, and, once per dtype,
     [`jsoftmax.attention`][]: its Jacobians in `q`, `k`, `v` (`jax.jacrev`
     through its backward pass) against `jax.jacrev` of a dense float64 attention, and
-    the merge of its results over two halves of the keys against the whole.
+    the merge of its results over two halves of the keys against the whole, and the
+    post-training losses ([`jsoftmax.token_log_probs`][], [`jsoftmax.kl_divergence`][]
+    and their fused versions): values and gradients against `jax.grad` of dense float64
+    definitions.
 
     Args:
       sizes: softmax lengths of the vector cases.
@@ -509,7 +513,10 @@ def verify(
         if family:
             if progress is not None:
                 progress(f"{dtype_name} attention {_verify_attention.SHAPE}")
-            _check_attention(dtype_name, rows, rng)
+            _check_once(_verify_attention, dtype_name, rows, rng)
+            if progress is not None:
+                progress(f"{dtype_name} post-training {_verify_post.SHAPE}")
+            _check_once(_verify_post, dtype_name, rows, rng)
     device = jax.devices()[0]
     return Report(jax.default_backend(), getattr(device, "device_kind", str(device)), rows)
 
