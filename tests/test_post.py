@@ -305,10 +305,10 @@ def test_bad_input_names_the_argument():
 
 
 @pytest.mark.slow
-@settings(max_examples=10, deadline=None, derandomize=True)
+@settings(max_examples=6, deadline=None, derandomize=True)
 @given(
-    st.integers(1, 4),
-    st.integers(1, 9),
+    st.sampled_from([1, 3]),
+    st.sampled_from([1, 2, 9]),
     st.sampled_from([None, 0.7]),
     st.sampled_from([0.0, 0.5, 1.0]),
     st.booleans(),
