@@ -10,6 +10,12 @@
   inputs (a ``float64`` parameter, or the ``x64`` marker) are skipped there, and the
   rest compare against NumPy float64 references.
 * Implicit rank promotion raises, so the library never relies on it.
+* Grids of parametrized cases run as a covering array: of the cases marked ``slow`` by
+  ``helpers.fast_subset`` (the exhaustive remainder of a grid of options, dtypes, shapes
+  and meshes), a run keeps those needed for every pair of parameter values to occur in
+  some case that runs, chosen greedily and deterministically; the fast cases always run.
+  ``JSOFTMAX_TEST_EXHAUSTIVE=1`` runs every case of every grid (and a test id named on
+  the command line always runs).
 * A persistent compilation cache in ``.cache/jax-tests/`` at the repository root (or
   ``JSOFTMAX_TEST_CACHE_DIR``; empty turns it off), shared by the pytest-xdist workers of
   a run and kept for the next run. The tests compile thousands of small programs; each is
@@ -18,6 +24,7 @@
   JAX compiles anew; CI starts from a fresh clone, with an empty cache.
 """
 
+import itertools
 import os
 from pathlib import Path
 
@@ -31,6 +38,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 X64 = os.environ.get("JSOFTMAX_TEST_X64", "1") != "0"
+EXHAUSTIVE = os.environ.get("JSOFTMAX_TEST_EXHAUSTIVE", "0") == "1"
 jax.config.update("jax_enable_x64", X64)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -68,7 +76,50 @@ def _is_float64(value) -> bool:
         return False
 
 
+def _pairs(params: dict) -> set:
+    """The (name, value) pairs of a case's parameters, and each (name, value) alone."""
+    values = sorted((name, repr(v)) for name, v in params.items())
+    return {(v,) for v in values} | set(itertools.combinations(values, 2))
+
+
+def _grid_marked_slow(item) -> bool:
+    """Whether the case's own parameters carry the slow mark (fast_subset's remainder)."""
+    return any(mark.name == "slow" for mark in item.callspec.marks)
+
+
+def _covering_cases(items) -> list:
+    """`items` without the grid cases that no parameter pair needs (see the docstring)."""
+    groups: dict = {}
+    for item in items:
+        if getattr(item, "callspec", None) is not None:
+            groups.setdefault((item.path, item.originalname), []).append(item)
+    dropped = set()
+    for cases in groups.values():
+        optional = [c for c in cases if _grid_marked_slow(c)]
+        if not optional:
+            continue
+        covered = set().union(*(_pairs(c.callspec.params) for c in cases if c not in optional))
+        new = {id(c): _pairs(c.callspec.params) - covered for c in optional}
+        while True:
+            best = max(optional, key=lambda c: len(new[id(c)]), default=None)
+            if best is None or not new[id(best)]:
+                break
+            covered |= new[id(best)]
+            optional.remove(best)
+            for c in optional:
+                new[id(c)] -= covered
+        dropped.update(id(c) for c in optional)
+    return [item for item in items if id(item) not in dropped]
+
+
 def pytest_collection_modifyitems(config, items):
+    named = any("::" in str(arg) for arg in config.args)
+    if not EXHAUSTIVE and not named:
+        kept = _covering_cases(items)
+        if len(kept) < len(items):
+            keep = {id(item) for item in kept}
+            config.hook.pytest_deselected(items=[i for i in items if id(i) not in keep])
+            items[:] = kept
     if X64:
         return
     skip = pytest.mark.skip(reason="needs float64 (JSOFTMAX_TEST_X64=0: JAX's default config)")

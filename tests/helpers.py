@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 
 import jax
@@ -50,6 +51,15 @@ def saved_residuals(f, *args) -> list[tuple[jax.ShapeDtypeStruct, str]]:
         shape = tuple(int(d.split("@")[0]) for d in dims.split(",") if d)
         out.append((jax.ShapeDtypeStruct(shape, jnp.dtype(_SHORT_DTYPES[dtype])), line))
     return out
+
+
+EXHAUSTIVE = os.environ.get("JSOFTMAX_TEST_EXHAUSTIVE", "0") == "1"
+
+
+def examples(n: int) -> int:
+    """Hypothesis examples of a property run: `n` with `JSOFTMAX_TEST_EXHAUSTIVE=1`, half
+    (at least 4) in a normal run. The examples are derandomized, so a run is repeatable."""
+    return n if EXHAUSTIVE else max(4, (n + 1) // 2)
 
 
 def fast_subset(values, fast, *, unpack: bool = False) -> list:

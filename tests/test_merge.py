@@ -22,12 +22,12 @@ from jax.test_util import check_grads
 import jsoftmax
 from jsoftmax import _kernel, _merge
 
-from helpers import REF_DTYPE, X64, tol
+from helpers import REF_DTYPE, X64, examples, tol
 
 pytestmark = pytest.mark.slow
 
 DTYPES = [np.float32, np.float64] if X64 else [np.float32]
-SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=examples(15), deadline=None, derandomize=True)
 # One compilation per example instead of one per operation.
 merge = jax.jit(jsoftmax.merge_partials, static_argnames="axis")
 

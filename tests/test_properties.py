@@ -14,12 +14,12 @@ from hypothesis.extra import numpy as hnp
 
 import jsoftmax
 
-from helpers import X64
+from helpers import X64, examples
 
 pytestmark = pytest.mark.slow
 
 DTYPES = [np.float32, np.float64] if X64 else [np.float32]
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=examples(12), deadline=None, derandomize=True)
 
 
 def _values(dtype):
