@@ -170,9 +170,14 @@ def dense_hessian(p: jax.Array) -> jax.Array:
 
 
 def softcap(z: jax.Array, cap: float) -> jax.Array:
-    """`cap * tanh(z / cap)` (Gemma 2's logit soft-capping); `-inf` stays `-inf`."""
-    capped = cap * jnp.tanh(z / cap)
-    return jnp.where(z == -jnp.inf, z, capped)
+    """`cap * tanh(z / cap)` (Gemma 2's logit soft-capping); `-inf` stays `-inf`.
+
+    The `-inf` is kept by adding `z - max(z, lowest)`, which is 0 for a finite `z` and
+    `-inf` for `z = -inf`: arithmetic rather than a select, so that XLA's CPU backend
+    fuses the soft-cap into the reductions that read it instead of writing it out.
+    """
+    lowest = jnp.asarray(jnp.finfo(z.dtype).min, z.dtype)
+    return cap * jnp.tanh(z / cap) + (z - jnp.maximum(z, lowest))
 
 
 def softcap_derivative(u: jax.Array, cap: float) -> jax.Array:

@@ -203,6 +203,51 @@ def _sum(a, axes):
     return jnp.sum(a, axis=axes, keepdims=True)
 
 
+def _smoothing_sums(fp: Pass, axes, w) -> dict:
+    """The smoothing statistics of a piece: the number of valid classes `count`, their
+    weight `wsum` (with class weights) and `centred` $= \\sum_{valid} w_i (u_i - m)$.
+
+    XLA's CPU backend writes a logits-sized array for a reduction of a compare or select
+    but fuses plain arithmetic into the reduction, so the sums are first taken over every
+    class without a mask (one fused pass); only when some row has a non-finite result
+    (a masked or $-\\infty$ entry) does a `lax.cond` take the masked sums instead.
+    """
+    dtype = fp.u.dtype
+    ones_shape = fp.m.shape
+    n = 1
+    for a in axes:
+        n *= fp.u.shape[a]
+    # sum w (u - m) as sum w u - (sum w) m: written with u - m, XLA would share it with
+    # the exponential's pass and write it out.
+    if w is None:
+        plain_centred = _sum(fp.u, axes) - n * fp.m
+        w_total = None
+    else:
+        w_total = jnp.broadcast_to(jnp.sum(w, axis=axes, keepdims=True), ones_shape).astype(dtype)
+        plain_centred = _sum(w * fp.u, axes) - w_total * fp.m
+    # `0 * plain_centred` (0 where this branch is taken) gives the constants the same
+    # sharding and device variance as the masked branch's sums.
+    like = 0 * plain_centred
+    plain = dict(count=n + like, centred=plain_centred)
+    if w_total is not None:
+        plain["wsum"] = w_total + like
+
+    def masked(u_m):
+        # Computed here, from the operands, so that nothing logits-sized is written
+        # unless this branch runs.
+        u, m = u_m
+        zero = jnp.zeros((), dtype)
+        valid = u > -jnp.inf
+        gap = jnp.where(valid, u - m, zero)
+        out = dict(count=_sum(valid.astype(dtype), axes))
+        if w is None:
+            return {**out, "centred": _sum(gap, axes)}
+        w_valid = jnp.where(valid, w, zero)
+        return {**out, "wsum": _sum(w_valid, axes), "centred": _sum(w_valid * gap, axes)}
+
+    return lax.cond(jnp.all(jnp.isfinite(plain_centred)), lambda _: plain, masked, (fp.u, fp.m))
+
+
 def piece_stats(
     fp: Pass,
     axes: tuple[int, ...],
@@ -212,28 +257,25 @@ def piece_stats(
     y=None,
     smoothing: bool = False,
     entropy: bool = False,
+    label: jax.Array | None = None,
 ) -> RowStats:
     """The statistics of one piece from its pass `fp`.
 
     `pick(a)` gives `a` at the integer label (keepdims; 0 on a piece without the label),
-    for integer labels; `y` are probability labels (the piece's block); `w` the class
+    for integer labels (`label`, when given, is `pick(fp.u)` computed another way);
+    `y` are probability labels (the piece's block); `w` the class
     weights broadcastable to the piece (None: 1).
     """
     zero = jnp.zeros((), fp.u.dtype)
     valid = fp.u > -jnp.inf
     st = RowStats(fp.m, fp.total)
     if pick is not None:
-        st = st._replace(label=pick(fp.u))
+        st = st._replace(label=pick(fp.u) if label is None else label)
         if w is not None:
             st = st._replace(w_y=pick(jnp.broadcast_to(w, fp.u.shape)))
     gap = jnp.where(valid, fp.u - fp.m, zero)  # dead code for XLA when unused
     if smoothing:
-        st = st._replace(count=_sum(valid.astype(fp.u.dtype), axes))
-        if w is None:
-            st = st._replace(centred=_sum(gap, axes))
-        else:
-            w_valid = jnp.where(valid, w, zero)
-            st = st._replace(wsum=_sum(w_valid, axes), centred=_sum(w_valid * gap, axes))
+        st = st._replace(**_smoothing_sums(fp, axes, w))
     if y is not None:
         q = y.astype(fp.u.dtype) if w is None else w * y.astype(fp.u.dtype)
         q = jnp.where(valid, q, zero)

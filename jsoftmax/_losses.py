@@ -76,7 +76,14 @@ def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: 
     if _kernel.is_integer(labels):
         idx, in_range = _label_index(labels, logits.shape[axis], axis)
         pick = _picker(idx, fp.u.shape, axis)
-        st = _kernel.piece_stats(fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing)
+        label = None
+        if flags.softcap is not None and where is None:
+            # The label's soft-capped logit from its raw logit: gathered from the
+            # soft-capped logits, those would be written out for the gather.
+            label = _formulas.softcap(pick(logits.astype(cdt)), flags.softcap)
+        st = _kernel.piece_stats(
+            fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing, label=label
+        )
         loss, excluded, row = _kernel.integer_loss(st, coefs, flags, temperature)
         loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
         # An out-of-range label is NaN, not excluded.
@@ -96,13 +103,22 @@ def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: 
     return out, (ok_bwd, row, fp.total)
 
 
-def _cotangent(logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p):
-    """`(d loss / d s, valid, u)` on the dense row (0 where the row does not count)."""
+def _cotangent(
+    logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p, u=None
+):
+    """`(d loss / d s, valid, u)` on the dense row (0 where the row does not count);
+    `u`, the soft-capped logits, when the caller has them."""
     axis = flags.axis
     cdt = row.m.dtype
     coefs = _kernel.coefs_as(coefs, cdt)
     z = logits.astype(cdt)
-    u = z if flags.softcap is None else _formulas.softcap(z, flags.softcap)
+    # Behind the same barrier as in `_probs`: not shared with the forward pass's
+    # soft-cap, which XLA would then write out.
+    u = (
+        z
+        if flags.softcap is None
+        else _formulas.softcap(lax.optimization_barrier(z), flags.softcap)
+    )
     valid = u > -jnp.inf
     if where is not None:
         valid = valid & where
@@ -122,23 +138,23 @@ def _cotangent(logits, labels, where, temperature, weights, coefs, flags, ok, ro
 
 
 def _probs(logits, where, temperature, flags: Flags, row, total):
-    """`p` recomputed from the logits and the row's numbers."""
+    """`(p, u)`: `p` recomputed from the logits and the row's numbers, and the
+    soft-capped logits `u` it was computed from (unmasked)."""
     cdt = row.m.dtype
     z = logits.astype(cdt)
     if flags.softcap is not None:
-        # The soft-cap is recomputed behind an optimization barrier, so XLA recomputes
-        # tanh in the pass that writes the gradient instead of keeping the forward's
-        # logits-sized tanh in memory (which costs more than a second tanh on a CPU).
-        z = _formulas.softcap(lax.optimization_barrier(z), flags.softcap)
+        # Written as in the forward pass, so that XLA computes the exponential once and
+        # this pass writes the gradient over it (as without soft-capping).
+        z = _formulas.softcap(z, flags.softcap)
     u = z if where is None else jnp.where(where, z, -jnp.inf)
     d = _kernel.shifted(u, row.m, temperature)
     if cdt == logits.dtype:
         # exp((u - m) / T) exactly as in the forward pass: compiled together with it,
         # XLA computes it once (and this pass writes the gradient over it).
-        return jnp.exp(d) * (1 / jnp.where(total == 0, jnp.ones((), cdt), total))
+        return jnp.exp(d) * (1 / jnp.where(total == 0, jnp.ones((), cdt), total)), z
     # 16-bit logits: a differently written exponential, so XLA does not keep a float32
     # copy of the logits' size between the passes.
-    return jnp.exp(d - row.log_total)
+    return jnp.exp(d - row.log_total), z
 
 
 # --------------------------------------------------------------------------------------
@@ -164,9 +180,9 @@ def _ce_vjp_bwd(flags, residuals, g):
     logits, labels, where, temperature, weights, coefs, ok, row, total = residuals
     row = row._replace(log_total=_kernel.log_total_of(total))
     axis = flags.axis
-    p = _probs(logits, where, temperature, flags, row, total)
+    p, u = _probs(logits, where, temperature, flags, row, total)
     g_s, valid, u, w = _cotangent(
-        logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p
+        logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p, u
     )
     g = jnp.expand_dims(g[0].astype(row.m.dtype), axis)
     g_z, g_t = _kernel.chain_to_logits(g_s * g, u, valid, (axis,), flags, temperature)
