@@ -104,7 +104,7 @@ def rows(ctx: Ctx, shape, what: str):
 
 
 def cases(quick: bool) -> list[Case]:
-    shape = (256, 64, 4096) if quick else SHAPE
+    shape = (128, 32, 1024) if quick else SHAPE
     whats = ["log-probs", "beta=0.5"] if quick else ["log-probs", "beta=0", "beta=0.5"]
     return [
         Case("post-training", f"post-training {w} {shape}", partial(rows, shape=shape, what=w))
