@@ -130,10 +130,11 @@ def errors(dtype_name: str, rng: np.random.Generator):
     top = lambda refs: tuple(float(np.abs(r).max()) for r in refs)  # noqa: E731
 
     found: list = []
-    opts = dict(temperature=TEMPERATURE, logit_softcap=SOFTCAP, return_entropy=True)
 
     def lp(z):
-        lp, ent = jsoftmax.token_log_probs(z, labels, **opts)
+        lp, ent = jsoftmax.token_log_probs(
+            z, labels, temperature=TEMPERATURE, logit_softcap=SOFTCAP, return_entropy=True
+        )
         return jnp.sum(g1 * lp + g2 * ent), (lp, ent)
 
     (_, vals), dz = jax.jit(jax.value_and_grad(lp, has_aux=True))(z)
@@ -157,7 +158,16 @@ def errors(dtype_name: str, rng: np.random.Generator):
     )
 
     def lin_lp(x, w, b):
-        lp, ent = jsoftmax.linear_token_log_probs(x, w, labels, bias=b, chunk_size=CHUNK, **opts)
+        lp, ent = jsoftmax.linear_token_log_probs(
+            x,
+            w,
+            labels,
+            bias=b,
+            chunk_size=CHUNK,
+            temperature=TEMPERATURE,
+            logit_softcap=SOFTCAP,
+            return_entropy=True,
+        )
         return jnp.sum(g1 * lp + g2 * ent), (lp, ent)
 
     (_, vals), grads = jax.jit(jax.value_and_grad(lin_lp, (0, 1, 2), has_aux=True))(x, w, bias)
