@@ -47,6 +47,16 @@ def compute_dtype(x, w) -> np.dtype:
     return np.dtype(_checks.accumulation_dtype(jnp.promote_types(x.dtype, w.dtype)))
 
 
+def _rounded(z: jax.Array) -> jax.Array:
+    """`z`, a matmul's result, through `max(z, lowest finite)`: the same values (a matmul
+    of finite inputs is finite), but no longer a bare product. With H = 1 XLA turns the
+    matmul into a product that it recomputes in each pass reading it, and LLVM contracts
+    a product followed by the subtraction of the row maximum into a fused multiply-add,
+    which does not round the product: the maximum of the rounded products and the exact
+    difference disagree (exp(4096) = inf for logits of 1e12 under `jax.jit`)."""
+    return jnp.maximum(z, jnp.asarray(jnp.finfo(z.dtype).min, z.dtype))
+
+
 class Chunk:
     """One chunk of `w`'s columns: where it starts, its columns and which are its own.
 
@@ -77,6 +87,7 @@ class Chunk:
         z = lax.dot_general(
             x, self.slice(w, va), (((1,), (1 - va,)), ((), ())), preferred_element_type=cdt
         )
+        z = _rounded(z)
         keep = self.fresh
         if self.limit is not None:
             keep = keep & (self.cols < self.limit)
@@ -255,7 +266,7 @@ def label_logits(x, w, bias, idx, va: int, softcap, cdt, limit=None):
     j = jnp.maximum(idx[:, 0], 0)
     w_y = jnp.take(w, j, axis=va)  # (H, N) or (N, H)
     spec = "nh,hn->n" if va == 1 else "nh,nh->n"
-    z = jnp.einsum(spec, x, w_y, preferred_element_type=cdt)[:, None]
+    z = _rounded(jnp.einsum(spec, x, w_y, preferred_element_type=cdt)[:, None])
     if bias is not None:
         z = z + bias[j].astype(cdt)[:, None]
     if limit is not None:

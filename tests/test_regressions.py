@@ -337,14 +337,7 @@ def test_temperature_with_huge_logits_same_eager_and_jit():
     np.testing.assert_array_equal(np.asarray(jsoftmax.softmax(x, temperature=t)), [[0, 1, 0]])
 
 
-@pytest.mark.x64
 def test_linear_cross_entropy_huge_logits_same_eager_and_jit():
-    # Known limitation in JAX's default configuration (float64 off), jaxlib 0.10.2 on
-    # XLA:CPU: with H = 1 the matmul becomes a product that XLA recomputes in the
-    # reduction of the maximum and in the exponential's pass, where LLVM contracts it
-    # with the subtraction of the maximum into a fused multiply-add (x w - m exact, not
-    # rounded): exp(4096) = inf under jit for logits of 1e12. Checked with float64 on,
-    # where the compiled program keeps one product.
     x = jnp.array([[1e6], [-3e5]], jnp.float32)
     w = jnp.array([[1e6, -2e6, 5e5]], jnp.float32)
     lab = jnp.array([0, 1])
