@@ -47,7 +47,7 @@ def compute_dtype(x, w) -> np.dtype:
     return np.dtype(_checks.accumulation_dtype(jnp.promote_types(x.dtype, w.dtype)))
 
 
-def _rounded(z: jax.Array) -> jax.Array:
+def rounded(z: jax.Array) -> jax.Array:
     """`z`, a matmul's result, through `max(z, lowest finite)`: the same values (a matmul
     of finite inputs is finite), but no longer a bare product. With H = 1 XLA turns the
     matmul into a product that it recomputes in each pass reading it, and LLVM contracts
@@ -87,7 +87,7 @@ class Chunk:
         z = lax.dot_general(
             x, self.slice(w, va), (((1,), (1 - va,)), ((), ())), preferred_element_type=cdt
         )
-        z = _rounded(z)
+        z = rounded(z)
         keep = self.fresh
         if self.limit is not None:
             keep = keep & (self.cols < self.limit)
@@ -219,6 +219,83 @@ def scan_grads(
     return dx, dw, db
 
 
+# Rows of one chunk of whole rows (scan_rows): about 2**22 logits (16 MiB in float32), and
+# at least 128 rows, since each chunk adds its x^T g to all of dw (H * V values): with
+# fewer rows that update, not the matmuls, would bound the time.
+_ROW_CHUNK_ELEMENTS = 1 << 22
+_MIN_ROW_CHUNK = 128
+
+
+def row_chunk(chunk_size, rows: int, vocab: int, size: int) -> int:
+    """Rows per chunk of `scan_rows`: with an explicit `chunk_size` (checked: `size`),
+    the memory of that vocabulary chunk over all rows (`rows * size` logits); by
+    default about `2**22` logits, at least 128 rows. At least one row, at most `rows`."""
+    if chunk_size is not None:
+        per_chunk = (rows * size) // max(vocab, 1)
+    else:
+        per_chunk = max(_ROW_CHUNK_ELEMENTS // max(vocab, 1), _MIN_ROW_CHUNK)
+    return int(max(1, min(rows, per_chunk)))
+
+
+def scan_rows(x, w, bias, rows_fn: Callable, size: int, va: int, cdt, extras=(), grads=True):
+    """`(total, dx, dw, db)` of a sum over rows of a loss of whole rows of logits, with its
+    gradient formed in the same pass, one chunk of `size` rows at a time.
+
+    `rows_fn(u, ok, extras)` gives, from a chunk's logits `u = x @ w + b` (`(size, V)`,
+    `-inf` on the `-inf` bias columns), the chunk's row values and their cotangent with
+    respect to `u`, 0 in the rows that do not count (`ok`, `(size,)`, is False in the
+    rows that pad the last chunk); the cotangent is set to 0 on the `-inf` columns
+    here, as by `scan_grads`. `extras` are further `(rows, ...)` arrays, chunked like
+    `x`. The sum of the values and its gradients in `x`, `w` and `bias` take four
+    matmuls, as for the dense logits, where the vocabulary loop (`scan_stats`,
+    `scan_grads`) recomputes the logits in the backward pass. For a scalar loss only,
+    whose cotangent then scales the gradients. With `grads=False`,
+    `(total, None, None, None)`. Memory: a chunk of logits, and `dw` accumulated in
+    `cdt`.
+    """
+    n = x.shape[0]
+    k = -(-n // size)
+    pad = k * size - n
+
+    def split(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape((k, size) + a.shape[1:])
+
+    dims = (((1,), (1 - va,)), ((), ()))
+    in_dtype = jnp.promote_types(x.dtype, w.dtype)
+
+    def body(carry, xs):
+        total, dw, db = carry
+        x_c, ok, ex = xs
+        u = rounded(lax.dot_general(x_c, w, dims, preferred_element_type=cdt))
+        if bias is not None:
+            u = u + bias.astype(cdt)[None, :]
+        value, g = rows_fn(u, ok, ex)
+        g = jnp.where(u > -jnp.inf, g, jnp.zeros((), cdt))  # excluded classes: no gradient
+        total = total + jnp.sum(jnp.where(ok, value, jnp.zeros((), cdt)))
+        if not grads:
+            return (total, dw, db), None
+        g_in = g.astype(in_dtype)
+        dx = lax.dot_general(g_in, w, (((1,), (va,)), ((), ())), preferred_element_type=cdt)
+        a, b = (x_c, g_in) if va == 1 else (g_in, x_c)  # x^T g in w's layout
+        dw = dw + lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=cdt)
+        if db is not None:
+            db = db + jnp.sum(g, axis=0)
+        return (total, dw, db), dx
+
+    keep = split(jnp.ones((n,), bool))
+    xs = (split(x), keep, tuple(split(e) for e in extras))
+    zero = jnp.zeros((), cdt)
+    dw0 = jnp.zeros(w.shape, cdt) if grads else None
+    db0 = jnp.zeros(bias.shape, cdt) if grads and bias is not None else None
+    (total, dw, db), dx = lax.scan(body, vary_like((zero, dw0, db0), w), xs)
+    if dx is None or dw is None:  # grads=False
+        return total, None, None, None
+    dx = dx.reshape((k * size,) + dx.shape[2:])[:n]
+    db = None if db is None or bias is None else db.astype(bias.dtype)
+    return total, dx, dw.astype(w.dtype), db
+
+
 # --------------------------------------------------------------------------------------
 # The cross-entropy of integer labels over chunks (the fused and the sharded fused loss).
 # --------------------------------------------------------------------------------------
@@ -266,7 +343,7 @@ def label_logits(x, w, bias, idx, va: int, softcap, cdt, limit=None):
     j = jnp.maximum(idx[:, 0], 0)
     w_y = jnp.take(w, j, axis=va)  # (H, N) or (N, H)
     spec = "nh,hn->n" if va == 1 else "nh,nh->n"
-    z = _rounded(jnp.einsum(spec, x, w_y, preferred_element_type=cdt)[:, None])
+    z = rounded(jnp.einsum(spec, x, w_y, preferred_element_type=cdt)[:, None])
     if bias is not None:
         z = z + bias[j].astype(cdt)[:, None]
     if limit is not None:

@@ -297,6 +297,44 @@ def _kl_bwd(beta, t, size, va, residuals, g):
 _kl.defvjp(_kl_fwd, _kl_bwd)
 
 
+@partial(_custom.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _kl_total(x, w, bias, tx, tw, tb, row_ok, beta, t, rows, va):
+    return _kl_rows(x, w, bias, tx, tw, tb, row_ok, beta, t, rows, va, grads=False)[0]
+
+
+def _kl_rows(x, w, bias, tx, tw, tb, row_ok, beta, t, rows, va, grads=True):
+    """The divergence summed over the rows that count, and its gradients, in one pass over
+    chunks of whole rows (`jsoftmax._chunks.scan_rows`)."""
+    cdt = _chunks.compute_dtype(x, w)
+    tx, tw, tb = (lax.stop_gradient(a) for a in (tx, tw, tb))
+    ok = jnp.ones(x.shape[:1], bool) if row_ok is None else row_ok
+
+    def rows_fn(u, pad_ok, ex):
+        tx_c, ok_c = ex
+        u_t = lax.dot_general(tx_c, tw, (((1,), (1 - va,)), ((), ())), preferred_element_type=cdt)
+        u_t = _chunks.rounded(u_t)
+        if tb is not None:
+            u_t = u_t + tb.astype(cdt)[None, :]
+        return _post.kl_rows(u, u_t, (pad_ok & ok_c)[:, None], beta, t)
+
+    return _chunks.scan_rows(x, w, bias, rows_fn, rows, va, cdt, (tx, ok), grads)
+
+
+def _kl_total_fwd(x, w, bias, tx, tw, tb, row_ok, beta, t, rows, va):
+    total, dx, dw, db = _kl_rows(x, w, bias, tx, tw, tb, row_ok, beta, t, rows, va)
+    return total, (dx, dw, db)
+
+
+def _kl_total_bwd(beta, t, rows, va, residuals, g):
+    dx, dw, db = residuals
+    g = g.astype(dx.dtype)
+    scale = lambda a: None if a is None else (a * g.astype(a.dtype)).astype(a.dtype)  # noqa: E731
+    return scale(dx), scale(dw), scale(db), None, None, None, None
+
+
+_kl_total.defvjp(_kl_total_fwd, _kl_total_bwd)
+
+
 def linear_kl_divergence(
     x: ArrayLike,
     w: ArrayLike,
@@ -317,12 +355,22 @@ def linear_kl_divergence(
 
     The student's logits are `x @ w + bias`, the teacher's
     `teacher_x @ teacher_w + teacher_bias` (the teacher may have another hidden size).
-    Two passes over the vocabulary's chunks compute both log-sum-exps, then the
-    divergence's terms; the backward pass recomputes both chunks' logits and
-    accumulates `dx`, `dw` and `db` of the student from
-    $\partial D/\partial s$ (see [`kl_divergence`][jsoftmax.kl_divergence]). The
-    teacher is a constant: no gradient flows to it and nothing of it is kept beyond its
-    inputs. Memory beyond the inputs and `dw`: a chunk of each model's logits.
+    The teacher is a constant: no gradient flows to it and nothing of it is kept beyond
+    its inputs.
+
+    * `reduction="none"`: the vocabulary is visited in chunks. One pass computes both
+      log-sum-exps (with $\beta \in \{0, 1\}$ the divergence too), a second one the
+      divergence's terms for $0 < \beta < 1$; the backward pass recomputes both
+      chunks' logits and accumulates `dx`, `dw` and `db` of the student from
+      $\partial D/\partial s$ (see [`kl_divergence`][jsoftmax.kl_divergence]).
+      Memory beyond the inputs and `dw`: a chunk of each model's logits.
+    * `reduction="sum"` or `"mean"` (a scalar): chunks of whole rows. Each chunk's
+      logits give its rows' divergence and, in the same pass, their gradient, which the
+      backward pass only scales by the cotangent: four matmuls, as for the dense
+      logits, instead of six. Memory beyond the inputs: a chunk of rows of each
+      model's logits (by default about `2**22` logits and at least 128 rows; with
+      `chunk_size`, the size of that vocabulary chunk over all rows), and the
+      gradients, kept from the forward pass (`dw` accumulated in float32).
 
     Args:
       x: the student's hidden states, `(..., H)`.
@@ -335,7 +383,8 @@ def linear_kl_divergence(
       temperature: $T > 0$, a Python number, for both models. No $T^2$ factor.
       where: optional per-row boolean mask (padding), broadcastable to `x.shape[:-1]`.
       reduction: `"none"`, `"sum"`, or `"mean"` over the rows that count.
-      chunk_size: vocabulary columns per chunk (by default about `2**20` logits).
+      chunk_size: vocabulary columns per chunk (by default about `2**20` logits);
+        with a reduction, the memory of such a chunk sets the rows per chunk.
       vocab_axis: the vocabulary axis of `w` and `teacher_w`.
 
     Returns:
@@ -379,9 +428,12 @@ def linear_kl_divergence(
         per_row = jnp.zeros(batch, cdt)
         return per_row if reduction == "none" else jnp.zeros((), cdt)
     row_ok = None if row_ok is None else row_ok.reshape(rows)
-    per_row = _kl(
-        x.reshape(rows, -1), w, bias, tx.reshape(rows, -1), tw, tb, row_ok, beta, t, size, va
-    )
-    weight = _kernel.row_weight(row_ok, None, per_row.shape, cdt)
-    out = _kernel.reduce_rows(per_row, weight, reduction)
-    return out.reshape(batch) if reduction == "none" else out
+    x2, tx2 = x.reshape(rows, -1), tx.reshape(rows, -1)
+    if reduction == "none":
+        return _kl(x2, w, bias, tx2, tw, tb, row_ok, beta, t, size, va).reshape(batch)
+    # A scalar loss: one pass over chunks of whole rows forms the gradient with the value
+    # (four matmuls, as for the dense logits), in the memory of a vocabulary chunk.
+    row_chunk = _chunks.row_chunk(chunk_size, rows, vocab, size)
+    total = _kl_total(x2, w, bias, tx2, tw, tb, row_ok, beta, t, row_chunk, va)
+    weight = _kernel.row_weight(row_ok, None, (rows,), cdt)
+    return _kernel.reduce_rows(total, weight, reduction)

@@ -287,6 +287,17 @@ def _kl_bwd(axis, beta, t, residuals, g):
 _kl_kernel.defvjp(_kl_fwd, _kl_bwd)
 
 
+def kl_rows(logits, teacher, row_ok, beta: float, t):
+    """The divergence of whole rows (axis 1, in the accumulation dtype) and its
+    cotangent with respect to `logits` for a unit cotangent per row (0 where `row_ok`,
+    `(rows, 1)`, is False): the rules of `kl_divergence`, for a loop over chunks of rows
+    that forms the gradient in its forward pass (`jsoftmax.linear_kl_divergence` with a
+    reduction)."""
+    value, stats = _kl_forward(logits, teacher, None, row_ok[:, 0], 1, beta, t)
+    g_s = _kl_bwd(1, beta, t, (logits, teacher, None, stats), jnp.ones(value.shape, value.dtype))
+    return value, g_s[0]
+
+
 def kl_divergence(
     logits: ArrayLike,
     teacher_logits: ArrayLike,

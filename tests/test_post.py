@@ -130,7 +130,7 @@ def test_kl_divergence_dense_and_fused_match_reference(beta, va):
     keep = jnp.array([True, True, False, True, True, True])
     w_in, tw_in = (w, tw) if va == 1 else (w.T, tw.T)
 
-    def ref(x, w):
+    def ref(x, w, b=b):
         return ref_divergence(x @ w + b[None], tx @ tw, beta, t)
 
     def fused(x, w_in):
@@ -143,24 +143,61 @@ def test_kl_divergence_dense_and_fused_match_reference(beta, va):
     close(out, jnp.where(keep, ref(x, w), 0.0), REF_DTYPE, atol_scale=4)
     dense = jsoftmax.kl_divergence(x @ w + b[None], tx @ tw, beta=beta, temperature=t)
     close(dense, ref(x, w), REF_DTYPE, atol_scale=4)
-    for red in ("sum", "mean"):
+    # A reduction forms the gradient in its forward pass over chunks of whole rows: 8
+    # columns of 6 rows make chunks of one row (48 // 37), 25 columns chunks of 4 rows
+    # (the last one padded).
+    for red, cs in (("sum", 8), ("mean", 8), ("sum", 25), ("mean", 25)):
         got = jax.grad(
-            lambda x, w, red=red: jsoftmax.linear_kl_divergence(
+            lambda x, w, b, red=red, cs=cs: jsoftmax.linear_kl_divergence(
                 x, w, tx, tw_in, bias=b, beta=beta, temperature=t, where=keep,
-                reduction=red, chunk_size=8, vocab_axis=va,
-            ), (0, 1),
-        )(x, w_in)  # fmt: skip
+                reduction=red, chunk_size=cs, vocab_axis=va,
+            ), (0, 1, 2),
+        )(x, w_in, b)  # fmt: skip
         denom = 5.0 if red == "mean" else 1.0
         want = jax.grad(
-            lambda x, w, d=denom: jnp.sum(jnp.where(keep, ref(x, w if va == 1 else w.T), 0.0)) / d,
-            (0, 1),
-        )(x, w_in)
+            lambda x, w, b, d=denom: jnp.sum(
+                jnp.where(keep, ref(x, w if va == 1 else w.T, b), 0.0)
+            ) / d,
+            (0, 1, 2),
+        )(x, w_in, b)  # fmt: skip
         for a, r in zip(got, want, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=REL, atol=REL)
+        value = jsoftmax.linear_kl_divergence(
+            x, w_in, tx, tw_in, bias=b, beta=beta, temperature=t, where=keep,
+            reduction=red, chunk_size=cs, vocab_axis=va,
+        )  # fmt: skip
+        close(value, jnp.sum(jnp.where(keep, ref(x, w), 0.0)) / denom, REF_DTYPE, atol_scale=4)
     # The teacher is a constant.
     gt = jax.grad(lambda tx: jsoftmax.linear_kl_divergence(x, w_in, tx, tw_in, beta=beta,
                                                            vocab_axis=va).sum())(tx)  # fmt: skip
     assert np.all(np.asarray(gt) == 0.0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_reduced_fused_divergence_under_jit_vmap_and_grad(beta):
+    # The reduced divergence forms its gradient in the forward pass; vmap over a batch of
+    # problems and jit must give each problem's eager answer, and the gradient that of a
+    # loop of the per-row divergence (the vocabulary loop, another code path).
+    x, w, b, tx, tw, _ = _data(n=6, v=37)
+    xs, txs = jnp.stack([x, 2 * x, -x]), jnp.stack([tx, tx, 0.5 * tx])
+
+    def loss(x, w, tx):
+        return jsoftmax.linear_kl_divergence(
+            x, w, tx, tw, bias=b, beta=beta, reduction="mean", chunk_size=25
+        )
+
+    eager = [loss(xs[i], w, txs[i]) for i in range(3)]
+    batched = jax.jit(jax.vmap(loss, (0, None, 0)))(xs, w, txs)
+    close(batched, jnp.stack(eager), REF_DTYPE)
+    grad = jax.jit(jax.vmap(jax.grad(loss, (0, 1)), (0, None, 0)))(xs, w, txs)
+    for i in range(3):
+        want = jax.grad(
+            lambda x, w, tx=txs[i]: jnp.mean(
+                jsoftmax.linear_kl_divergence(x, w, tx, tw, bias=b, beta=beta, chunk_size=8)
+            ), (0, 1),
+        )(xs[i], w)  # fmt: skip
+        for a, r in zip((grad[0][i], grad[1][i]), want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=REL, atol=REL)
 
 
 def test_16bit_inputs_give_float32_and_log_probs_never_above_zero():
