@@ -25,10 +25,10 @@ Run::
 
     python examples/language_model.py                  # the full configuration (minutes)
     python examples/language_model.py --quick          # a small configuration (about a minute)
-    python examples/language_model.py --context 2048   # longer sequences, same tokens per step
+    python examples/language_model.py --context 1024   # longer sequences, same tokens per step
 
 ``--context N`` sets the sequence length (the position table and the training windows);
-the batch shrinks so that a step keeps the configuration's number of tokens (at least one
+the batch is set so that a step keeps the configuration's number of tokens (at least one
 sequence per step). The last line printed is one JSON object with the summary figures.
 """
 
@@ -521,7 +521,7 @@ def main(argv=None) -> int:
         type=int,
         metavar="N",
         help=f"sequence length (default: {FULL.seq_len}, or {QUICK.seq_len} with --quick); "
-        "the batch shrinks to keep the tokens per step",
+        "the batch is set to keep the tokens per step",
     )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
