@@ -6,24 +6,30 @@ source files, tokenized into words and punctuation with a vocabulary of the 16 3
 frequent tokens plus an unknown token. The model is trained twice from the same parameters
 on the same batches:
 
-* ``baseline`` -- the code written today: ``jax.nn.softmax`` attention with an additive mask,
-  and ``optax.softmax_cross_entropy_with_integer_labels(h @ w, labels)`` at the output layer;
-* ``jsoftmax`` -- ``jsoftmax.softmax(scores, where=causal)`` in attention and
+* ``baseline`` -- the code written today: the ``(batch, heads, T, T)`` attention scores
+  ``q k^T / sqrt(d)``, an additive causal mask and ``jax.nn.softmax``, and
+  ``optax.softmax_cross_entropy_with_integer_labels(h @ w, labels)`` at the output layer;
+* ``jsoftmax`` -- ``jsoftmax.attention(q, k, v, is_causal=True)``, exact attention computed
+  in blocks that never builds the scores, and
   ``jsoftmax.linear_cross_entropy(h, w, labels, reduction="mean")`` at the output layer, which
   never builds the tokens x vocabulary logits.
 
 Everything else (model, initial parameters, optimizer, data order) is shared. The two runs
 take their steps alternately, so both see the same load on the machine, and report: the
 training and held-out losses (equal up to rounding, since the math is the same), the
-compiled temporary memory of one training step, the median step time (ratio = baseline time
-/ jsoftmax time, above 1 when jsoftmax is faster) and a few lines of generated text.
+compiled temporary memory of one training step and of one attention layer's forward and
+backward pass, the median step time (ratio = baseline time / jsoftmax time, above 1 when
+jsoftmax is faster) and a few lines of generated text.
 
 Run::
 
-    python examples/language_model.py           # the full configuration (minutes)
-    python examples/language_model.py --quick   # a small configuration (about a minute)
+    python examples/language_model.py                  # the full configuration (minutes)
+    python examples/language_model.py --quick          # a small configuration (about a minute)
+    python examples/language_model.py --context 1024   # longer sequences, same tokens per step
 
-The last line printed is one JSON object with the summary figures.
+``--context N`` sets the sequence length (the position table and the training windows);
+the batch is set so that a step keeps the configuration's number of tokens (at least one
+sequence per step). The last line printed is one JSON object with the summary figures.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import statistics
 import sysconfig
 import time
 import zlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +95,15 @@ QUICK = Config(
     eval_every=10,
     eval_batches=4,
 )
+
+
+def with_context(cfg: Config, context: int) -> Config:
+    """``cfg`` with sequences of ``context`` tokens and the batch that keeps the tokens per
+    step of ``cfg`` (at least one sequence per step)."""
+    if context < 2:
+        raise ValueError(f"context must be at least 2 tokens, got {context}.")
+    tokens = cfg.batch_size * cfg.seq_len
+    return dataclasses.replace(cfg, seq_len=context, batch_size=max(1, tokens // context))
 
 
 # --------------------------------------------------------------------------------------
@@ -197,13 +213,10 @@ class CausalSelfAttention(nnx.Module):
         self.qkv = nnx.Linear(cfg.d_model, 3 * cfg.d_model, use_bias=False, rngs=rngs)
         self.out = nnx.Linear(cfg.d_model, cfg.d_model, use_bias=False, rngs=rngs)
 
-    def __call__(self, x, attention_weights):
+    def __call__(self, x, attend):
         b, t, d = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.n_heads, d // self.n_heads), 3, 2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.n_heads)
-        causal = jnp.tril(jnp.ones((t, t), bool))  # (T, T): query q sees keys k <= q
-        p = attention_weights(scores, causal)  # (B, heads, T, T)
-        return self.out(jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, t, d))
+        return self.out(attend(q, k, v).reshape(b, t, d))  # q, k, v: (B, T, heads, head dim)
 
 
 class Block(nnx.Module):
@@ -214,8 +227,8 @@ class Block(nnx.Module):
         self.up = nnx.Linear(cfg.d_model, 4 * cfg.d_model, rngs=rngs)
         self.down = nnx.Linear(4 * cfg.d_model, cfg.d_model, rngs=rngs)
 
-    def __call__(self, x, attention_weights):
-        x = x + self.attention(self.norm1(x), attention_weights)
+    def __call__(self, x, attend):
+        x = x + self.attention(self.norm1(x), attend)
         return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
 
 
@@ -231,22 +244,29 @@ class TransformerLM(nnx.Module):
         self.norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, vocab, use_bias=False, kernel_init=init, rngs=rngs)
 
-    def hidden(self, tokens, attention_weights):
-        """The last hidden states ``(B, T, d_model)``, before the output layer."""
+    def hidden(self, tokens, attend):
+        """The last hidden states ``(B, T, d_model)``, before the output layer; ``attend``
+        maps each layer's ``q, k, v`` (``(B, T, heads, head dim)``) to its causal attention
+        output of the same shape."""
         x = self.embed(tokens) + self.position(jnp.arange(tokens.shape[-1]))
         for block in self.blocks:
-            x = block(x, attention_weights)
+            x = block(x, attend)
         return self.norm(x)
 
 
 # --------------------------------------------------------------------------------------
-# The two runs differ only here: the attention softmax and the loss at the output layer.
+# The two runs differ only here: causal attention and the loss at the output layer.
 # --------------------------------------------------------------------------------------
 
 
-def baseline_attention(scores, causal):
-    """Today's code: an additive mask broadcast over batch and heads, then jax.nn.softmax."""
-    return jax.nn.softmax(scores + jnp.where(causal, 0.0, -1e9), axis=-1)
+def baseline_attention(q, k, v):
+    """Today's code: the (B, heads, T, T) scores, an additive causal mask broadcast over batch
+    and heads, jax.nn.softmax, then the weighted sum of the values."""
+    t = q.shape[1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    causal = jnp.tril(jnp.ones((1, 1, t, t), bool))  # query q sees keys k <= q
+    p = jax.nn.softmax(scores + jnp.where(causal, 0.0, -1e9), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
 
 def baseline_loss(model: TransformerLM, tokens):
@@ -256,21 +276,44 @@ def baseline_loss(model: TransformerLM, tokens):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def jsoftmax_attention(scores, causal):
-    """jsoftmax: the (T, T) mask as ``where``; masked keys get probability and gradient 0."""
-    return jsoftmax.softmax(scores, where=causal)
+def jsoftmax_attention(q, k, v):
+    """jsoftmax: exact attention in blocks (online softmax), the scores never built; the
+    backward pass recomputes each block; blocks above the diagonal are skipped."""
+    return jsoftmax.attention(q, k, v, is_causal=True)
 
 
 def jsoftmax_loss(model: TransformerLM, tokens):
     """jsoftmax: the output layer and the loss fused; the logits are never built."""
     h = model.hidden(tokens[:, :-1], jsoftmax_attention)
-    return jsoftmax.linear_cross_entropy(h, model.head.kernel, tokens[:, 1:], reduction="mean")
+    w = model.head.kernel[...]  # the nnx.Param's array
+    return jsoftmax.linear_cross_entropy(h, w, tokens[:, 1:], reduction="mean")
 
 
 RUNS = {
     "baseline": (baseline_attention, baseline_loss),
     "jsoftmax": (jsoftmax_attention, jsoftmax_loss),
 }
+
+
+def attention_temp_bytes(attend, shape: tuple[int, int, int, int], dtype=jnp.float32) -> int:
+    """The compiled temporary memory of one attention layer's training step: the value and
+    the gradients with respect to ``q, k, v`` (each of ``shape`` = ``(B, T, heads, head
+    dim)``) of ``sum(attend(q, k, v) * g)``, ``g`` the output's cotangent."""
+    spec = jax.ShapeDtypeStruct(shape, dtype)
+
+    def step(q, k, v, g):
+        loss = lambda q, k, v: jnp.sum(attend(q, k, v) * g)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    return temp_size(jax.jit(step).lower(spec, spec, spec, spec).compile())
+
+
+def temp_size(compiled) -> int:
+    """The temporary bytes of a compiled function (``memory_analysis``)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise RuntimeError("this backend reports no memory analysis of compiled code")
+    return analysis.temp_size_in_bytes
 
 
 # --------------------------------------------------------------------------------------
@@ -328,9 +371,10 @@ class Results:
     heldout_loss: dict[str, list[float]]
     step_seconds: dict[str, list[float]]
     temp_bytes: dict[str, int]
+    attention_temp_bytes: dict[str, int]  # one attention layer's forward and backward pass
     compile_seconds: dict[str, float]
     states: dict  # the final (model, optimizer) states
-    graphdef: object
+    graphdef: Any  # nnx.GraphDef of (model, optimizer)
 
     @property
     def initial_loss(self) -> float:
@@ -363,6 +407,8 @@ class Results:
             "step_temp_bytes_baseline": self.temp_bytes["baseline"],
             "step_temp_bytes_jsoftmax": self.temp_bytes["jsoftmax"],
             "temp_bytes_ratio": self.temp_bytes["baseline"] / self.temp_bytes["jsoftmax"],
+            "attention_temp_bytes_baseline": self.attention_temp_bytes["baseline"],
+            "attention_temp_bytes_jsoftmax": self.attention_temp_bytes["jsoftmax"],
             "step_time_baseline_s": self.step_time("baseline"),
             "step_time_jsoftmax_s": self.step_time("jsoftmax"),
             "step_time_ratio": self.step_time_ratio,
@@ -380,13 +426,15 @@ def train(cfg: Config, corpus: Corpus | None = None, log=print) -> Results:
     parameters = sum(p.size for p in jax.tree.leaves(params))
 
     steps, evals, states, temp, compile_s = {}, {}, {}, {}, {}
+    attention_shape = (cfg.batch_size, cfg.seq_len, cfg.n_heads, cfg.d_model // cfg.n_heads)
+    attention_temp = {n: attention_temp_bytes(a, attention_shape) for n, (a, _) in RUNS.items()}
     for name, (_, loss_fn) in RUNS.items():
         t0 = time.perf_counter()
         lowered = jax.jit(make_train_step(graphdef, loss_fn), donate_argnums=0).lower(
             state0, jnp.asarray(batches[0])
         )
         steps[name] = lowered.compile()
-        temp[name] = steps[name].memory_analysis().temp_size_in_bytes
+        temp[name] = temp_size(steps[name])
         evals[name] = jax.jit(make_eval_loss(graphdef, loss_fn)).lower(state0, held).compile()
         compile_s[name] = time.perf_counter() - t0
         states[name] = jax.tree.map(jnp.copy, state0)  # each run owns (and donates) a copy
@@ -427,6 +475,7 @@ def train(cfg: Config, corpus: Corpus | None = None, log=print) -> Results:
         heldout_loss=heldout,
         step_seconds=seconds,
         temp_bytes=temp,
+        attention_temp_bytes=attention_temp,
         compile_seconds=compile_s,
         states=states,
         graphdef=graphdef,
@@ -465,10 +514,21 @@ def generate(results: Results, name: str, prompt: str, n_tokens: int, seed: int 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the small configuration")
+    parser.add_argument(
+        "--context",
+        type=int,
+        metavar="N",
+        help=f"sequence length (default: {FULL.seq_len}, or {QUICK.seq_len} with --quick); "
+        "the batch is set to keep the tokens per step",
+    )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
+    if args.context is not None:
+        if args.context < 2:
+            parser.error(f"--context must be at least 2, got {args.context}")
+        cfg = with_context(cfg, args.context)
     t0 = time.perf_counter()
     corpus = load_corpus(cfg)
     print(
@@ -479,15 +539,21 @@ def main(argv=None) -> int:
         f"unknown: {np.mean(corpus.heldout == 0):.1%} of held-out tokens"
     )
     results = train(cfg, corpus)
-    print(f"parameters: {results.parameters:,}")
+    print(
+        f"parameters: {results.parameters:,}; context {cfg.seq_len}, batch {cfg.batch_size}, "
+        f"{cfg.steps} steps"
+    )
     for name in RUNS:
         print(
             f"{name:8s}  step temporaries {results.temp_bytes[name] / 2**20:7.1f} MiB"
+            f"  one attention layer {results.attention_temp_bytes[name] / 2**20:7.1f} MiB"
             f"  median step {results.step_time(name) * 1e3:7.1f} ms"
         )
+    attention = results.attention_temp_bytes
     print(
         f"temporary memory ratio (baseline / jsoftmax): "
-        f"{results.temp_bytes['baseline'] / results.temp_bytes['jsoftmax']:.2f}; "
+        f"{results.temp_bytes['baseline'] / results.temp_bytes['jsoftmax']:.2f} per step, "
+        f"{attention['baseline'] / attention['jsoftmax']:.2f} per attention layer; "
         f"step time ratio (baseline / jsoftmax, above 1: jsoftmax faster): "
         f"{results.step_time_ratio:.2f}"
     )
