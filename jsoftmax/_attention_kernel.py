@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jsoftmax import _checks, _custom, _formulas, _merge
+from jsoftmax import _checks, _chunks, _custom, _formulas, _merge
 
 
 class Config(NamedTuple):
@@ -69,6 +69,19 @@ class Inputs(NamedTuple):
     q_len: jax.Array | None
     kv_len: jax.Array | None
     sinks: jax.Array | None
+
+
+def _vary(tree, x: Inputs):
+    """`tree` (a loop's initial carry) cast to vary over the mesh axes any of `x`'s
+    arrays varies over inside `jax.shard_map` (a block of ring attention), so the loop's
+    carry keeps its type; unchanged elsewhere."""
+    axes = frozenset().union(*(_chunks.varying_axes(a) for a in jax.tree.leaves(x)))
+
+    def cast(a):
+        missing = tuple(sorted(axes - _chunks.varying_axes(a)))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, tree)
 
 
 def compute_dtype(dtype) -> np.dtype:
@@ -305,7 +318,7 @@ def forward(x: Inputs, cfg: Config) -> tuple[jax.Array, jax.Array]:
         out, lse = carry
         q_c = _chunk_rows(x.q, i, c.tq, cdt)  # (B, K, T_c, G, H)
         m, total = _initial_stats(x, (b, kh, c.tq, g, 1), cdt)
-        acc = jnp.zeros((b, kh, c.tq, g, hv), cdt)
+        m, total, acc = _vary((m, total, jnp.zeros((b, kh, c.tq, g, hv), cdt)), x)
 
         def key_chunk(j, state):
             m, total, acc = state
@@ -334,6 +347,7 @@ def forward(x: Inputs, cfg: Config) -> tuple[jax.Array, jax.Array]:
 
     tp = c.nq * c.tq
     init = (jnp.zeros((b, tp, kh, g, hv), x.q.dtype), jnp.zeros((b, tp, kh, g), cdt))
+    init = _vary(init, x)
     out, lse = lax.fori_loop(jnp.int32(0), jnp.int32(c.nq), query_chunk, init)
     return out[:, : c.t], lse[:, : c.t]
 
@@ -405,12 +419,14 @@ def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
             return dq, dk_c, dv_c, dbias
 
         b, kh = x.k.shape[0], x.k.shape[2]
-        init = (
-            dq,
-            jnp.zeros((b, kh, c.tk, x.k.shape[-1]), cdt),
-            jnp.zeros((b, kh, c.tk, x.v.shape[-1]), cdt),
-            dbias,
+        dk_c, dv_c = _vary(
+            (
+                jnp.zeros((b, kh, c.tk, x.k.shape[-1]), cdt),
+                jnp.zeros((b, kh, c.tk, x.v.shape[-1]), cdt),
+            ),
+            x,
         )
+        init = (dq, dk_c, dv_c, dbias)
         dq, dk_c, dv_c, dbias = lax.fori_loop(
             jnp.int32(0), count[j], lambda n, st: query_chunk(order[j, n], st), init
         )
@@ -425,6 +441,7 @@ def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
         jnp.zeros(x.v.shape, cdt),
         None if x.bias is None else jnp.zeros(x.bias.shape, cdt),
     )
+    init = _vary(init, x)
     dq, dk, dv, dbias = lax.fori_loop(jnp.int32(0), jnp.int32(c.nk), key_chunk, init)
     dq = jnp.transpose(dq, (0, 3, 1, 4, 2))[:, : c.t].astype(x.q.dtype)
     dk = dk[:, : c.s].astype(x.k.dtype)

@@ -41,6 +41,7 @@ are then masked (probability 0, gradient 0, never a target). Without padding,
 `jax.shard_map` raises before anything is computed.
 """
 
+from jsoftmax.sharded._attention import attention as attention
 from jsoftmax.sharded._linear import linear_cross_entropy as linear_cross_entropy
 from jsoftmax.sharded._losses import cross_entropy as cross_entropy
 from jsoftmax.sharded._post import linear_token_log_probs as linear_token_log_probs
@@ -48,6 +49,7 @@ from jsoftmax.sharded._softmax import log_softmax as log_softmax
 from jsoftmax.sharded._softmax import softmax as softmax
 
 __all__ = [
+    "attention",
     "cross_entropy",
     "linear_cross_entropy",
     "linear_token_log_probs",
