@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _attention, _attention_kernel, _custom, _merge
+from jsoftmax import _attention, _attention_kernel, _chunks, _custom, _formulas, _merge
 from jsoftmax._attention_kernel import Config, Inputs
 from jsoftmax.sharded import _common
 from jsoftmax.sharded._common import AxisName
@@ -37,10 +37,12 @@ class _Ring(NamedTuple):
     shards: int
 
 
-def _shift(tree, ring: _Ring):
-    """Each device's arrays sent to the next device of the ring (the last to the first)."""
+def _shift(tree, ring: _Ring, name: str):
+    """Each device's arrays sent to the next device of the ring (the last to the first),
+    under the name scope `name` (it shows in profiles and in the compiled program)."""
     p = ring.shards
-    return lax.ppermute(tree, ring.axis_name, [(i, (i + 1) % p) for i in range(p)])
+    with jax.named_scope(name):
+        return lax.ppermute(tree, ring.axis_name, [(i, (i + 1) % p) for i in range(p)])
 
 
 def _positions(block, t: int) -> jax.Array:
@@ -93,45 +95,46 @@ class _Local(NamedTuple):
         )
 
 
-def _ring_loop(first, step, finish, carry, block, ring: _Ring):
-    """The ring: `first` on the own block, then for `r = 1 .. P-1` `step(r, block,
-    carry)` on the block of device `me - r`, the next block already sent while a step
-    computes; `finish(carry)` after the last step."""
-    carry = first(block, carry)
-    p = ring.shards
-    if p == 1:
-        return finish(carry)
-    block = _shift(block, ring)
+def _ring_loop(step, carry, block, ring: _Ring):
+    """The ring: `carry = step(r, block_r, carry)` for `r = 0 .. P-1`, where `block_r`
+    is the block of device `me - r` (`block_0 = block`, the own one); the next block is
+    already on its way while a step computes. `P - 1` sends of the blocks."""
 
     def body(r, state):
         carry, block = state
-        following = _shift(block, ring)
+        following = _shift(block, ring, "ring_kv")
         return step(r, block, carry), following
 
-    carry, block = lax.fori_loop(1, p - 1, body, (carry, block))
-    return finish(step(p - 1, block, carry))
+    carry, block = lax.fori_loop(0, ring.shards - 1, body, (carry, block))
+    return step(ring.shards - 1, block, carry)
+
+
+def _sink_stats(sinks, like: jax.Array) -> jax.Array:
+    """The sink logits `(K, G)` broadcast to the rows' statistics `like` `(B, T, K, G)`."""
+    return jnp.broadcast_to(sinks.astype(like.dtype), like.shape)
 
 
 def _forward(q, k, v, q_seg, kv_seg, sinks, ring: _Ring):
     cfg = ring.cfg
     cdt = _attention_kernel.compute_dtype(jnp.result_type(q, k, v))
     loc = _Local.of(q, q_seg, ring, cdt)
-
-    def attend(block, src, sink):
-        return _attention_kernel.forward(loc.inputs(block, src, sink, cdt), cfg)
-
-    def first(block, _):
-        return attend(block, loc.me, sinks)  # the sinks join the own block's rows: once
+    b, t, kh, g, _ = q.shape
+    empty = (jnp.zeros((b, t, kh, g, v.shape[-1]), cdt), jnp.full((b, t, kh, g), -jnp.inf, cdt))
 
     def step(r, block, state):
         src = (loc.me - r) % ring.shards
+
         def merged():
-            out, lse = attend(block, src, None)
+            x = loc.inputs(block, src, None, cdt)
+            out, lse = _attention_kernel.forward(x, cfg)
             return _merge.merge_two(state[0], state[1], out, lse)
 
         return _if_visible(src, loc.me, loc.t, cfg, merged, lambda: state)
 
-    out, lse = _ring_loop(first, step, lambda s: s, None, (k, v, kv_seg), ring)
+    out, lse = _ring_loop(step, _chunks.vary_like(empty, loc.q), (k, v, kv_seg), ring)
+    if sinks is not None:
+        # The sinks join the denominators once: a piece with value 0 and log-sum-exp s.
+        out, lse = _merge.merge_two(out, lse, jnp.zeros_like(out), _sink_stats(sinks, lse))
     return out.astype(q.dtype), lse
 
 
@@ -152,35 +155,29 @@ def _ring_attention_bwd(ring: _Ring, residuals, cotangents):
     cfg = ring.cfg
     cdt = _attention_kernel.compute_dtype(jnp.result_type(q, k, v))
     loc = _Local.of(q, q_seg, ring, cdt)
-
-    def grads(block, src, sink):
-        x = loc.inputs(block, src, sink, cdt)
-        dq, dk, dv, _, d_sinks = _attention_kernel.backward(x, cfg, out, lse, d_out, d_lse)
-        return dq, (dk, dv), d_sinks
-
-    def first(block, _):
-        # The own block's share, and the sinks' cotangent (once, from the global lse).
-        dq, own, d_sinks = grads(block, loc.me, sinks)
-        return dq, own, d_sinks, jax.tree.map(jnp.zeros_like, own)
+    d_sinks = None
+    if sinks is not None:
+        d_row = _formulas.attention_row_term(out.astype(cdt), d_out.astype(cdt), d_lse)
+        d_sinks = _formulas.sink_cotangent(_sink_stats(sinks, lse), lse, d_row)
+        d_sinks = jnp.sum(d_sinks, axis=(0, 1)).astype(sinks.dtype)
 
     def step(r, block, carry):
-        # `acc` holds the dk, dv of the block held, summed over the devices it visited.
-        dq, own, d_sinks, acc = carry
+        # `acc`: the dk, dv of the block held, summed over the devices it has visited;
+        # it travels on with the block and, after the last step, reaches its owner.
+        dq, acc = carry
         src = (loc.me - r) % ring.shards
 
         def visit():
-            dq_b, dkv, _ = grads(block, src, None)
-            return dq + dq_b, jax.tree.map(jnp.add, acc, dkv)
+            x = loc.inputs(block, src, None, cdt)
+            dq_b, dk, dv, _, _ = _attention_kernel.backward(x, cfg, out, lse, d_out, d_lse)
+            return dq + dq_b, (acc[0] + dk, acc[1] + dv)
 
         dq, acc = _if_visible(src, loc.me, loc.t, cfg, visit, lambda: (dq, acc))
-        return dq, own, d_sinks, _shift(acc, ring)
+        return dq, _shift(acc, ring, "ring_dkv")
 
-    def finish(carry):
-        # After the last step's send, `acc` is the own block's, from all other devices.
-        dq, own, d_sinks, acc = carry
-        return dq, jax.tree.map(jnp.add, own, acc), d_sinks
-
-    dq, (dk, dv), d_sinks = _ring_loop(first, step, finish, None, (k, v, kv_seg), ring)
+    zeros = (jnp.zeros(loc.q.shape, cdt), (jnp.zeros(k.shape, cdt), jnp.zeros(v.shape, cdt)))
+    init = _chunks.vary_like(zeros, loc.q)
+    dq, (dk, dv) = _ring_loop(step, init, (k, v, kv_seg), ring)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, d_sinks
 
 
@@ -282,10 +279,11 @@ def attention(
       >>> from jsoftmax import sharded
       >>> mesh = jax.make_mesh((1,), ("seq",))  # any number of devices dividing T
       >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 64, 4, 16))
+      >>> split = jax.NamedSharding(mesh, P(None, "seq"))  # (B, T, N, H): T split
       >>> ring = jax.jit(jax.shard_map(
       ...     lambda q, k, v: sharded.attention(q, k, v, "seq", is_causal=True),
       ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq")))
-      >>> out = ring(q, k, v)
+      >>> out = ring(*jax.device_put((q, k, v), split))
       >>> ref = jsoftmax.attention(q, k, v, is_causal=True)
       >>> print(out.shape, bool(jnp.allclose(out, ref, atol=1e-6)))
       (2, 64, 4, 16) True
