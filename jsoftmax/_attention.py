@@ -213,7 +213,6 @@ def check_common(
     query,
     key,
     value,
-    *,
     scale,
     is_causal,
     local_window_size,
@@ -373,20 +372,8 @@ def attention(
       ...     print(lse.shape, lse[0, 0])
       (2, 300, 4) [6.194  6.3246 6.4287 6.2812]
     """
-    c = check_common(
-        query,
-        key,
-        value,
-        scale=scale,
-        is_causal=is_causal,
-        local_window_size=local_window_size,
-        q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        logit_softcap=logit_softcap,
-        sinks=sinks,
-        return_lse=return_lse,
-        chunk_size=chunk_size,
-    )
+    options = (scale, is_causal, local_window_size, q_segment_ids, kv_segment_ids)
+    c = check_common(query, key, value, *options, logit_softcap, sinks, return_lse, chunk_size)
     q, k, v = c.q, c.k, c.v
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]

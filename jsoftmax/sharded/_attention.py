@@ -83,7 +83,7 @@ class _Local(NamedTuple):
         t = q.shape[1]
         return cls(q.astype(cdt), q_seg, _positions(me, t), me, t)
 
-    def inputs(self, block, src, sinks, cdt) -> Inputs:
+    def inputs(self, block, src, cdt) -> Inputs:
         """The kernel's inputs for the local queries against `block` = `(k, v, kv_seg)`
         of device `src` (keys and values in the compute dtype, so that the results
         and the gradients come back in it)."""
@@ -91,7 +91,7 @@ class _Local(NamedTuple):
         k, v = k.astype(cdt), v.astype(cdt)
         kv_pos = _positions(src, self.t)
         return Inputs(
-            self.q, k, v, None, None, self.q_pos, kv_pos, self.q_seg, kv_seg, None, None, sinks
+            self.q, k, v, None, None, self.q_pos, kv_pos, self.q_seg, kv_seg, None, None, None
         )
 
 
@@ -125,7 +125,7 @@ def _forward(q, k, v, q_seg, kv_seg, sinks, ring: _Ring):
         src = (loc.me - r) % ring.shards
 
         def merged():
-            x = loc.inputs(block, src, None, cdt)
+            x = loc.inputs(block, src, cdt)
             out, lse = _attention_kernel.forward(x, cfg)
             return _merge.merge_two(state[0], state[1], out, lse)
 
@@ -168,7 +168,7 @@ def _ring_attention_bwd(ring: _Ring, residuals, cotangents):
         src = (loc.me - r) % ring.shards
 
         def visit():
-            x = loc.inputs(block, src, None, cdt)
+            x = loc.inputs(block, src, cdt)
             dq_b, dk, dv, _, _ = _attention_kernel.backward(x, cfg, out, lse, d_out, d_lse)
             return dq + dq_b, (acc[0] + dk, acc[1] + dv)
 
@@ -214,22 +214,23 @@ def attention(
     [`jsoftmax.merge_partials`][jsoftmax.merge_partials]:
 
     $$
-    \ell = \log\big(e^{\ell} + e^{\ell^{(r)}}\big), \qquad
-    o = e^{\ell_{\text{old}} - \ell}\, o + e^{\ell^{(r)} - \ell}\, o^{(r)} .
+    \ell = \log\big(e^{\ell_{\text{old}}} + e^{\ell^{(r)}}\big), \qquad
+    o = e^{\ell_{\text{old}} - \ell}\, o_{\text{old}} + e^{\ell^{(r)} - \ell}\, o^{(r)} .
     $$
 
-    The sink logit joins the device's own block only, so it is counted once. The
-    backward pass (a `jax.custom_vjp`) sends the blocks around the ring again, each
-    with the accumulators of its `dK` and `dV`; every step adds the local queries'
-    share, computed from the saved global output and $\ell$ (the FlashAttention
-    backward of one block), and after a full circle the accumulators are back on the
-    block's owner. Blocks that causality or the window hide from all local queries are
-    skipped (`lax.cond`), and the kernel skips the hidden chunks of the others (also
-    those of other segments).
+    The sink logits join every row's denominator once, merged after the last step as a
+    piece of value 0 and log-sum-exp $\sigma$. The backward pass (a `jax.custom_vjp`)
+    sends the blocks around the ring again, each with the accumulators of its `dK` and
+    `dV`; every step adds the local queries' share, computed from the saved global
+    output and $\ell$ (the FlashAttention backward of one block), and after a full
+    circle the accumulators are back on the block's owner. Blocks that causality or the
+    window hide from all local queries are skipped (`lax.cond`), and the kernel skips
+    the hidden chunks of the others (also those of other segments).
 
     Communication: $P - 1$ sends of the key and value blocks (and of `kv_segment_ids`)
-    forward, the same backward, and $P - 1$ sends of the `dK` and `dV` accumulators;
-    each send is issued before the step that does not need it computes. Nothing is
+    forward, the same backward, and $P$ sends of the `dK` and `dV` accumulators (a full
+    circle), each to the next device (`collective-permute`). The next block's send is
+    issued before the step on the current block, so the two can overlap. Nothing is
     gathered; per-device memory is O(`T`) for `T` local positions.
 
     Args:
@@ -289,19 +290,9 @@ def attention(
       (2, 64, 4, 16) True
     """
     axis_name = _common.check_axis_name(axis_name)
+    options = (scale, is_causal, local_window_size, q_segment_ids, kv_segment_ids)
     c = _attention.check_common(
-        query,
-        key,
-        value,
-        scale=scale,
-        is_causal=is_causal,
-        local_window_size=local_window_size,
-        q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        logit_softcap=logit_softcap,
-        sinks=sinks,
-        return_lse=return_lse,
-        chunk_size=chunk_size,
+        query, key, value, *options, logit_softcap, sinks, return_lse, chunk_size
     )
     q, k, v = c.q, c.k, c.v
     b, t, n, h = q.shape
