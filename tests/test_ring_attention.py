@@ -347,19 +347,27 @@ def test_hlo_counter_counts_loop_iterations():
 
 
 def test_invisible_blocks_cost_nothing():
-    # Causal: a device skips the blocks of later devices (lax.cond on the block's
-    # positions); the forward program's conditional runs for the P - 1 received blocks.
+    # Causal: a device skips the blocks of later devices. Every step of the forward and
+    # the backward ring is a conditional whose skipping branch only passes its operands
+    # through (no loop, no product), the other branch running the kernel's loops.
     mesh = cpu_mesh((8,), ("sp",), (AxisType.Explicit,))
     f = jax.shard_map(
         lambda q, k, v: sharded.attention(q, k, v, "sp", is_causal=True),
         mesh=mesh, in_specs=P(None, "sp"), out_specs=P(None, "sp"),
     )  # fmt: skip
-    spec = jax.ShapeDtypeStruct(
-        (1, 64, 2, 8), jnp.float32, sharding=NamedSharding(mesh, P(None, "sp"))
-    )
+    split = NamedSharding(mesh, P(None, "sp"))
+    spec = jax.ShapeDtypeStruct((1, 64, 2, 8), jnp.float32, sharding=split)
     with jax.set_mesh(mesh):
-        hlo = jax.jit(f).lower(spec, spec, spec).compile().as_text()
-    assert " conditional(" in hlo
+        hlo = _hlo(f, spec, spec, spec, grad=True)
+    comps, _ = _computations(hlo)
+    conds = re.findall(r"conditional\(.*branch_computations=\{%([\w.\-]+), %([\w.\-]+)\}", hlo)
+    assert len(conds) >= 2, "no conditional around the ring's steps"
+    moves = re.compile(r"[\]})] (parameter|get-tuple-element|tuple|copy|bitcast)\(")
+    for branches in conds:
+        bodies = [comps[name] for name in branches]
+        skip = [body for body in bodies if all(moves.search(line) for line in body)]
+        work = [body for body in bodies if any(" while(" in line for line in body)]
+        assert len(skip) == 1 and len(work) == 1, branches
 
 
 # --------------------------------------------------------------------------------------
