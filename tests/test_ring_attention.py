@@ -243,6 +243,33 @@ def test_output_only_loss_and_unbatched_input():
         assert_rel(g, g_r, f"d{name}")
 
 
+@pytest.mark.slow
+def test_bfloat16_inputs_compute_in_float32():
+    # The blocks travel in bfloat16 and are computed in float32 (lse float32, the
+    # gradients in the inputs' dtype), matching jsoftmax.attention to bfloat16 rounding.
+    args, opts, mesh, batch, seq = _setup("all", "sp8")
+    q, k, v, seg, sinks = args
+    args = (q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), seg,
+            sinks.astype(jnp.float32))  # fmt: skip
+    ring = _ring_fn(mesh, batch, seq, opts, with_seg=True, with_sinks=True)
+
+    def run(f, args):
+        def loss(q, k, v, s):
+            out, lse = f(q, k, v, args[3], s)
+            return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(lse), (out, lse)
+
+        return jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))(*args[:3], args[4])
+
+    with jax.set_mesh(mesh):
+        (_, (out, lse)), grads = run(ring, _place(mesh, batch, seq, args))
+    (_, (out_r, lse_r)), grads_r = run(_unsharded(opts), args)
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3 + [jnp.float32]
+    for a, b in zip((out, lse, *grads), (out_r, lse_r, *grads_r), strict=True):
+        a, b = f64(a), f64(b)
+        assert np.max(np.abs(a - b)) <= 2e-2 * np.max(np.abs(b))
+
+
 # --------------------------------------------------------------------------------------
 # The compiled program: K and V move by collective-permute only, one per ring step.
 # --------------------------------------------------------------------------------------
