@@ -371,8 +371,13 @@ def _add_bias_block(dbias, ds_t, c: _Chunked, i, j):
     return lax.dynamic_update_slice(dbias, old + ds.astype(dbias.dtype), start)
 
 
-def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
-    """The cotangents of `q`, `k`, `v`, `bias` and `sinks` (`None` for those absent)."""
+def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse, grads=None):
+    """The cotangents of `q`, `k`, `v`, `bias` and `sinks` (`None` for those absent).
+
+    `grads`: optional `(dq, dk, dv)` in the compute dtype, shaped like `q`, `k`, `v`,
+    that the cotangents of `q`, `k` and `v` are added to (the accumulators of ring
+    attention, updated in place rather than summed with a fresh copy).
+    """
     cdt = compute_dtype(jnp.result_type(x.q, x.k, x.v))
     # D_i = <dP_i, P_i> = rowsum(dO_i * O_i), less the lse's own cotangent (dlse / dz = p).
     d_row = _formulas.attention_row_term(out.astype(cdt), d_out.astype(cdt), d_lse.astype(cdt))
@@ -419,14 +424,12 @@ def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
             return dq, dk_c, dv_c, dbias
 
         b, kh = x.k.shape[0], x.k.shape[2]
-        dk_c, dv_c = _vary(
-            (
-                jnp.zeros((b, kh, c.tk, x.k.shape[-1]), cdt),
-                jnp.zeros((b, kh, c.tk, x.v.shape[-1]), cdt),
-            ),
-            x,
-        )
-        init = (dq, dk_c, dv_c, dbias)
+        if grads is None:
+            dk_c = jnp.zeros((b, kh, c.tk, x.k.shape[-1]), cdt)
+            dv_c = jnp.zeros((b, kh, c.tk, x.v.shape[-1]), cdt)
+        else:  # the chunk's running sums
+            dk_c, dv_c = _chunk_rows(dk, j, c.tk, cdt), _chunk_rows(dv, j, c.tk, cdt)
+        init = (dq, *_vary((dk_c, dv_c), x), dbias)
         dq, dk_c, dv_c, dbias = lax.fori_loop(
             jnp.int32(0), count[j], lambda n, st: query_chunk(order[j, n], st), init
         )
@@ -435,13 +438,23 @@ def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
         return dq, dk, dv, dbias
 
     b, tp, kh, g, h = x.q.shape
-    init = (
-        jnp.zeros((b, kh, h, tp, g), cdt),  # dq transposed, as the blocks make it; moved once
-        jnp.zeros(x.k.shape, cdt),
-        jnp.zeros(x.v.shape, cdt),
-        None if x.bias is None else jnp.zeros(x.bias.shape, cdt),
-    )
-    init = _vary(init, x)
+    dbias = None if x.bias is None else jnp.zeros(x.bias.shape, cdt)
+    if grads is None:
+        # dq transposed, as the blocks make it; moved once.
+        init = (
+            jnp.zeros((b, kh, h, tp, g), cdt),
+            jnp.zeros(x.k.shape, cdt),
+            jnp.zeros(x.v.shape, cdt),
+        )
+    else:
+        dq0, dk0, dv0 = (a.astype(cdt) for a in grads)
+        sp = x.k.shape[1]
+        init = (
+            _pad_to(jnp.transpose(dq0, (0, 2, 4, 1, 3)), 3, tp),
+            _pad_to(dk0, 1, sp),
+            _pad_to(dv0, 1, sp),
+        )
+    init = _vary((*init, dbias), x)
     dq, dk, dv, dbias = lax.fori_loop(jnp.int32(0), jnp.int32(c.nk), key_chunk, init)
     dq = jnp.transpose(dq, (0, 3, 1, 4, 2))[:, : c.t].astype(x.q.dtype)
     dk = dk[:, : c.s].astype(x.k.dtype)

@@ -169,8 +169,9 @@ def _ring_attention_bwd(ring: _Ring, residuals, cotangents):
 
         def visit():
             x = loc.inputs(block, src, cdt)
-            dq_b, dk, dv, _, _ = _attention_kernel.backward(x, cfg, out, lse, d_out, d_lse)
-            return dq + dq_b, (acc[0] + dk, acc[1] + dv)
+            sums = (dq, *acc)  # added to in place
+            dq_new, dk, dv, _, _ = _attention_kernel.backward(x, cfg, out, lse, d_out, d_lse, sums)
+            return dq_new, (dk, dv)
 
         dq, acc = _if_visible(src, loc.me, loc.t, cfg, visit, lambda: (dq, acc))
         return dq, _shift(acc, ring, "ring_dkv")
