@@ -304,7 +304,7 @@ def attention(
             f"{k.shape[1]} differs from query's {t} (query, key and value are split "
             "alike over axis_name)."
         )
-    shards = _common.num_shards(axis_name, "attention")
+    shards = _common.num_shards(axis_name, "attention", "the sequence axis of query, key and value")
     if min(b, t, n) == 0:
         cdt = _attention_kernel.compute_dtype(jnp.result_type(q, k, v))
         out, lse = _attention.empty(q, v, c.sinks, cdt)
