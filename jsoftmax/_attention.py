@@ -4,6 +4,7 @@ the blocked kernel of `jsoftmax._attention_kernel`."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +189,64 @@ def _check_flag(value, name: str) -> bool:
     return bool(value)
 
 
+class Checked(NamedTuple):
+    """The checked arguments that `attention` and `jsoftmax.sharded.attention` share:
+    `q`, `k`, `v` with a batch axis (added when `batched` is False), segment ids as
+    `(1 or B, L)`, `sinks` `(N,)` (or None) and `chunks` `(query_chunk, key_chunk)`."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    batched: bool
+    scale: float
+    causal: bool
+    window: tuple[int, int] | None
+    q_seg: jax.Array | None
+    kv_seg: jax.Array | None
+    softcap: float | None
+    sinks: jax.Array | None
+    return_lse: bool
+    chunks: tuple[int, int]
+
+
+def check_common(
+    query,
+    key,
+    value,
+    scale,
+    is_causal,
+    local_window_size,
+    q_segment_ids,
+    kv_segment_ids,
+    logit_softcap,
+    sinks,
+    return_lse,
+    chunk_size,
+) -> Checked:
+    """The checks of the arguments every attention function takes (errors name them)."""
+    q, k, v = _check_qkv(query, key, value)
+    batched = q.ndim == 4
+    if not batched:
+        q, k, v = q[None], k[None], v[None]
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    cfg_scale = _check_scale(scale, h)
+    causal = _check_flag(is_causal, "is_causal")
+    return_lse = _check_flag(return_lse, "return_lse")
+    window = _check_window(local_window_size)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        missing = "kv_segment_ids" if kv_segment_ids is None else "q_segment_ids"
+        raise ValueError(f"{missing} is missing: segment ids need both q_ and kv_segment_ids.")
+    q_seg = _check_per_position(q_segment_ids, "q_segment_ids", b, t, "T")
+    kv_seg = _check_per_position(kv_segment_ids, "kv_segment_ids", b, s, "S")
+    cap = _checks.check_softcap(logit_softcap)
+    sinks_n = _check_sinks(sinks, n)
+    chunks = _check_chunk_size(chunk_size, b * n, t, s)
+    return Checked(
+        q, k, v, batched, cfg_scale, causal, window, q_seg, kv_seg, cap, sinks_n, return_lse, chunks
+    )
+
+
 def attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -313,35 +372,23 @@ def attention(
       ...     print(lse.shape, lse[0, 0])
       (2, 300, 4) [6.194  6.3246 6.4287 6.2812]
     """
-    q, k, v = _check_qkv(query, key, value)
-    batched = q.ndim == 4
-    if not batched:
-        q, k, v = q[None], k[None], v[None]
+    options = (scale, is_causal, local_window_size, q_segment_ids, kv_segment_ids)
+    c = check_common(query, key, value, *options, logit_softcap, sinks, return_lse, chunk_size)
+    q, k, v = c.q, c.k, c.v
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     target = (b, n, t, s)
     bias_4 = _check_bias(bias, target)
     mask_4 = _check_mask(mask, target)
-    cfg_scale = _check_scale(scale, h)
-    causal = _check_flag(is_causal, "is_causal")
-    return_lse = _check_flag(return_lse, "return_lse")
     q_len = _check_lengths(query_seq_lengths, "query_seq_lengths", b)
     kv_len = _check_lengths(key_value_seq_lengths, "key_value_seq_lengths", b)
-    window = _check_window(local_window_size)
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        missing = "kv_segment_ids" if kv_segment_ids is None else "q_segment_ids"
-        raise ValueError(f"{missing} is missing: segment ids need both q_ and kv_segment_ids.")
-    q_seg = _check_per_position(q_segment_ids, "q_segment_ids", b, t, "T")
-    kv_seg = _check_per_position(kv_segment_ids, "kv_segment_ids", b, s, "S")
     q_pos = _check_per_position(q_positions, "q_positions", b, t, "T")
     kv_pos = _check_per_position(kv_positions, "kv_positions", b, s, "S")
-    cap = _checks.check_softcap(logit_softcap)
-    sinks_n = _check_sinks(sinks, n)
-    tq, tk = _check_chunk_size(chunk_size, b * n, t, s)
+    sinks_n, batched = c.sinks, c.batched
     cdt = compute_dtype(jnp.result_type(q, k, v))
     if min(b, t, s, n) == 0:
-        out, lse = _empty(q, v, sinks_n, cdt)
+        out, lse = empty(q, v, sinks_n, cdt)
     else:
         x = Inputs(
             q=q.reshape(b, t, kh, g, h),
@@ -351,22 +398,22 @@ def attention(
             mask=_split_heads(mask_4, kh, g),
             q_pos=jnp.arange(t, dtype=jnp.int32)[None] if q_pos is None else q_pos,
             kv_pos=jnp.arange(s, dtype=jnp.int32)[None] if kv_pos is None else kv_pos,
-            q_seg=q_seg,
-            kv_seg=kv_seg,
+            q_seg=c.q_seg,
+            kv_seg=c.kv_seg,
             q_len=q_len,
             kv_len=kv_len,
             sinks=None if sinks_n is None else sinks_n.reshape(kh, g),
         )
-        cfg = Config(cfg_scale, causal, window, cap, tq, tk)
+        cfg = Config(c.scale, c.causal, c.window, c.softcap, *c.chunks)
         out, lse = kernel_jit(x, cfg)
         out = out.reshape(b, t, n, v.shape[-1])
         lse = lse.reshape(b, t, n)
     if not batched:
         out, lse = out[0], lse[0]
-    return (out, lse) if return_lse else out
+    return (out, lse) if c.return_lse else out
 
 
-def _empty(q, v, sinks, cdt):
+def empty(q, v, sinks, cdt):
     """No query, key or head: output 0; `lse` is the sink alone (or `-inf`)."""
     b, t, n, _ = q.shape
     out = jnp.zeros((b, t, n, v.shape[-1]), q.dtype)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jsoftmax import _checks, _custom, _formulas, _merge
+from jsoftmax import _checks, _chunks, _custom, _formulas, _merge
 
 
 class Config(NamedTuple):
@@ -69,6 +69,19 @@ class Inputs(NamedTuple):
     q_len: jax.Array | None
     kv_len: jax.Array | None
     sinks: jax.Array | None
+
+
+def _vary(tree, x: Inputs):
+    """`tree` (a loop's initial carry) cast to vary over the mesh axes any of `x`'s
+    arrays varies over inside `jax.shard_map` (a block of ring attention), so the loop's
+    carry keeps its type; unchanged elsewhere."""
+    axes = frozenset().union(*(_chunks.varying_axes(a) for a in jax.tree.leaves(x)))
+
+    def cast(a):
+        missing = tuple(sorted(axes - _chunks.varying_axes(a)))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, tree)
 
 
 def compute_dtype(dtype) -> np.dtype:
@@ -305,7 +318,7 @@ def forward(x: Inputs, cfg: Config) -> tuple[jax.Array, jax.Array]:
         out, lse = carry
         q_c = _chunk_rows(x.q, i, c.tq, cdt)  # (B, K, T_c, G, H)
         m, total = _initial_stats(x, (b, kh, c.tq, g, 1), cdt)
-        acc = jnp.zeros((b, kh, c.tq, g, hv), cdt)
+        m, total, acc = _vary((m, total, jnp.zeros((b, kh, c.tq, g, hv), cdt)), x)
 
         def key_chunk(j, state):
             m, total, acc = state
@@ -334,6 +347,7 @@ def forward(x: Inputs, cfg: Config) -> tuple[jax.Array, jax.Array]:
 
     tp = c.nq * c.tq
     init = (jnp.zeros((b, tp, kh, g, hv), x.q.dtype), jnp.zeros((b, tp, kh, g), cdt))
+    init = _vary(init, x)
     out, lse = lax.fori_loop(jnp.int32(0), jnp.int32(c.nq), query_chunk, init)
     return out[:, : c.t], lse[:, : c.t]
 
@@ -357,8 +371,13 @@ def _add_bias_block(dbias, ds_t, c: _Chunked, i, j):
     return lax.dynamic_update_slice(dbias, old + ds.astype(dbias.dtype), start)
 
 
-def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
-    """The cotangents of `q`, `k`, `v`, `bias` and `sinks` (`None` for those absent)."""
+def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse, grads=None):
+    """The cotangents of `q`, `k`, `v`, `bias` and `sinks` (`None` for those absent).
+
+    `grads`: optional `(dq, dk, dv)` in the compute dtype, shaped like `q`, `k`, `v`,
+    that the cotangents of `q`, `k` and `v` are added to (the accumulators of ring
+    attention, updated in place rather than summed with a fresh copy).
+    """
     cdt = compute_dtype(jnp.result_type(x.q, x.k, x.v))
     # D_i = <dP_i, P_i> = rowsum(dO_i * O_i), less the lse's own cotangent (dlse / dz = p).
     d_row = _formulas.attention_row_term(out.astype(cdt), d_out.astype(cdt), d_lse.astype(cdt))
@@ -405,12 +424,12 @@ def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
             return dq, dk_c, dv_c, dbias
 
         b, kh = x.k.shape[0], x.k.shape[2]
-        init = (
-            dq,
-            jnp.zeros((b, kh, c.tk, x.k.shape[-1]), cdt),
-            jnp.zeros((b, kh, c.tk, x.v.shape[-1]), cdt),
-            dbias,
-        )
+        if grads is None:
+            dk_c = jnp.zeros((b, kh, c.tk, x.k.shape[-1]), cdt)
+            dv_c = jnp.zeros((b, kh, c.tk, x.v.shape[-1]), cdt)
+        else:  # the chunk's running sums
+            dk_c, dv_c = _chunk_rows(dk, j, c.tk, cdt), _chunk_rows(dv, j, c.tk, cdt)
+        init = (dq, *_vary((dk_c, dv_c), x), dbias)
         dq, dk_c, dv_c, dbias = lax.fori_loop(
             jnp.int32(0), count[j], lambda n, st: query_chunk(order[j, n], st), init
         )
@@ -419,12 +438,23 @@ def backward(x: Inputs, cfg: Config, out, lse, d_out, d_lse):
         return dq, dk, dv, dbias
 
     b, tp, kh, g, h = x.q.shape
-    init = (
-        jnp.zeros((b, kh, h, tp, g), cdt),  # dq transposed, as the blocks make it; moved once
-        jnp.zeros(x.k.shape, cdt),
-        jnp.zeros(x.v.shape, cdt),
-        None if x.bias is None else jnp.zeros(x.bias.shape, cdt),
-    )
+    dbias = None if x.bias is None else jnp.zeros(x.bias.shape, cdt)
+    if grads is None:
+        # dq transposed, as the blocks make it; moved once.
+        init = (
+            jnp.zeros((b, kh, h, tp, g), cdt),
+            jnp.zeros(x.k.shape, cdt),
+            jnp.zeros(x.v.shape, cdt),
+        )
+    else:
+        dq0, dk0, dv0 = (a.astype(cdt) for a in grads)
+        sp = x.k.shape[1]
+        init = (
+            _pad_to(jnp.transpose(dq0, (0, 2, 4, 1, 3)), 3, tp),
+            _pad_to(dk0, 1, sp),
+            _pad_to(dv0, 1, sp),
+        )
+    init = _vary((*init, dbias), x)
     dq, dk, dv, dbias = lax.fori_loop(jnp.int32(0), jnp.int32(c.nk), key_chunk, init)
     dq = jnp.transpose(dq, (0, 3, 1, 4, 2))[:, : c.t].astype(x.q.dtype)
     dk = dk[:, : c.s].astype(x.k.dtype)

@@ -156,6 +156,21 @@ def _count(lse: jax.Array) -> jax.Array:
     return (lse != -jnp.inf).astype(lse.dtype)
 
 
+def merge_two(
+    value_a: jax.Array, lse_a: jax.Array, value_b: jax.Array, lse_b: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Two pieces' results (`value`, one trailing result axis more than `lse`) and
+    log-sum-exps merged: the rule of `merge_partials` for a pair of pieces, without a
+    derivative rule of its own (for the forward pass of a custom rule, e.g. ring
+    attention's steps). An empty piece (`lse = -inf`) contributes nothing."""
+    lse = jnp.stack([lse_a, lse_b])
+    count = _count(lse)
+    m, total = merge_over(lse, count, 0)
+    w = (rescale(lse, count, m) / _nonzero(total))[..., None]
+    value = w[0] * value_a + w[1] * value_b
+    return value, lse_of(m, total)[0]
+
+
 # --------------------------------------------------------------------------------------
 # merge_partials: a custom_jvp (forward and reverse mode).
 # --------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ and ``sharded.cross_entropy`` (values and gradients), plus the one-device functi
 the global arrays (their argument checks must not read another process's data).
 Process 0 writes the gathered results as JSON; the test compares them with this
 process's one-device ``jsoftmax.linear_cross_entropy`` and ``jsoftmax.cross_entropy``.
+They also run ``sharded.attention`` (ring attention) with the sequence split over the
+vocabulary axis, a ring that crosses the process boundary, against ``jsoftmax.attention``
+on one device (values and gradients).
 """
 
 from __future__ import annotations
@@ -28,7 +31,17 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 ROWS, H, V = 8, 4, 16
 OPTS = dict(label_smoothing=0.1, z_loss=1e-2, logit_softcap=3.0, ignore_index=-100)
-TIMEOUT_S = 45
+TIMEOUT_S = 60  # per process, a loaded two-core machine included
+
+
+ATT_OPTS = dict(is_causal=True, logit_softcap=3.0, chunk_size=2)
+
+
+def _attention_data():
+    """q (B, T, N, H), k, v (B, T, K, H), sinks (N,) and an output cotangent."""
+    rng = np.random.default_rng(1)
+    shapes = [(2, 8, 2, 4), (2, 8, 1, 4), (2, 8, 1, 4), (2,), (2, 8, 2, 4)]
+    return [rng.normal(size=s) for s in shapes]
 
 
 def _data():
@@ -104,10 +117,23 @@ def _worker(pid: int, port: int, out: str) -> None:
     )  # fmt: skip
     cot = jnp.linspace(0.5, 2.0, ROWS)
     cot = put(np.asarray(cot), P("data"))
+    # Ring attention: batch over "data", sequence over "vocab" (a ring across processes).
+    seq = P("data", "vocab")
+    aq, ak, av, asinks, acot = _attention_data()
+    ring = jax.shard_map(
+        lambda q, k, v, s: sharded.attention(q, k, v, "vocab", sinks=s, **ATT_OPTS),
+        mesh=mesh, in_specs=(seq, seq, seq, P()), out_specs=seq,
+    )  # fmt: skip
+    att_args = (put(aq, seq), put(ak, seq), put(av, seq), put(asinks, P()))
+    acot = put(acot, seq)
     with jax.set_mesh(mesh):
         lce_val, lce_grads = jax.jit(jax.value_and_grad(lce, argnums=(0, 1, 2)))(xs, ws, bs, ys)
         ce_val = jax.jit(ce)(zs, ys)
         ce_grad = jax.jit(jax.grad(lambda z, y, c: jnp.sum(ce(z, y) * c)))(zs, ys, cot)
+        att_loss = lambda q, k, v, s, c: jnp.sum(ring(q, k, v, s) * c)  # noqa: E731
+        att_val, att_grads = jax.jit(jax.value_and_grad(att_loss, argnums=(0, 1, 2, 3)))(
+            *att_args, acot
+        )
         # The one-device functions, called eagerly on global arrays whose rows are split
         # over all four devices: their argument checks must not read the labels held by
         # the other process.
@@ -131,6 +157,8 @@ def _worker(pid: int, port: int, out: str) -> None:
         "ce_dz": host(ce_grad),
         "one_lce": host(one_lce),
         "one_ce": host(one_ce),
+        "att": host(att_val),
+        **{f"att_d{name}": host(g) for name, g in zip("qkvs", att_grads, strict=True)},
     }
     if pid == 0:
         Path(out).write_text(json.dumps(result))
@@ -216,3 +244,12 @@ def test_two_processes_match_one_device(tmp_path):
     np.testing.assert_allclose(got["one_ce"], ref_ce, **F64)
     np.testing.assert_allclose(got["ce_dz"], ref_dz, **F64)
     assert got["ce"][3] == 0.0  # the ignored row
+    q, k, v, sinks, c = _attention_data()
+
+    def att_loss(q, k, v, s):
+        return jnp.sum(jsoftmax.attention(q, k, v, sinks=s, **ATT_OPTS) * c)
+
+    ref, ref_grads = jax.value_and_grad(att_loss, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+    np.testing.assert_allclose(got["att"], ref, **F64)
+    for name, r in zip("qkvs", ref_grads, strict=True):
+        np.testing.assert_allclose(got[f"att_d{name}"], r, **F64)

@@ -44,6 +44,7 @@ def test_every_public_name_resolves_and_is_documented():
 
 def test_sharded_submodule_surface():
     assert set(jsoftmax.sharded.__all__) == {
+        "attention",
         "cross_entropy",
         "linear_cross_entropy",
         "linear_token_log_probs",

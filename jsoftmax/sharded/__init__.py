@@ -1,4 +1,5 @@
-r"""Softmax, log-softmax and cross-entropy with the softmax axis split over devices.
+r"""Softmax, log-softmax and cross-entropy with the softmax axis split over devices, and
+attention with the sequence split over devices.
 
 Use these functions **inside** `jax.shard_map` when the class (softmax) axis of the
 logits is sharded over one or more mesh axes, as in a large-vocabulary language model
@@ -16,6 +17,12 @@ own collectives (`lax.pmax`, `lax.psum`), never the logits:
   all-reduces `dx` (`N * H` values).
 * `linear_token_log_probs`: forward all-reduces the row max, then the sums with the
   label's logit (and the entropy's sum); backward as `linear_cross_entropy`.
+
+`attention` (ring attention, context parallelism) splits the sequence instead: each
+device holds a contiguous block of the queries, keys and values, and the key/value
+blocks travel around the ring of devices with `lax.ppermute` (`P - 1` sends forward;
+backward the same, plus `P` sends of the `dK`/`dV` accumulators), each step merged with
+the same log-sum-exp rule; nothing is all-reduced or gathered but the sinks' gradient.
 
 Every forward all-reduce carries one scalar per row (per statistic). The forward pass
 is the merge rule of [`merge_partials`][jsoftmax.merge_partials] applied across
@@ -41,6 +48,7 @@ are then masked (probability 0, gradient 0, never a target). Without padding,
 `jax.shard_map` raises before anything is computed.
 """
 
+from jsoftmax.sharded._attention import attention as attention
 from jsoftmax.sharded._linear import linear_cross_entropy as linear_cross_entropy
 from jsoftmax.sharded._losses import cross_entropy as cross_entropy
 from jsoftmax.sharded._post import linear_token_log_probs as linear_token_log_probs
@@ -48,6 +56,7 @@ from jsoftmax.sharded._softmax import log_softmax as log_softmax
 from jsoftmax.sharded._softmax import softmax as softmax
 
 __all__ = [
+    "attention",
     "cross_entropy",
     "linear_cross_entropy",
     "linear_token_log_probs",

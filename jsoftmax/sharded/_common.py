@@ -35,16 +35,18 @@ def check_axis_name(axis_name, name: str = "axis_name") -> AxisName:
     )
 
 
-def num_shards(axis_name: AxisName, fname: str) -> int:
-    """The number of shards along `axis_name`; a clear error outside shard_map."""
+def num_shards(
+    axis_name: AxisName, fname: str, split: str = "the softmax axis of the input"
+) -> int:
+    """The number of shards along `axis_name`; a clear error outside shard_map (`split`:
+    what the caller splits over the axis)."""
     try:
         return int(lax.axis_size(axis_name))
     except NameError as e:
         raise ValueError(
             f"jsoftmax.sharded.{fname}: axis_name={axis_name!r} is not a mesh axis bound "
-            "here. Call it inside jax.shard_map over a mesh that has this axis, with the "
-            "softmax axis of the input sharded over it (for jit-sharded arrays use "
-            f"jsoftmax.{fname} instead)."
+            "here. Call it inside jax.shard_map over a mesh that has this axis, with "
+            f"{split} sharded over it (for jit-sharded arrays use jsoftmax.{fname} instead)."
         ) from e
 
 
