@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 import jsoftmax
 from jsoftmax import sharded
 
-from helpers import REF_DTYPE, X64, cpu_mesh, f64
+from helpers import EXHAUSTIVE, REF_DTYPE, X64, cpu_mesh, f64
 
 # float64: within 1e-9 of the reference, relative to the largest entry of the reference.
 RTOL = 1e-9 if X64 else 3e-5
@@ -192,12 +192,14 @@ def _compare(got, want, what):
 # Values and gradients.
 # --------------------------------------------------------------------------------------
 
-# Every option on every mesh; the fast suite runs all the options together on each mesh,
-# and causality alone on one.
+# Every option on the 8-device ring and all the options together on each mesh (every
+# option on every mesh with JSOFTMAX_TEST_EXHAUSTIVE=1); the fast suite runs all the
+# options together on each mesh, and causality alone on one.
 _CASES = [
     pytest.param(o, m, marks=() if o == "all" or (o, m) == ("causal", "sp8") else pytest.mark.slow)
     for m in MESHES
     for o in OPTIONS
+    if EXHAUSTIVE or m == "sp8" or o == "all"
 ]
 
 
