@@ -293,6 +293,8 @@ def bench_tables(data: dict, path: str = "bench JSON") -> str:
         "Ratio = baseline / jsoftmax (> 1: jsoftmax faster or smaller); times are medians "
         "per call. Each group's chart shows its rows' ratios; its table, the values.",
     ]
+    for group, when in meta.get("reruns", {}).items():
+        out[0] += f" The {group} group's rows are from a later run: {when}."
     groups: dict[str, list[dict]] = {}
     for row in data["rows"]:
         groups.setdefault(row["group"], []).append(row)

@@ -290,12 +290,18 @@ _kl_kernel.defvjp(_kl_fwd, _kl_bwd)
 def kl_rows(logits, teacher, row_ok, beta: float, t):
     """The divergence of whole rows (axis 1, in the accumulation dtype) and its
     cotangent with respect to `logits` for a unit cotangent per row (0 where `row_ok`,
-    `(rows, 1)`, is False): the rules of `kl_divergence`, for a loop over chunks of rows
-    that forms the gradient in its forward pass (`jsoftmax.linear_kl_divergence` with a
-    reduction)."""
-    value, stats = _kl_forward(logits, teacher, None, row_ok[:, 0], 1, beta, t)
-    g_s = _kl_bwd(1, beta, t, (logits, teacher, None, stats), jnp.ones(value.shape, value.dtype))
-    return value, g_s[0]
+    `(rows, 1)`, is False): the formulas of `kl_divergence` on the log-probabilities
+    computed once, for a loop over chunks of rows that forms the gradient in its forward
+    pass (`jsoftmax.linear_kl_divergence` with a reduction)."""
+    cdt = logits.dtype
+    tt = _temperature_array(t, cdt)
+    log_ps, _, _ = _log_probs(logits, None, 1, tt, cdt)
+    log_pt, _, _ = _log_probs(teacher, None, 1, tt, cdt)
+    terms, kl_s = _formulas.divergence_terms(log_ps, log_pt, beta)
+    kl_s = None if kl_s is None else jnp.sum(kl_s, axis=1, keepdims=True)
+    g_s = _kernel.mask_rows(_formulas.divergence_cotangent(log_ps, log_pt, kl_s, beta), row_ok)
+    value = _kernel.mask_rows(jnp.sum(terms, axis=1), row_ok[:, 0])
+    return value, g_s if tt is None else g_s / tt
 
 
 def kl_divergence(
