@@ -159,6 +159,19 @@ def _row_col_valid(c: _Chunked):
     return rows, cols
 
 
+def positions_visible(q_lo, q_hi, k_lo, k_hi, cfg: Config):
+    """Whether causality and the window let some query position in `[q_lo, q_hi]` see
+    some key position in `[k_lo, k_hi]` (broadcast); with `q_lo = q_hi` and
+    `k_lo = k_hi`, whether that query sees that key. True without either option."""
+    ok = jnp.bool_(True)
+    if cfg.causal:
+        ok = ok & (k_lo <= q_hi)
+    if cfg.window is not None:
+        left, right = cfg.window
+        ok = ok & (k_hi >= q_lo - left) & (k_lo <= q_hi + right)
+    return ok
+
+
 def block_table(c: _Chunked, cfg: Config) -> jax.Array:
     """`(nq, nk)` booleans: whether block `(i, j)` may hold a visible (query, key) pair.
 
@@ -183,11 +196,7 @@ def block_table(c: _Chunked, cfg: Config) -> jax.Array:
         q_min = per_chunk(qp, rows, c.nq, c.tq, big, jnp.min)[:, :, None]
         k_max = per_chunk(kp, cols, c.nk, c.tk, small, jnp.max)[:, None, :]
         k_min = per_chunk(kp, cols, c.nk, c.tk, big, jnp.min)[:, None, :]
-        if cfg.causal:
-            ok = ok & (k_min <= q_max)
-        if cfg.window is not None:
-            left, right = cfg.window
-            ok = ok & (k_max >= q_min - left) & (k_min <= q_max + right)
+        ok = ok & positions_visible(q_min, q_max, k_min, k_max, cfg)
     if x.q_seg is not None and x.kv_seg is not None:
         qs, ks = x.q_seg.astype(jnp.int32), x.kv_seg.astype(jnp.int32)
         qs_max = per_chunk(qs, rows, c.nq, c.tq, small, jnp.max)[:, :, None]
@@ -234,11 +243,7 @@ def _block_visible(c: _Chunked, cfg: Config, i, j, transposed: bool = False):
     if cfg.causal or cfg.window is not None:
         qp = _slice(x.q_pos, q0, c.tq, 1)[:, :, None]
         kp = _slice(x.kv_pos, k0, c.tk, 1)[:, None, :]
-        if cfg.causal:
-            vis = vis & (kp <= qp)
-        if cfg.window is not None:
-            left, right = cfg.window
-            vis = vis & (kp >= qp - left) & (kp <= qp + right)
+        vis = vis & positions_visible(qp, qp, kp, kp, cfg)
     if x.q_seg is not None and x.kv_seg is not None:
         qs = _slice(x.q_seg, q0, c.tq, 1)[:, :, None]
         ks = _slice(x.kv_seg, k0, c.tk, 1)[:, None, :]

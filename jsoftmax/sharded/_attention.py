@@ -58,12 +58,7 @@ def _if_visible(src, dst, t: int, cfg: Config, compute, skip):
         return compute()
     q_lo, k_lo = dst * t, src * t
     q_hi, k_hi = q_lo + (t - 1), k_lo + (t - 1)
-    ok = jnp.bool_(True)
-    if cfg.causal:
-        ok = ok & (k_lo <= q_hi)
-    if cfg.window is not None:
-        left, right = cfg.window
-        ok = ok & (k_hi >= q_lo - left) & (k_lo <= q_hi + right)
+    ok = _attention_kernel.positions_visible(q_lo, q_hi, k_lo, k_hi, cfg)
     return lax.cond(ok, compute, skip)
 
 
