@@ -196,13 +196,8 @@ def scan_grads(
         g = jnp.where(valid, grad_fn(c, u, valid), jnp.zeros((), cdt))
         if softcap is not None:
             g = g * _formulas.softcap_derivative(jnp.where(valid, u, 0), softcap)
-        # The matmuls take the inputs' dtype with float32 accumulation (no float32 GEMM
-        # for 16-bit inputs).
-        g_in = g.astype(jnp.promote_types(x.dtype, w.dtype))
-        w_c = c.slice(w, va)
-        dx = dx + lax.dot_general(g_in, w_c, (((1,), (va,)), ((), ())), preferred_element_type=cdt)
-        a, b = (x, g_in) if va == 1 else (g_in, x)  # dw_c = x^T g in w's layout
-        dw_c = lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=cdt)
+        dx_c, dw_c = input_grads(x, c.slice(w, va), g, va, cdt)
+        dx = dx + dx_c
         dw_c = (c.slice(dw, va).astype(cdt) + dw_c).astype(dw.dtype)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c, c.start, axis=va)
         if db is not None:
@@ -217,6 +212,23 @@ def scan_grads(
     )
     (dx, dw, db), _ = lax.scan(body, vary_like(init, w), jnp.arange(n_chunks))
     return dx, dw, db
+
+
+def row_logits(x, w, bias, va: int, cdt):
+    """The whole rows of logits `x @ w + b` (`(rows, V)`, `cdt` accumulation; `va` is
+    the vocabulary axis of `w`), `-inf` on the `-inf` bias columns."""
+    u = rounded(lax.dot_general(x, w, (((1,), (1 - va,)), ((), ())), preferred_element_type=cdt))
+    return u if bias is None else u + bias.astype(cdt)[None, :]
+
+
+def input_grads(x, w, g, va: int, cdt):
+    """`(dx, dw)` of logits `x @ w` from their cotangent `g`: `g @ w^T` and `x^T @ g` in
+    `w`'s layout, with the inputs' dtype and `cdt` accumulation (no float32 GEMM for
+    16-bit inputs)."""
+    g_in = g.astype(jnp.promote_types(x.dtype, w.dtype))
+    dx = lax.dot_general(g_in, w, (((1,), (va,)), ((), ())), preferred_element_type=cdt)
+    a, b = (x, g_in) if va == 1 else (g_in, x)
+    return dx, lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=cdt)
 
 
 # Rows of one chunk of whole rows (scan_rows): about 2**22 logits (16 MiB in float32), and
@@ -261,24 +273,17 @@ def scan_rows(x, w, bias, rows_fn: Callable, size: int, va: int, cdt, extras=(),
         a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
         return a.reshape((k, size) + a.shape[1:])
 
-    dims = (((1,), (1 - va,)), ((), ()))
-    in_dtype = jnp.promote_types(x.dtype, w.dtype)
-
     def body(carry, xs):
         total, dw, db = carry
         x_c, ok, ex = xs
-        u = rounded(lax.dot_general(x_c, w, dims, preferred_element_type=cdt))
-        if bias is not None:
-            u = u + bias.astype(cdt)[None, :]
+        u = row_logits(x_c, w, bias, va, cdt)
         value, g = rows_fn(u, ok, ex)
         g = jnp.where(u > -jnp.inf, g, jnp.zeros((), cdt))  # excluded classes: no gradient
         total = total + jnp.sum(jnp.where(ok, value, jnp.zeros((), cdt)))
         if not grads:
             return (total, dw, db), None
-        g_in = g.astype(in_dtype)
-        dx = lax.dot_general(g_in, w, (((1,), (va,)), ((), ())), preferred_element_type=cdt)
-        a, b = (x_c, g_in) if va == 1 else (g_in, x_c)  # x^T g in w's layout
-        dw = dw + lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=cdt)
+        dx, dw_c = input_grads(x_c, w, g, va, cdt)
+        dw = dw + dw_c
         if db is not None:
             db = db + jnp.sum(g, axis=0)
         return (total, dw, db), dx

@@ -311,10 +311,7 @@ def _kl_rows(x, w, bias, tx, tw, tb, row_ok, beta, t, rows, va, grads=True):
 
     def rows_fn(u, pad_ok, ex):
         tx_c, ok_c = ex
-        u_t = lax.dot_general(tx_c, tw, (((1,), (1 - va,)), ((), ())), preferred_element_type=cdt)
-        u_t = _chunks.rounded(u_t)
-        if tb is not None:
-            u_t = u_t + tb.astype(cdt)[None, :]
+        u_t = _chunks.row_logits(tx_c, tw, tb, va, cdt)
         return _post.kl_rows(u, u_t, (pad_ok & ok_c)[:, None], beta, t)
 
     return _chunks.scan_rows(x, w, bias, rows_fn, rows, va, cdt, (tx, ok), grads)
