@@ -4,6 +4,13 @@
   tests build their meshes from the CPU devices, also where a GPU is the default). The
   flag must be set before JAX initialises its backends; it does not change single-device
   computations, which run on device 0 as usual.
+* Most compiler optimizations off (``JAX_DISABLE_MOST_OPTIMIZATIONS=1`` unless the
+  environment sets it: LLVM's code generation at -O0; XLA's HLO passes, fusion and
+  buffer assignment run as usual, so the compiled memory figures the tests assert are
+  those of a default build). The suite compiles thousands of small programs and
+  compile time dominates it (-30% wall time, cold). It is inherited by the examples,
+  notebooks and worker processes the tests start. The wheel lane (``.ci/wheel``) runs the
+  fast suite with JAX's full optimization.
 * float64 enabled, so every test can build a float64 reference. Tests pass explicit
   dtypes everywhere. ``JSOFTMAX_TEST_X64=0`` runs the suite in JAX's default
   configuration instead (float64 off, as users run it): the cases that need float64
@@ -35,6 +42,9 @@ import pytest
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+# Read by JAX when it is imported, and inherited by the processes the tests start.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 
@@ -117,6 +127,17 @@ def _covering_cases(items) -> list:
     return [item for item in items if id(item) not in dropped]
 
 
+_LONG_FIRST = {
+    "test_notebooks.py",
+    "test_language_model.py",
+    "test_docs.py",
+    "test_verify.py",
+    "test_bench.py",
+    "test_multiprocess.py",
+    "test_accuracy.py",
+}
+
+
 def pytest_collection_modifyitems(config, items):
     named = any("::" in str(arg) for arg in config.args)
     if not EXHAUSTIVE and not named:
@@ -125,6 +146,9 @@ def pytest_collection_modifyitems(config, items):
             keep = {id(item) for item in kept}
             config.hook.pytest_deselected(items=[i for i in items if id(i) not in keep])
             items[:] = kept
+    # The long runs (notebooks, examples, the CLIs, other processes) first, so that the
+    # workers share them and the run does not end on one of them while the other waits.
+    items.sort(key=lambda item: item.path.name not in _LONG_FIRST)
     if X64:
         return
     skip = pytest.mark.skip(reason="needs float64 (JSOFTMAX_TEST_X64=0: JAX's default config)")

@@ -76,8 +76,10 @@ def test_attention_functions_match_jax_nn(name):
 
 @pytest.mark.slow
 def test_quick_run(tmp_path):
-    # A plain session's environment: no simulated devices, no float64 from conftest.py.
+    # A plain session's environment: no simulated devices, no float64 from conftest.py,
+    # the compiler's full optimization.
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--context", str(CONTEXT)],
