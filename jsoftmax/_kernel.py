@@ -493,7 +493,7 @@ def targets(row: Row, valid, *, onehot=None, w=None, y=None, alpha=None):
             q = w * q
     if row.k is not None:
         q = q + (row.k if w is None else row.k * w)
-    return jnp.where(valid, q, zero)
+    return q if valid is None else jnp.where(valid, q, zero)
 
 
 def score_cotangent(p, q, row: Row):
@@ -503,8 +503,12 @@ def score_cotangent(p, q, row: Row):
 
 def chain_to_logits(g_s, u, valid, axes, flags: Flags, temperature=None):
     """`(dL/dz, dL/dT)` from `g_s = dL/ds`, with `s = softcap(z) / T`; 0 off the valid
-    classes (`u` holds `-inf` there)."""
+    classes (`u` holds `-inf` there). `valid=None`: `g_s` is 0 there already (no
+    soft-cap or temperature)."""
     zero = jnp.zeros((), g_s.dtype)
+    if valid is None:
+        assert temperature is None and flags.softcap is None
+        return g_s, None
     g_s = jnp.where(valid, g_s, zero)
     g_u = _over_t(g_s, temperature)
     g_t = None
