@@ -114,7 +114,7 @@ class Pass(NamedTuple):
 
 
 def exp_pass(u, valid, axes: tuple[int, ...], temperature=None, row_max=None) -> Pass:
-    """The max-exp-sum pass over `axes` of `u` (in the accumulation dtype).
+    """The max-exp-sum pass over `axes` of `u`, in the accumulation dtype of `u`.
 
     Entries where `valid` is False become `-inf` before the maximum and the exponential
     ("double where"), so a large masked logit never reaches `exp`. The maximum starts
@@ -127,7 +127,11 @@ def exp_pass(u, valid, axes: tuple[int, ...], temperature=None, row_max=None) ->
     """
     if valid is not None:
         u = jnp.where(valid, u, -jnp.inf)
+    # The maximum in the input's dtype (exact; a 16-bit reduction reads half the bytes),
+    # the rest in the accumulation dtype.
     m = row_max_of(u, axes)
+    cdt = _checks.accumulation_dtype(u.dtype)
+    u, m = u.astype(cdt), m.astype(cdt)
     m = lax.stop_gradient(m if row_max is None else row_max(m))
     d = shifted(u, m, temperature)
     e = jnp.exp(d)
