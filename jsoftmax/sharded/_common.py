@@ -1,15 +1,18 @@
-"""What the functions of `jsoftmax.sharded` share: argument checks for mesh axes, the
-global class index of a shard's block, the sums over a split axis, and the casts that
-make cotangents sum over the right mesh axes."""
+"""What the functions of `jsoftmax.sharded` share: argument checks for mesh axes and
+for the fused losses' inputs, the global class index of a shard's block and where a
+label falls in it, the sums over a split axis, and the casts that make cotangents sum
+over the right mesh axes."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jsoftmax import _chunks, _formulas, _kernel
+from jsoftmax import _chunks, _formulas, _kernel, _linear
 
 Axes = tuple[int, ...]
 AxisName = str | tuple[str, ...]
@@ -68,6 +71,58 @@ def check_num_classes(num_classes, local: int, shards: int) -> int | None:
 def offset(local: int, axis_name: AxisName):
     """The global index of this shard's first class."""
     return lax.axis_index(axis_name) * local
+
+
+def label_layout(labels, local: int, axis_name: AxisName, n_classes: int):
+    """`(idx, in_range, limit)` of integer labels `(rows,)`: the label's column in this
+    shard's block (`(rows, 1)`, -1: another shard's), whether the global label is in
+    range, and the first padded column of the block."""
+    start = offset(local, axis_name)
+    local_label = labels - start
+    here = (local_label >= 0) & (local_label < local)
+    idx = jnp.where(here, local_label, -1)[:, None]
+    in_range = ((labels >= 0) & (labels < n_classes))[:, None]
+    return idx, in_range, n_classes - start
+
+
+class FusedInputs(NamedTuple):
+    """The checked inputs of a fused loss over a vocabulary split across devices."""
+
+    x: jax.Array  # (rows, H), varying over axis_name
+    w: jax.Array  # (H, local)
+    bias: jax.Array | None  # (local,)
+    labels: jax.Array  # (rows,) int32
+    label_dtype: np.dtype  # the labels' own dtype
+    batch: tuple[int, ...]  # x.shape[:-1]
+    axis_name: AxisName
+    n_classes: int  # the classes over all shards, padding excluded
+    size: int  # vocabulary columns per chunk
+
+
+def fused_inputs(
+    x, w_shard, bias_shard, labels, axis_name, num_classes, chunk_size, fname: str, what: str
+) -> FusedInputs:
+    """Checks the arguments the sharded fused losses share (`what`, e.g. "cross-entropy
+    is", names the result in the error for a shard without columns) and flattens the
+    rows."""
+    axis_name = check_axis_name(axis_name)
+    x, w, bias, _ = _linear.check_inputs(
+        x, w_shard, bias_shard, 1, w_name="w_shard", bias_name="bias_shard"
+    )
+    labels = _linear.check_int_labels(labels, x)
+    shards = num_shards(axis_name, fname)
+    local = w.shape[1]
+    if local == 0:
+        raise ValueError(f"w_shard has no columns; {what} undefined.")
+    num_classes = check_num_classes(num_classes, local, shards)
+    batch = x.shape[:-1]
+    rows = int(np.prod(batch, dtype=np.int64))
+    size = _chunks.chunk_size(chunk_size, rows, local)
+    x2 = x.reshape(rows, x.shape[-1])
+    x2, w, bias = varying((x2, w, bias), axis_tuple(axis_name))
+    n_classes = local * shards if num_classes is None else num_classes
+    lab = labels.reshape(rows).astype(jnp.int32)
+    return FusedInputs(x2, w, bias, lab, labels.dtype, batch, axis_name, n_classes, size)
 
 
 def pad_mask(shape, axis: int, axis_name: AxisName, where, num_classes):

@@ -8,25 +8,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _chunks, _custom, _kernel, _linear
 from jsoftmax._checks import Reduction
 from jsoftmax.sharded import _common
 from jsoftmax.sharded._common import AxisName
-
-
-def _layout(labels, local: int, axis_name, n_classes):
-    """`(idx, in_range, limit)`: the label's column in this shard's block (-1: another
-    shard's), whether the global label is in range, and the first padded column."""
-    offset = _common.offset(local, axis_name)
-    local_label = labels - offset
-    here = (local_label >= 0) & (local_label < local)
-    idx = jnp.where(here, local_label, -1)[:, None]
-    in_range = ((labels >= 0) & (labels < n_classes))[:, None]
-    limit = n_classes - offset
-    return idx, in_range, limit
 
 
 @partial(_custom.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -38,7 +25,7 @@ def _lce_kernel(x, w, bias, labels, weights, ex_ok, coefs, flags, axis_name, siz
 def _lce_fwd(x, w, bias, labels, weights, ex_ok, coefs, flags, axis_name, size, n_classes):
     cdt = _chunks.compute_dtype(x, w)
     local = w.shape[1]
-    idx, in_range, limit = _layout(labels, local, axis_name, n_classes)
+    idx, in_range, limit = _common.label_layout(labels, local, axis_name, n_classes)
     w_y = None
     if weights is not None:
         w_y = jnp.where(idx >= 0, weights[jnp.maximum(idx, 0)].astype(cdt), 0)
@@ -73,7 +60,7 @@ def _lce_kernel_bwd(flags, axis_name, size, n_classes, residuals, g):
     # dw and db stay on their shard; dx, a sum over the vocabulary, is this shard's part
     # (summed over the shards by the transpose of the varying cast in the caller).
     x, w, bias, labels, weights, ok, row = residuals
-    idx, in_range, limit = _layout(labels, w.shape[1], axis_name, n_classes)
+    idx, in_range, limit = _common.label_layout(labels, w.shape[1], axis_name, n_classes)
     args = (idx, in_range, weights, ok, row, g[0], flags, size, 1)
     return _linear.ce_backward(x, w, bias, *args, limit=limit)
 
@@ -183,37 +170,23 @@ def linear_cross_entropy(
       >>> print(bool(jnp.allclose(fused, dense, rtol=1e-6)))
       True
     """
-    axis_name = _common.check_axis_name(axis_name)
-    x, w, bias, _ = _linear.check_inputs(
-        x, w_shard, bias_shard, 1, w_name="w_shard", bias_name="bias_shard"
-    )
-    labels = _linear.check_int_labels(labels, x)
+    inputs = (x, w_shard, bias_shard, labels, axis_name, num_classes, chunk_size)
+    f = _common.fused_inputs(*inputs, "linear_cross_entropy", "cross-entropy is")
     opts = _checks.loss_options(
-        label_smoothing, z_loss, logit_softcap, ignore_index, reduction, labels.dtype
+        label_smoothing, z_loss, logit_softcap, ignore_index, reduction, f.label_dtype
     )
-    shards = _common.num_shards(axis_name, "linear_cross_entropy")
-    data_axis_name = _common.check_data_axis_name(data_axis_name, axis_name, "linear_cross_entropy")
-    local = w.shape[1]
-    if local == 0:
-        raise ValueError("w_shard has no columns; cross-entropy is undefined.")
-    num_classes = _common.check_num_classes(num_classes, local, shards)
+    data_axis_name = _common.check_data_axis_name(
+        data_axis_name, f.axis_name, "linear_cross_entropy"
+    )
     weights = _checks.check_weights(
         weights,
-        local,
+        f.w.shape[1],
         " weights holds this shard's block of class weights (the full vector split like "
         "the classes, e.g. in_specs P(axis_name)).",
     )
-    batch = x.shape[:-1]
-    rows = int(np.prod(batch, dtype=np.int64))
-    size = _chunks.chunk_size(chunk_size, rows, local)
-    x2 = x.reshape(rows, x.shape[-1])
-    lab = labels.reshape(rows).astype(jnp.int32)
-    ex_ok = None if opts.ignore_index is None else lab != opts.ignore_index
-    x2, w, bias = _common.varying((x2, w, bias), _common.axis_tuple(axis_name))
+    ex_ok = None if opts.ignore_index is None else f.labels != opts.ignore_index
     flags, coefs = _linear.flags_and_coefs(opts, 1)
-    n_classes = local * shards if num_classes is None else num_classes
-    per_row, weight = _lce_kernel(
-        x2, w, bias, lab, weights, ex_ok, coefs, flags, axis_name, size, n_classes
-    )
+    args = (f.x, f.w, f.bias, f.labels, weights, ex_ok, coefs, flags)
+    per_row, weight = _lce_kernel(*args, f.axis_name, f.size, f.n_classes)
     out = _common.reduce(per_row, weight, opts.reduction, data_axis_name)
-    return out.reshape(batch) if opts.reduction == "none" else out
+    return out.reshape(f.batch) if opts.reduction == "none" else out

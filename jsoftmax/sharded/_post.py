@@ -8,23 +8,11 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _chunks, _custom, _kernel, _linear, _linear_post
+from jsoftmax import _checks, _chunks, _custom, _kernel, _linear_post
 from jsoftmax.sharded import _common
 from jsoftmax.sharded._common import AxisName
-
-
-def _layout(labels, local: int, axis_name, n_classes):
-    """`(idx, in_range, limit)`: the label's column in this shard's block (-1: another
-    shard's), whether the global label is in range, and the first padded column."""
-    offset = _common.offset(local, axis_name)
-    local_label = labels - offset
-    here = (local_label >= 0) & (local_label < local)
-    idx = jnp.where(here, local_label, -1)[:, None]
-    in_range = ((labels >= 0) & (labels < n_classes))[:, None]
-    return idx, in_range, n_classes - offset
 
 
 @partial(_custom.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
@@ -34,7 +22,7 @@ def _lp(x, w, bias, labels, t, cap, with_entropy, axis_name, size, n_classes):
 
 def _lp_fwd(x, w, bias, labels, t, cap, with_entropy, axis_name, size, n_classes):
     cdt = _chunks.compute_dtype(x, w)
-    idx, in_range, limit = _layout(labels, w.shape[1], axis_name, n_classes)
+    idx, in_range, limit = _common.label_layout(labels, w.shape[1], axis_name, n_classes)
     t_c = None if t is None else t.astype(cdt)
     merge = partial(_kernel.merge_devices, axis_name=axis_name, temperature=t_c)
     (lp, h), stats = _linear_post.lp_forward(
@@ -50,7 +38,7 @@ def _lp_bwd(cap, with_entropy, axis_name, size, n_classes, residuals, g):
     # the transpose of the varying cast in the caller).
     x, w, bias, labels, t, stats = residuals
     cdt = _chunks.compute_dtype(x, w)
-    idx, in_range, limit = _layout(labels, w.shape[1], axis_name, n_classes)
+    idx, in_range, limit = _common.label_layout(labels, w.shape[1], axis_name, n_classes)
     g_lp = jnp.where(in_range, g[0].astype(cdt)[:, None], jnp.full((), jnp.nan, cdt))
     g_h = None if not with_entropy else g[1].astype(cdt)[:, None]
     t_c = None if t is None else t.astype(cdt)
@@ -129,29 +117,15 @@ def linear_token_log_probs(
       >>> print(bool(jnp.allclose(lp, jsoftmax.token_log_probs(x @ w, y), rtol=1e-5)))
       True
     """
-    axis_name = _common.check_axis_name(axis_name)
-    x, w, bias, _ = _linear.check_inputs(
-        x, w_shard, bias_shard, 1, w_name="w_shard", bias_name="bias_shard"
-    )
-    labels = _linear.check_int_labels(labels, x)
+    inputs = (x, w_shard, bias_shard, labels, axis_name, num_classes, chunk_size)
+    f = _common.fused_inputs(*inputs, "linear_token_log_probs", "the log-probabilities are")
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}.")
     cap = _checks.loss_options(logit_softcap=logit_softcap).logit_softcap
-    shards = _common.num_shards(axis_name, "linear_token_log_probs")
-    local = w.shape[1]
-    if local == 0:
-        raise ValueError("w_shard has no columns; the log-probabilities are undefined.")
-    num_classes = _common.check_num_classes(num_classes, local, shards)
-    batch = x.shape[:-1]
-    rows = int(np.prod(batch, dtype=np.int64))
-    t = _linear_post.row_temperature(temperature, batch)
-    size = _chunks.chunk_size(chunk_size, rows, local)
-    x2 = x.reshape(rows, x.shape[-1])
-    lab = labels.reshape(rows).astype(jnp.int32)
-    x2, w, bias = _common.varying((x2, w, bias), _common.axis_tuple(axis_name))
-    n_classes = local * shards if num_classes is None else num_classes
-    lp, h = _lp(x2, w, bias, lab, t, cap, return_entropy, axis_name, size, n_classes)
+    t = _linear_post.row_temperature(temperature, f.batch)
+    args = (f.x, f.w, f.bias, f.labels, t, cap, return_entropy)
+    lp, h = _lp(*args, f.axis_name, f.size, f.n_classes)
     if not return_entropy:
-        return lp.reshape(batch)
+        return lp.reshape(f.batch)
     assert h is not None
-    return lp.reshape(batch), h.reshape(batch)
+    return lp.reshape(f.batch), h.reshape(f.batch)
