@@ -312,6 +312,35 @@ def test_regression_low_precision_accumulates_in_float32(dtype):
     chex.assert_tree_all_finite(g)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_16bit_row_maximum_is_taken_in_the_input_dtype(dtype):
+    # The maximum is exact in any dtype; a 16-bit reduction reads half the bytes of a
+    # float32 copy. The sum stays float32.
+    text = jax.jit(jsoftmax.softmax).lower(jnp.zeros((4, 8), dtype)).as_text()
+    name = jnp.dtype(dtype).name.replace("float", "f")
+    reductions = [line for line in text.splitlines() if "stablehlo.reduce" in line]
+    assert any("maximum" in r and f"tensor<4x8x{name}>" in r for r in reductions), reductions
+    assert any("add" in r and "tensor<4x8xf32>" in r for r in reductions), reductions
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion")
+def test_bfloat16_vjp_keeps_no_more_temporaries_than_jax_nn():
+    # The shift by the dominant entry is arithmetic, not a select, so the value and VJP
+    # compile to fused kernels. With a select XLA:CPU split the VJP into three kernels
+    # with three float32 arrays of the input's size (48 MiB here; jax.nn: 16.5 MiB).
+    x = jnp.zeros((4096, 1024), jnp.bfloat16)
+
+    def temporaries(sm):
+        def value_and_vjp(x, g):
+            y, pullback = jax.vjp(sm, x)
+            return y, pullback(g)[0]
+
+        compiled = jax.jit(value_and_vjp).lower(x, x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temporaries(jsoftmax.softmax) <= temporaries(jax.nn.softmax)
+
+
 def test_no_retracing_for_equal_shapes():
     @jax.jit
     @chex.assert_max_traces(n=1)
