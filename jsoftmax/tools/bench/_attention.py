@@ -17,7 +17,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jsoftmax
 from jsoftmax.tools.bench._timing import (
@@ -28,7 +27,9 @@ from jsoftmax.tools.bench._timing import (
     Group,
     Row,
     agree,
+    bytes_row,
     optional,
+    temp_bytes,
     time_interleaved,
     timing_row,
 )
@@ -83,29 +84,6 @@ def _train_step(attention: Callable, w) -> Callable:
     return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
 
 
-def _temp(step, *args) -> int:
-    return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
-
-
-def _memory_row(case, baseline, cand, base, *, shape, dtype, target=None) -> Row:
-    ratio = base / cand if cand else None
-    return Row(
-        group="attention",
-        case=case,
-        candidate=CANDIDATE,
-        baseline=baseline,
-        unit="bytes",
-        candidate_value=float(cand),
-        baseline_value=float(base),
-        ratio=ratio,
-        shape=list(shape),
-        dtype=np.dtype(dtype).name,
-        target=target,
-        met=None if target is None or ratio is None else bool(ratio >= target),
-        note="compiled temporaries of value_and_grad in q, k, v",
-    )
-
-
 def _rows(ctx: Ctx, t: int, causal: bool, time_target, memory_target, impls, dtype) -> list[Row]:
     q, k, v, w = _inputs(t, dtype)
     shape = (1, t, HEADS, HEAD_DIM)
@@ -122,7 +100,7 @@ def _rows(ctx: Ctx, t: int, causal: bool, time_target, memory_target, impls, dty
     t_fwd = time_interleaved(
         {n: (lambda f=f: f(q, k, v)) for n, f in forwards.items()}, repeats, ctx.min_sample_s
     )
-    temps = {name: _temp(step, q, k, v) for name, step in steps.items()}
+    temps = {name: temp_bytes(step, q, k, v) for name, step in steps.items()}
     rows = []
     for name in impls:
         if name == CANDIDATE:
@@ -156,14 +134,17 @@ def _rows(ctx: Ctx, t: int, causal: bool, time_target, memory_target, impls, dty
             )
         )
         rows.append(
-            _memory_row(
+            bytes_row(
+                "attention",
                 f"temp memory {desc}",
+                CANDIDATE,
                 name,
                 temps[CANDIDATE],
                 temps[name],
                 shape=shape,
                 dtype=dtype,
                 target=memory_target if first else None,
+                note="compiled temporaries of value_and_grad in q, k, v",
             )
         )
     return rows

@@ -22,7 +22,9 @@ from jsoftmax.tools.bench._timing import (
     Group,
     Row,
     agree,
+    bytes_row,
     optional,
+    temp_bytes,
     time_interleaved,
     timing_row,
 )
@@ -67,27 +69,7 @@ def _steps(optax, labels, n):
     return {"fused": make(fused), "dense": make(dense), "token-scan": make(token_scan)}
 
 
-def _temp(step, *args) -> int:
-    return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
-
-
-def _memory_row(group, case, candidate, baseline, cand, base, *, shape, dtype, target=None):
-    ratio = base / cand if cand else None
-    return Row(
-        group=group,
-        case=case,
-        candidate=candidate,
-        baseline=baseline,
-        unit="bytes",
-        candidate_value=float(cand),
-        baseline_value=float(base),
-        ratio=ratio,
-        shape=list(shape),
-        dtype=np.dtype(dtype).name,
-        target=target,
-        met=None if target is None or ratio is None else bool(ratio >= target),
-        note="compiled temporaries of value_and_grad w.r.t. x and w",
-    )
+TEMP_NOTE = "compiled temporaries of value_and_grad w.r.t. x and w"
 
 
 def headline(ctx: Ctx, shape, dtype=F32) -> list[Row]:
@@ -98,7 +80,7 @@ def headline(ctx: Ctx, shape, dtype=F32) -> list[Row]:
     x, w, labels = _inputs(n, h, v, dtype)
     steps = _steps(optax, labels, n)
     note = agree(steps["fused"](x, w), steps["dense"](x, w), dtype)
-    temps = {k: _temp(f, x, w) for k, f in steps.items()}
+    temps = {k: temp_bytes(f, x, w) for k, f in steps.items()}
     t = time_interleaved(
         {k: (lambda f=f: f(x, w)) for k, f in steps.items()}, ctx.repeats, ctx.min_sample_s
     )
@@ -131,7 +113,7 @@ def headline(ctx: Ctx, shape, dtype=F32) -> list[Row]:
             shape=shape,
             dtype=dtype,
         ),
-        _memory_row(
+        bytes_row(
             "linear-ce",
             f"temp memory {desc}",
             cand,
@@ -141,8 +123,9 @@ def headline(ctx: Ctx, shape, dtype=F32) -> list[Row]:
             shape=shape,
             dtype=dtype,
             target=target_m,
+            note=TEMP_NOTE,
         ),
-        _memory_row(
+        bytes_row(
             "linear-ce",
             f"temp memory {desc}",
             cand,
@@ -151,6 +134,7 @@ def headline(ctx: Ctx, shape, dtype=F32) -> list[Row]:
             temps["token-scan"],
             shape=shape,
             dtype=dtype,
+            note=TEMP_NOTE,
         ),
     ]
 
@@ -166,15 +150,16 @@ def scaling(ctx: Ctx, shape) -> list[Row]:
     labels = jnp.zeros((n,), jnp.int32)
     steps = _steps(optax, labels, n)
     rows = [
-        _memory_row(
+        bytes_row(
             "linear-ce scaling",
             f"temp memory {desc}",
             "jsoftmax.linear_cross_entropy",
             "optax CE of x @ w (dense)",
-            _temp(steps["fused"], x, w),
-            _temp(steps["dense"], x, w),
+            temp_bytes(steps["fused"], x, w),
+            temp_bytes(steps["dense"], x, w),
             shape=shape,
             dtype=F32,
+            note=TEMP_NOTE,
         )
     ]
     if v <= TIMED_MAX_V:

@@ -4,6 +4,7 @@ Shapes are abstract: nothing of the benchmark's size is allocated."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 
@@ -18,6 +19,7 @@ from jsoftmax.tools.bench._timing import (
     Ctx,
     Group,
     Row,
+    bytes_row,
     footprint,
     optional,
     residuals,
@@ -32,43 +34,18 @@ def _memory_row(case, candidate, baseline, cand, base, *, shape, out_bytes=None)
     """`cand`/`base` are (arrays, bytes); with `out_bytes` the target is exactly one
     saved array of that size."""
     (nc, bc), (nb, bb) = cand, base
-    met = None
+    row = bytes_row("memory", case, candidate, baseline, bc, bb, shape=shape)
     note = f"arrays saved: jsoftmax {nc}, baseline {nb}"
-    if out_bytes is not None:
-        met = bool(nc == 1 and bc == out_bytes)
-        note += "; target: exactly one output-sized array"
-    return Row(
-        group="memory",
-        case=case,
-        candidate=candidate,
-        baseline=baseline,
-        unit="bytes",
-        candidate_value=float(bc),
-        baseline_value=float(bb),
-        ratio=bb / bc if bc else None,
-        shape=list(shape),
-        dtype=np.dtype(F32).name,
-        met=met,
-        note=note,
-    )
+    if out_bytes is None:
+        return dataclasses.replace(row, note=note)
+    note += "; target: exactly one output-sized array"
+    return dataclasses.replace(row, met=bool(nc == 1 and bc == out_bytes), note=note)
 
 
 def _step_row(case, candidate, baseline, cand_step, base_step, *, shape, args, note) -> Row:
     cand = footprint(jax.jit(cand_step).lower(*args).compile())
     base = footprint(jax.jit(base_step).lower(*args).compile())
-    return Row(
-        group="memory",
-        case=case,
-        candidate=candidate,
-        baseline=baseline,
-        unit="bytes",
-        candidate_value=None if cand is None else float(cand),
-        baseline_value=None if base is None else float(base),
-        ratio=base / cand if cand and base is not None else None,
-        shape=list(shape),
-        dtype=np.dtype(F32).name,
-        note=note,
-    )
+    return bytes_row("memory", case, candidate, baseline, cand, base, shape=shape, note=note)
 
 
 def _nll_step(log_softmax: Callable) -> Callable:

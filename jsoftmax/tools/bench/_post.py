@@ -14,8 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoftmax
-from jsoftmax.tools.bench._linear_ce import _memory_row, _temp
-from jsoftmax.tools.bench._timing import F32, Case, Ctx, Group, agree, time_interleaved, timing_row
+from jsoftmax.tools.bench._linear_ce import TEMP_NOTE
+from jsoftmax.tools.bench._timing import (
+    F32,
+    Case,
+    Ctx,
+    Group,
+    agree,
+    bytes_row,
+    temp_bytes,
+    time_interleaved,
+    timing_row,
+)
 
 GROUPS: tuple[Group, ...] = ("post-training",)
 SHAPE = (2048, 256, 32768)  # (N, H, V)
@@ -70,7 +80,7 @@ def rows(ctx: Ctx, shape, what: str):
         cand, base = "jsoftmax.linear_kl_divergence", "jsoftmax.kl_divergence of both x @ w"
         label = f"divergence beta={beta:g}"
     note = agree(steps["fused"](x, w), steps["dense"](x, w), F32)
-    temps = {k: _temp(f, x, w) for k, f in steps.items()}
+    temps = {k: temp_bytes(f, x, w) for k, f in steps.items()}
     t = time_interleaved(
         {k: (lambda f=f: f(x, w)) for k, f in steps.items()}, ctx.repeats, ctx.min_sample_s
     )
@@ -89,7 +99,7 @@ def rows(ctx: Ctx, shape, what: str):
             target=TIME_TARGET if headline else None,
             note=note,
         ),
-        _memory_row(
+        bytes_row(
             "post-training",
             f"temp memory {desc}",
             cand,
@@ -99,6 +109,7 @@ def rows(ctx: Ctx, shape, what: str):
             shape=shape,
             dtype=F32,
             target=MEMORY_TARGET if headline else None,
+            note=TEMP_NOTE,
         ),
     ]
 

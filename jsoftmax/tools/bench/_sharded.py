@@ -39,7 +39,9 @@ from jsoftmax.tools.bench._timing import (
     Group,
     Row,
     agree,
+    bytes_row,
     footprint,
+    temp_bytes,
     time_interleaved,
     timing_row,
 )
@@ -88,21 +90,6 @@ def _sharded_mean_loss(x, y):
     return jnp.mean(jsoftmax.sharded.cross_entropy(x, y, "vocab"))
 
 
-def _bytes_row(case, candidate, baseline, cand: float, base: float, shape) -> Row:
-    return Row(
-        group="sharded",
-        case=case,
-        candidate=candidate,
-        baseline=baseline,
-        unit="bytes",
-        candidate_value=float(cand),
-        baseline_value=float(base),
-        ratio=base / cand if cand else None,
-        shape=list(shape),
-        dtype=np.dtype(F32).name,
-    )
-
-
 def sharded(ctx: Ctx, devices: int, shape) -> list[Row]:
     """The rows of one device count `devices`."""
     batch, vocab = shape
@@ -142,33 +129,31 @@ def sharded(ctx: Ctx, devices: int, shape) -> list[Row]:
             dtype=F32,
             note=note,
         ),
-        _bytes_row(
+        bytes_row(
+            "sharded",
             f"logits bytes per device, {on}",
             cand,
             base,
             xd.addressable_shards[0].data.nbytes,
             x1.nbytes,
-            shape,
+            shape=shape,
         ),
     ]
     step_bytes = footprint(step.lower(xd, yd).compile())
     unsharded_bytes = footprint(unsharded.lower(x1, y1).compile())
     if step_bytes is not None and unsharded_bytes is not None:
         rows.append(
-            _bytes_row(
+            bytes_row(
+                "sharded",
                 f"compiled step footprint per device, {on}",
                 cand,
                 base,
                 step_bytes,
                 unsharded_bytes,
-                shape,
+                shape=shape,
             )
         )
     return rows
-
-
-def _temp(step, *args) -> int:
-    return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
 def fused(ctx: Ctx, devices: int, shape) -> list[Row]:
@@ -201,21 +186,22 @@ def fused(ctx: Ctx, devices: int, shape) -> list[Row]:
     single = [jax.device_put(a, dev0) for a in (x_host, w_host, y_host)]
     one = grad(one_device)
     note = agree(steps["fused"](*placed), one(*single), F32)
-    cand_bytes = _temp(steps["fused"], *placed)
+    cand_bytes = temp_bytes(steps["fused"], *placed)
     on = f"{devices} device{'s' if devices > 1 else ''}"
     cand = "jsoftmax.sharded.linear_cross_entropy in shard_map"
     rows = []
     for base, base_bytes in [
-        ("x @ w_shard + jsoftmax.sharded.cross_entropy", _temp(steps["dense"], *placed)),
-        ("jsoftmax.linear_cross_entropy, 1 device", _temp(one, *single)),
+        ("x @ w_shard + jsoftmax.sharded.cross_entropy", temp_bytes(steps["dense"], *placed)),
+        ("jsoftmax.linear_cross_entropy, 1 device", temp_bytes(one, *single)),
     ]:
-        row = _bytes_row(
+        row = bytes_row(
+            "sharded",
             f"fused loss temporaries per device, vocab over {on}",
             cand,
             base,
             cand_bytes,
             base_bytes,
-            shape,
+            shape=shape,
         )
         rows.append(dataclasses.replace(row, note=note))
     return rows

@@ -195,6 +195,44 @@ def timing_row(
     )
 
 
+def temp_bytes(fn, *args) -> int:
+    """The compiled temporaries of `fn` (a `jax.jit` function) at `args`."""
+    return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def bytes_row(
+    group: str,
+    case: str,
+    candidate: str,
+    baseline: str,
+    cand: float | None,
+    base: float | None,
+    *,
+    shape: Sequence[int],
+    dtype=jnp.float32,
+    target: float | None = None,
+    note: str = "",
+) -> Row:
+    """A row comparing two byte counts (None: not reported by the backend); `met` is
+    judged when a target is given and both are known."""
+    ratio = base / cand if cand and base is not None else None
+    return Row(
+        group=group,
+        case=case,
+        candidate=candidate,
+        baseline=baseline,
+        unit="bytes",
+        candidate_value=None if cand is None else float(cand),
+        baseline_value=None if base is None else float(base),
+        ratio=ratio,
+        shape=list(shape),
+        dtype=np.dtype(dtype).name,
+        target=target,
+        met=None if target is None or ratio is None else bool(ratio >= target),
+        note=note,
+    )
+
+
 DIFFER = "RESULTS DIFFER"
 
 
