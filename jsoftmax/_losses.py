@@ -110,9 +110,10 @@ def _cotangent(
     `u`, the soft-capped logits, when the caller has them.
 
     `valid` is None where no select on it is needed: integer labels without `where`,
-    soft-cap, smoothing or temperature. There `p` is exactly 0 on the `-inf` logits and
-    a row that counts has its label on a valid class, so `q` is 0 there too and the
-    cotangent is 0 without reading the logits again (one logits-sized pass fewer)."""
+    soft-cap or smoothing. There `p` is exactly 0 on the `-inf` logits (with a
+    temperature too: `exp(lowest / T)` underflows) and a row that counts has its label
+    on a valid class, so `q` is 0 there too and the cotangent is 0 without reading the
+    logits again (one logits-sized pass fewer)."""
     axis = flags.axis
     cdt = row.m.dtype
     coefs = _kernel.coefs_as(coefs, cdt)
@@ -125,8 +126,7 @@ def _cotangent(
         else _formulas.softcap(lax.optimization_barrier(z), flags.softcap)
     )
     integer = _kernel.is_integer(labels)
-    plain = where is None and flags.softcap is None and temperature is None
-    if integer and plain and not flags.smoothing:
+    if integer and where is None and flags.softcap is None and not flags.smoothing:
         valid = None
     else:
         valid = u > -jnp.inf if where is None else (u > -jnp.inf) & where
@@ -155,7 +155,7 @@ def _probs(logits, where, temperature, flags: Flags, row, total):
         # this pass writes the gradient over it (as without soft-capping).
         z = _formulas.softcap(z, flags.softcap)
     u = z if where is None else jnp.where(where, z, -jnp.inf)
-    d = _kernel.shifted(u, row.m, temperature)
+    d = _kernel.exp_arg(u, row.m, temperature)
     if cdt == logits.dtype:
         # exp((u - m) / T) exactly as in the forward pass: compiled together with it,
         # XLA computes it once (and this pass writes the gradient over it).

@@ -292,7 +292,9 @@ def softmax(
         $\partial L/\partial T = -\frac{1}{T}\langle \bar s, z/T\rangle$ with
         $\bar s = p\odot(g - \langle g, p\rangle)$. The row maximum is subtracted
         before dividing, $(z - \max z)/T$, so eager and jitted calls agree for huge
-        logits.
+        logits. Masked and $-\infty$ entries stay exactly 0 for $T$ up to about
+        $3\cdot 10^{36}$ in float32 (their exponential is that of the lowest finite
+        value over $T$).
       precision: `"default"` (as fast as `jax.nn.softmax`, with its accuracy:
         float32/float64 errors up to about $|z_i - \max z| / 2$ ULP, e.g. 10-20 ULP
         for a logit 60 below the maximum) or `"high"`: the rounding error of

@@ -232,6 +232,52 @@ def test_neg_inf_logits(rule):
 
 
 @pytest.mark.parametrize("rule", ["vjp", "jvp"])
+@pytest.mark.parametrize("t", [0.3, 2.0, 1e30])
+def test_temperature_with_neg_inf_logits_and_empty_rows(rule, t):
+    # The exponentials of -inf logits are exactly 0 at any temperature (also in a row
+    # without finite logits, whose shift is the lowest finite value), and neither the
+    # logits' nor the temperature's gradient meets 0 * inf there.
+    x = jnp.array(
+        [[-jnp.inf, 1.0, 2.0, -jnp.inf], [0.5, -jnp.inf, -1.0, 0.0], [-jnp.inf] * 4],
+        REF_DTYPE,
+    )
+    lab = jnp.array([2, 3, 0])
+    temp = jnp.asarray(t, REF_DTYPE)
+
+    def f(x, temp):
+        return jsoftmax.cross_entropy(x, lab, temperature=temp, rule=rule)
+
+    loss = f(x, temp)
+    g_x, g_t = jax.grad(lambda x, temp: f(x, temp).sum(), (0, 1))(x, temp)
+    chex.assert_tree_all_finite((loss, g_x, g_t))
+    ref_t = 0.0
+    for row, cols in [(0, [1, 2]), (1, [0, 2, 3])]:
+        k = cols.index(int(lab[row]))
+
+        def ref(s, temp, k=k):
+            return -jax.nn.log_softmax(s / temp)[k]
+
+        sub = x[row, jnp.array(cols)]
+        r_x, r_t = jax.grad(ref, (0, 1))(sub, temp)
+        close(loss[row], ref(sub, temp), REF_DTYPE)
+        close(g_x[row, jnp.array(cols)], r_x, REF_DTYPE)
+        assert np.all(np.delete(np.asarray(g_x[row]), cols) == 0)
+        ref_t += float(r_t)
+    close(g_t, ref_t, REF_DTYPE)
+    # The row without finite logits does not count: loss and gradient exactly 0.
+    assert float(loss[2]) == 0.0 and np.all(np.asarray(g_x[2]) == 0)
+    # softmax and log_softmax: exact zeros (-inf) there, finite derivatives.
+    p = jsoftmax.softmax(x, temperature=temp, rule=rule)
+    lp = jsoftmax.log_softmax(x, temperature=temp, rule=rule)
+    np.testing.assert_array_equal(np.asarray(p)[np.isinf(np.asarray(x))], 0.0)
+    np.testing.assert_array_equal(np.asarray(lp)[np.isinf(np.asarray(x))], -np.inf)
+    dp = jax.grad(
+        lambda x, temp: jnp.sum(jsoftmax.softmax(x, temperature=temp, rule=rule) ** 2), (0, 1)
+    )
+    chex.assert_tree_all_finite(dp(x, temp))
+
+
+@pytest.mark.parametrize("rule", ["vjp", "jvp"])
 def test_fully_masked_rows_and_masked_label(rule):
     x = make_logits((3, 4), REF_DTYPE)
     where = jnp.array([[False] * 4, [True, True, False, True], [True] * 4])
