@@ -113,8 +113,9 @@ class Pass(NamedTuple):
     m: jax.Array  # the row maximum of u (no gradient; the lowest finite value if empty)
 
 
-def exp_pass(u, valid, axes: tuple[int, ...], temperature=None, row_max=None) -> Pass:
-    """The max-exp-sum pass over `axes` of `u`, in the accumulation dtype of `u`.
+def exp_pass(u, valid, axes: tuple[int, ...], temperature=None, row_max=None, dtype=None) -> Pass:
+    """The max-exp-sum pass over `axes` of `u`, computed in `dtype` (default: the
+    accumulation dtype of `u`).
 
     Entries where `valid` is False become `-inf` before the maximum and the exponential
     ("double where"), so a large masked logit never reaches `exp`. The maximum starts
@@ -130,7 +131,7 @@ def exp_pass(u, valid, axes: tuple[int, ...], temperature=None, row_max=None) ->
     # The maximum in the input's dtype (exact; a 16-bit reduction reads half the bytes),
     # the rest in the accumulation dtype.
     m = row_max_of(u, axes)
-    cdt = _checks.accumulation_dtype(u.dtype)
+    cdt = _checks.accumulation_dtype(u.dtype) if dtype is None else dtype
     u, m = u.astype(cdt), m.astype(cdt)
     m = lax.stop_gradient(m if row_max is None else row_max(m))
     e = jnp.exp(exp_arg(u, m, temperature))

@@ -56,9 +56,9 @@ def _picker(idx, shape, axis: int):
 
 
 def _logits_pass(logits, where, temperature, flags: Flags, cdt) -> _kernel.Pass:
-    z = logits.astype(cdt)
     if flags.softcap is None:
-        return _kernel.exp_pass(z, where, (flags.axis,), temperature)
+        return _kernel.exp_pass(logits, where, (flags.axis,), temperature, dtype=cdt)
+    z = logits.astype(cdt)
     m = _kernel.softcap_row_max(z, where, flags.axis, flags.softcap)
     u = _formulas.softcap(z, flags.softcap)
     return _kernel.exp_pass(u, where, (flags.axis,), temperature, row_max=lambda _: m)

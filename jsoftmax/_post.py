@@ -81,13 +81,14 @@ def _capped(logits, cap, cdt):
 
 def _lp_forward(logits, labels, where, temperature, row_ok, axis, cap, with_entropy):
     cdt = _checks.accumulation_dtype(logits.dtype)
-    u = _capped(logits, cap, cdt)
-    fp = _kernel.exp_pass(u, where, (axis,), temperature)
+    # Without a soft-cap the pass takes the logits as they are (a 16-bit row maximum).
+    u = logits if cap is None else _capped(logits, cap, cdt)
+    fp = _kernel.exp_pass(u, where, (axis,), temperature, dtype=cdt)
     n = logits.shape[axis]
     idx = jnp.expand_dims(labels.astype(jnp.int32), axis)
     in_range = (idx >= 0) & (idx < n)
     pick = lambda a: jnp.take_along_axis(a, jnp.clip(idx, 0, n - 1), axis=axis)  # noqa: E731
-    label = pick(u)
+    label = pick(u).astype(cdt)
     if where is not None:
         label = jnp.where(pick(where), label, -jnp.inf)
     st = _kernel.piece_stats(fp, (axis,), entropy=with_entropy)._replace(label=label)
@@ -243,7 +244,7 @@ def token_log_probs(
 
 def _log_probs(logits, where, axis, t, cdt):
     """`(log p, m, total)` of `logits / t` over `axis` (-inf off the valid classes)."""
-    fp = _kernel.exp_pass(logits.astype(cdt), where, (axis,), t)
+    fp = _kernel.exp_pass(logits, where, (axis,), t, dtype=cdt)
     return fp.d - _kernel.log_total_of(fp.total), fp.m, fp.total
 
 

@@ -312,11 +312,24 @@ def test_regression_low_precision_accumulates_in_float32(dtype):
     chex.assert_tree_all_finite(g)
 
 
+_LABELS = jnp.zeros((4,), jnp.int32)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-def test_16bit_row_maximum_is_taken_in_the_input_dtype(dtype):
+@pytest.mark.parametrize(
+    "fn",
+    [
+        jsoftmax.softmax,
+        jsoftmax.log_softmax,
+        lambda x: jsoftmax.cross_entropy(x, _LABELS),
+        lambda x: jsoftmax.token_log_probs(x, _LABELS),
+    ],
+    ids=["softmax", "log_softmax", "cross_entropy", "token_log_probs"],
+)
+def test_16bit_row_maximum_is_taken_in_the_input_dtype(fn, dtype):
     # The maximum is exact in any dtype; a 16-bit reduction reads half the bytes of a
     # float32 copy. The sum stays float32.
-    text = jax.jit(jsoftmax.softmax).lower(jnp.zeros((4, 8), dtype)).as_text()
+    text = jax.jit(fn).lower(jnp.zeros((4, 8), dtype)).as_text()
     name = jnp.dtype(dtype).name.replace("float", "f")
     reductions = [line for line in text.splitlines() if "stablehlo.reduce" in line]
     assert any("maximum" in r and f"tensor<4x8x{name}>" in r for r in reductions), reductions
