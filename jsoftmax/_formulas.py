@@ -169,25 +169,31 @@ def dense_hessian(p: jax.Array) -> jax.Array:
 # alpha / m) * valid. The functions below are the pieces every loss reuses.
 
 
-def softcap(z: jax.Array, cap: float) -> jax.Array:
-    """`cap * tanh(z / cap)` (Gemma 2's logit soft-capping); `-inf` stays `-inf`.
+def softcap(z: jax.Array, cap: float, keep_neg_inf: bool = True) -> jax.Array:
+    """`cap * tanh(z / cap)` (Gemma 2's logit soft-capping); `-inf` stays `-inf` (or,
+    with `keep_neg_inf=False`, becomes `-cap`, where the derivative is 0 all the same).
 
     The `-inf` is kept by adding `z - max(z, lowest)`, which is 0 for a finite `z` and
     `-inf` for `z = -inf`: arithmetic rather than a select, so that XLA's CPU backend
     fuses the soft-cap into the reductions that read it instead of writing it out.
     """
+    u = cap * jnp.tanh(z / cap)
+    if not keep_neg_inf:
+        return u
     lowest = jnp.asarray(jnp.finfo(z.dtype).min, z.dtype)
-    return cap * jnp.tanh(z / cap) + (z - jnp.maximum(z, lowest))
+    return u + (z - jnp.maximum(z, lowest))
 
 
 def softcap_derivative(u: jax.Array, cap: float) -> jax.Array:
     """`d softcap(z) / dz = 1 - tanh(z / cap)^2`, from the capped value `u`.
 
     Written in terms of `u` so that the backward pass reuses the forward's `tanh`;
-    0 where `u = -inf` (an excluded class).
+    0 where `|u| >= cap` (`z = ±inf`, and `u = -inf`: an excluded class) and where `u`
+    is NaN, so a caller may pass the logits unmasked: a masked class or a row that does
+    not count has a cotangent of 0, which stays 0 (a NaN cotangent stays NaN).
     """
-    r = u / cap
-    return jnp.where(u == -jnp.inf, jnp.zeros((), u.dtype), 1 - r * r)
+    r2 = jnp.square(u / cap)
+    return jnp.where(r2 < 1, 1 - r2, jnp.zeros((), u.dtype))
 
 
 def ce_cotangent_scale(mass, lse: jax.Array, z_loss) -> jax.Array:

@@ -103,30 +103,30 @@ def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: 
     return out, (ok_bwd, row, fp.total)
 
 
-def _cotangent(
-    logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p, u=None
-):
-    """`(d loss / d s, valid, u, w)` on the dense row (0 where the row does not count);
-    `u`, the soft-capped logits, when the caller has them.
+def _cotangent(logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p):
+    """`(d loss / d s, valid, u, w)` on the dense row (0 where the row does not count),
+    with `u` the soft-capped logits.
 
-    `valid` is None where no select on it is needed: integer labels without `where`,
-    soft-cap or smoothing. There `p` is exactly 0 on the `-inf` logits (with a
-    temperature too: `exp(lowest / T)` underflows) and a row that counts has its label
-    on a valid class, so `q` is 0 there too and the cotangent is 0 without reading the
-    logits again (one logits-sized pass fewer)."""
+    `valid` is None where no select on it is needed: integer labels without `where` or
+    smoothing. There `p` is exactly 0 on the `-inf` logits (with a temperature too:
+    `exp(lowest / T)` underflows) and a row that counts has its label on a valid class,
+    so `q` is 0 there too and the cotangent is 0 without reading the logits again (one
+    logits-sized pass fewer); the soft-cap's derivative is 0 there as well."""
     axis = flags.axis
     cdt = row.m.dtype
     coefs = _kernel.coefs_as(coefs, cdt)
     z = logits.astype(cdt)
-    # Behind the same barrier as in `_probs`: not shared with the forward pass's
-    # soft-cap, which XLA would then write out.
+    integer = _kernel.is_integer(labels)
+    plain = integer and where is None and not flags.smoothing
+    # Behind a barrier: not shared with the forward pass's soft-cap, which XLA would
+    # then write out. Without a select on `valid`, the soft-cap's `-inf` is not needed
+    # (its derivative is 0 at `-cap` too).
     u = (
         z
         if flags.softcap is None
-        else _formulas.softcap(lax.optimization_barrier(z), flags.softcap)
+        else _formulas.softcap(lax.optimization_barrier(z), flags.softcap, keep_neg_inf=not plain)
     )
-    integer = _kernel.is_integer(labels)
-    if integer and where is None and flags.softcap is None and not flags.smoothing:
+    if plain:
         valid = None
     else:
         valid = u > -jnp.inf if where is None else (u > -jnp.inf) & where
@@ -146,8 +146,7 @@ def _cotangent(
 
 
 def _probs(logits, where, temperature, flags: Flags, row, total):
-    """`(p, u)`: `p` recomputed from the logits and the row's numbers, and the
-    soft-capped logits `u` it was computed from (unmasked)."""
+    """`p` recomputed from the logits and the row's numbers."""
     cdt = row.m.dtype
     z = logits.astype(cdt)
     if flags.softcap is not None:
@@ -159,10 +158,10 @@ def _probs(logits, where, temperature, flags: Flags, row, total):
     if cdt == logits.dtype:
         # exp((u - m) / T) exactly as in the forward pass: compiled together with it,
         # XLA computes it once (and this pass writes the gradient over it).
-        return jnp.exp(d) * (1 / jnp.where(total == 0, jnp.ones((), cdt), total)), z
+        return jnp.exp(d) * (1 / jnp.where(total == 0, jnp.ones((), cdt), total))
     # 16-bit logits: a differently written exponential, so XLA does not keep a float32
     # copy of the logits' size between the passes.
-    return jnp.exp(d - row.log_total), z
+    return jnp.exp(d - row.log_total)
 
 
 # --------------------------------------------------------------------------------------
@@ -188,9 +187,9 @@ def _ce_vjp_bwd(flags, residuals, g):
     logits, labels, where, temperature, weights, coefs, ok, row, total = residuals
     row = row._replace(log_total=_kernel.log_total_of(total))
     axis = flags.axis
-    p, u = _probs(logits, where, temperature, flags, row, total)
+    p = _probs(logits, where, temperature, flags, row, total)
     g_s, valid, u, w = _cotangent(
-        logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p, u
+        logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p
     )
     g = jnp.expand_dims(g[0].astype(row.m.dtype), axis)
     g_z, g_t = _kernel.chain_to_logits(g_s * g, u, valid, (axis,), flags, temperature)

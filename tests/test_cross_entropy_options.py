@@ -332,14 +332,20 @@ def test_out_of_range_labels_other_than_ignore_index():
     assert np.isnan(out[0]) and out[3] == 0 and np.all(np.isfinite(out[1:]))
 
 
-def test_softcap_keeps_neg_inf_excluded():
+@pytest.mark.parametrize("temperature", [None, 0.5])
+def test_softcap_keeps_neg_inf_excluded(temperature):
     z = make_logits((B, N), REF_DTYPE).at[:, 4].set(-jnp.inf)
     lab = jnp.array([0, 1, 2, 3, 1, 0])
-    out = jsoftmax.cross_entropy(z, lab, logit_softcap=2.0)
-    ref = reference(z[:, :4], lab, cap=2.0)
-    _assert_close(out, ref, *VALUE_TOL)
-    g = jax.grad(lambda z: jsoftmax.cross_entropy(z, lab, logit_softcap=2.0).sum())(z)
+    t = 1.0 if temperature is None else temperature
+    kw = {} if temperature is None else {"temperature": temperature}
+    f = lambda z: jsoftmax.cross_entropy(z, lab, logit_softcap=2.0, **kw)  # noqa: E731
+    g_ref = lambda z: reference(z, lab, cap=2.0, temperature=t)  # noqa: E731
+    _assert_close(f(z), g_ref(z[:, :4]), *VALUE_TOL)
+    g = jax.grad(lambda z: f(z).sum())(z)
     assert np.all(np.asarray(g[:, 4]) == 0)
+    # The finite classes' gradients (the backward pass without a select on the valid
+    # classes: the soft-cap's derivative is 0 at -inf).
+    _assert_close(g[:, :4], jax.grad(lambda z: g_ref(z).sum())(z[:, :4]), *GRAD_TOL)
 
 
 def test_tuple_axis_matches_optax():
