@@ -184,12 +184,18 @@ def exp_arg(u, m, temperature=None):
     return jnp.maximum(u - m, lowest) / temperature.astype(u.dtype)
 
 
-def softcap_row_max(z, valid, axis: int, cap: float):
-    """The row maximum of `softcap(z)` from the maximum of `z` (the soft-cap is
-    increasing): one `tanh` per row instead of per entry before the reduction."""
-    masked = z if valid is None else jnp.where(valid, z, -jnp.inf)
-    z_max = row_max_of(masked, (axis,))
-    return lax.stop_gradient(_formulas.softcap(z_max, cap))
+def logits_pass(logits, valid, temperature, flags: Flags, cdt) -> Pass:
+    """`exp_pass` of the (soft-capped) logits along `flags.axis`, in `cdt`. The row
+    maximum of `softcap(z)` comes from the maximum of `z` (the soft-cap is increasing):
+    one `tanh` per row, not per entry, before the reduction."""
+    axes = (flags.axis,)
+    if flags.softcap is None:
+        return exp_pass(logits, valid, axes, temperature, dtype=cdt)
+    z = logits.astype(cdt)
+    z_max = row_max_of(z if valid is None else jnp.where(valid, z, -jnp.inf), axes)
+    m = lax.stop_gradient(_formulas.softcap(z_max, flags.softcap))
+    u = _formulas.softcap(z, flags.softcap)
+    return exp_pass(u, valid, axes, temperature, row_max=lambda _: m)
 
 
 # --------------------------------------------------------------------------------------

@@ -55,22 +55,13 @@ def _picker(idx, shape, axis: int):
     return pick
 
 
-def _logits_pass(logits, where, temperature, flags: Flags, cdt) -> _kernel.Pass:
-    if flags.softcap is None:
-        return _kernel.exp_pass(logits, where, (flags.axis,), temperature, dtype=cdt)
-    z = logits.astype(cdt)
-    m = _kernel.softcap_row_max(z, where, flags.axis, flags.softcap)
-    u = _formulas.softcap(z, flags.softcap)
-    return _kernel.exp_pass(u, where, (flags.axis,), temperature, row_max=lambda _: m)
-
-
 def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: Flags):
     """`((loss, weight), residual row numbers)`: the per-row loss (0 where the row does
     not count) and its weight in the mean."""
     axis = flags.axis
     cdt = _kernel.loss_dtype(logits, labels)
     coefs = _kernel.coefs_as(coefs, cdt)
-    fp = _logits_pass(logits, where, temperature, flags, cdt)
+    fp = _kernel.logits_pass(logits, where, temperature, flags, cdt)
     w = _kernel.class_weights(weights, logits.ndim, axis, cdt)
     ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
     if _kernel.is_integer(labels):

@@ -315,6 +315,13 @@ def test_regression_low_precision_accumulates_in_float32(dtype):
 _LABELS = jnp.zeros((4,), jnp.int32)
 
 
+def _sharded_cross_entropy(x):
+    mesh = jax.make_mesh((1,), ("vocab",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec
+    f = lambda x: jsoftmax.sharded.cross_entropy(x, _LABELS, "vocab")  # noqa: E731
+    return jax.shard_map(f, mesh=mesh, in_specs=spec(None, "vocab"), out_specs=spec())(x)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize(
     "fn",
@@ -323,8 +330,9 @@ _LABELS = jnp.zeros((4,), jnp.int32)
         jsoftmax.log_softmax,
         lambda x: jsoftmax.cross_entropy(x, _LABELS),
         lambda x: jsoftmax.token_log_probs(x, _LABELS),
+        _sharded_cross_entropy,
     ],
-    ids=["softmax", "log_softmax", "cross_entropy", "token_log_probs"],
+    ids=["softmax", "log_softmax", "cross_entropy", "token_log_probs", "sharded_ce"],
 )
 def test_16bit_row_maximum_is_taken_in_the_input_dtype(fn, dtype):
     # The maximum is exact in any dtype; a 16-bit reduction reads half the bytes of a

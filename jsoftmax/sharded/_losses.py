@@ -43,16 +43,20 @@ def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_na
     axis = flags.axis
     cdt = _kernel.loss_dtype(x, labels)
     coefs_c = _kernel.coefs_as(coefs, cdt)
-    u, _ = _capped(x, None, flags, cdt)
-    fp = _kernel.exp_pass(u, where, (axis,), temperature)
+    fp = _kernel.logits_pass(x, where, temperature, flags, cdt)
     w = _kernel.class_weights(weights, x.ndim, axis, cdt)
     ok = None if ex_ok is None else jnp.expand_dims(ex_ok, axis)
     if _kernel.is_integer(labels):
-        onehot = _onehot(labels, x.shape, axis, axis_name)
+        n = x.shape[axis]
+        local = jnp.expand_dims(labels - _common.offset(n, axis_name), axis)
+        here = (local >= 0) & (local < n)
+        idx = jnp.clip(local, 0, n - 1)
 
         def pick(a):
-            a = jnp.broadcast_to(a, onehot.shape)
-            return jnp.sum(jnp.where(onehot, a, jnp.zeros((), a.dtype)), axis, keepdims=True)
+            # A gather on this shard's block (one value per row), 0 where another
+            # shard holds the label; the shards' values are summed by the merge.
+            a = jnp.take_along_axis(jnp.broadcast_to(a, fp.u.shape), idx, axis=axis)
+            return jnp.where(here, a, jnp.zeros((), a.dtype))
 
         st = _kernel.piece_stats(fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing)
         st = _kernel.merge_devices(st, axis_name, temperature)
@@ -94,9 +98,12 @@ def _ce_kernel_bwd(flags, axis_name, n_classes, residuals, g):
     coefs_c = _kernel.coefs_as(coefs, cdt)
     u, masked = _capped(x, where, flags, cdt, barrier=flags.softcap is not None)
     p = _kernel.probs(masked, row, temperature)
-    valid = masked > -jnp.inf
-    w = _kernel.class_weights(weights, x.ndim, axis, cdt)
     integer = _kernel.is_integer(labels)
+    # No select on the valid classes where p and q are 0 off them already (as in
+    # `jsoftmax.cross_entropy`): integer labels without `where` or smoothing.
+    plain = integer and where is None and not flags.smoothing
+    valid = None if plain else masked > -jnp.inf
+    w = _kernel.class_weights(weights, x.ndim, axis, cdt)
     if integer:
         onehot = _onehot(labels, x.shape, axis, axis_name)
         q = _kernel.targets(row, valid, onehot=onehot, w=w)
