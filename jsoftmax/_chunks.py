@@ -195,7 +195,7 @@ def scan_grads(
         valid = u > -jnp.inf
         g = jnp.where(valid, grad_fn(c, u, valid), jnp.zeros((), cdt))
         if softcap is not None:
-            g = g * _formulas.softcap_derivative(jnp.where(valid, u, 0), softcap)
+            g = g * _formulas.softcap_derivative(u, softcap)
         dx_c, dw_c = input_grads(x, c.slice(w, va), g, va, cdt)
         dx = dx + dx_c
         dw_c = (c.slice(dw, va).astype(cdt) + dw_c).astype(dw.dtype)

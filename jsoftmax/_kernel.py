@@ -526,8 +526,7 @@ def score_cotangent(p, q, row: Row):
 
 def chain_to_logits(g_s, u, valid, axes, flags: Flags, temperature=None):
     """`(dL/dz, dL/dT)` from `g_s = dL/ds`, with `s = softcap(z) / T`; 0 off the valid
-    classes (`u` holds `-inf` there). `valid=None`: `g_s` is 0 there already and `u`
-    is `-inf` or finite there (the soft-cap's derivative is then 0 or finite)."""
+    classes (`u` holds `-inf` there). `valid=None`: `g_s` is 0 there already."""
     zero = jnp.zeros((), g_s.dtype)
     if valid is not None:
         g_s = jnp.where(valid, g_s, zero)
@@ -540,8 +539,9 @@ def chain_to_logits(g_s, u, valid, axes, flags: Flags, temperature=None):
         # A select: a row that does not count (g_s = 0) adds 0 even where s is inf.
         g_t = -_over_t(_sum(jnp.where(g_s == 0, zero, g_s * s), axes), temperature)
     if flags.softcap is not None:
-        u_valid = u if valid is None else jnp.where(valid, u, zero)
-        g_u = g_u * _formulas.softcap_derivative(u_valid, flags.softcap)
+        # The derivative is finite everywhere (0 at -inf and NaN): g_u stays 0 where
+        # g_s is.
+        g_u = g_u * _formulas.softcap_derivative(u, flags.softcap)
     return g_u, g_t
 
 

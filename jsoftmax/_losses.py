@@ -229,7 +229,7 @@ def _ce_jvp_rule(flags, primals, tangents):
     zero = jnp.zeros((), cdt)
     u_dot = jnp.where(valid, logits_dot.astype(cdt), zero)
     if flags.softcap is not None:
-        u_dot = u_dot * _formulas.softcap_derivative(jnp.where(valid, u, zero), flags.softcap)
+        u_dot = u_dot * _formulas.softcap_derivative(u, flags.softcap)
     s_dot = u_dot
     if temperature is not None:
         s = jnp.where(valid, u, zero) / temperature.astype(cdt)
