@@ -335,8 +335,8 @@ def attention(
         so results over disjoint sets of keys merge exactly with
         [`jsoftmax.merge_partials`][].
       chunk_size: `(query_chunk, key_chunk)`, or an int for both; `T` and `S` need not be
-        multiples. Default: square blocks of about $2^{18}$ scores over the batch and
-        heads (256 for `B * N = 4`), a power of two in $[64, 512]$.
+        multiples. Default: square blocks of about $2^{20}$ scores over the batch and
+        heads (512 for `B * N = 4`), a power of two in $[64, 512]$.
 
     Returns:
       The output `(B, T, N, Hv)` (or `(T, N, Hv)`) in `query`'s dtype; with
