@@ -58,7 +58,13 @@ def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_na
             a = jnp.take_along_axis(jnp.broadcast_to(a, fp.u.shape), idx, axis=axis)
             return jnp.where(here, a, jnp.zeros((), a.dtype))
 
-        st = _kernel.piece_stats(fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing)
+        label = None
+        if flags.softcap is not None and where is None:
+            # The label's soft-capped logit from its raw logit, as in cross_entropy.
+            label = _formulas.softcap(pick(x.astype(cdt)), flags.softcap)
+        st = _kernel.piece_stats(
+            fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing, label=label
+        )
         st = _kernel.merge_devices(st, axis_name, temperature)
         loss, excluded, row = _kernel.integer_loss(st, coefs_c, flags, temperature)
         in_range = jnp.expand_dims((labels >= 0) & (labels < n_classes), axis)
