@@ -1,4 +1,4 @@
-"""``python examples/language_model.py --quick --context 512``: a transformer trained with
+"""``python examples/language_model.py --quick --context 1024``: a transformer trained with
 jsoftmax next to the code written today (the attention scores, an additive mask and
 jax.nn.softmax; optax's cross-entropy of the full logits), from the same parameters on the
 same batches.
@@ -30,7 +30,7 @@ pytest.importorskip("flax.nnx")
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "language_model.py"
 TIMEOUT_S = 900  # a safety net against a hung run, not a speed assertion
-CONTEXT = 512  # long enough for the blocks to matter; the quick batch shrinks to 1 sequence
+CONTEXT = 1024  # several default blocks (512 x 512 for 2 heads); the quick batch is 1 sequence
 KEYS = {
     "initial_loss",
     "loss_baseline",
@@ -102,7 +102,7 @@ def test_quick_run(tmp_path):
     # Same math, same parameters, same batches: the runs agree (float32 rounding only).
     assert abs(fused - base) <= 0.01 * base, summary
     assert summary["max_relative_difference"] <= 0.01, summary
-    # Blockwise attention never builds the (batch, heads, T, T) scores: at T = 512 one
+    # Blockwise attention never builds the (batch, heads, T, T) scores: at T = 1024 one
     # attention layer's forward and backward pass needs several times less memory.
     attention_b = summary["attention_temp_bytes_baseline"]
     attention_j = summary["attention_temp_bytes_jsoftmax"]
