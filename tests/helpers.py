@@ -46,9 +46,10 @@ def saved_residuals(f, *args) -> list[tuple[jax.ShapeDtypeStruct, str]]:
         print_saved_residuals(f, *args)
     out = []
     for line in buf.getvalue().splitlines():
-        # Sharded dimensions print with their mesh axes, e.g. f32[8@b,32@c].
+        # Sharded dimensions print with their mesh axes, e.g. f32[8@b,32@c] or
+        # f32[32@(b,c),1].
         dtype, dims = re.match(r"(\w+)\[([^\]]*)\]", line).groups()
-        shape = tuple(int(d.split("@")[0]) for d in dims.split(",") if d)
+        shape = tuple(int(d) for d in re.findall(r"(\d+)(?:@(?:\w+|\([^)]*\)))?", dims))
         out.append((jax.ShapeDtypeStruct(shape, jnp.dtype(_SHORT_DTYPES[dtype])), line))
     return out
 

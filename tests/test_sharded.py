@@ -406,10 +406,13 @@ def test_one_output_sized_residual():
         )
         res_p = saved_residuals(ce_p, x, put(np.asarray(jax.nn.softmax(_logits(13))), mesh, spec))
     # the logits block (the backward pass recomputes p), the labels, the merged per-row
-    # max and log-sum of exponentials, and which rows count (a label on an excluded class)
-    assert sorted(r[0].size for r in res) == sorted([B * N, B, B, B, B])
-    # probability labels: the logits and labels blocks (inputs), max, sum exp, sum q
-    assert sorted(r[0].size for r in res_p) == sorted([B * N, B * N, B, B, B])
+    # max and log-sum of exponentials, which rows count (a label on an excluded class),
+    # and each shard's own row maximum (B per shard of the 4 along "c": the backward
+    # pass writes exp(x - m_local) as the forward pass does, so XLA computes it once)
+    assert sorted(r[0].size for r in res) == sorted([B * N, B, B, B, B, 4 * B])
+    # probability labels: the logits and labels blocks (inputs), max, sum exp, sum q,
+    # and each shard's own row maximum
+    assert sorted(r[0].size for r in res_p) == sorted([B * N, B * N, B, B, B, 4 * B])
 
 
 # --------------------------------------------------------------------------------------

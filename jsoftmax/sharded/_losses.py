@@ -84,7 +84,7 @@ def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_na
     out = (jnp.squeeze(loss, axis).astype(out_dtype), jnp.squeeze(weight, axis))
     if _kernel.is_integer(labels):
         ok_bwd = ok
-    return out, (x, labels, where, temperature, weights, coefs, ok_bwd, row)
+    return out, (x, labels, where, temperature, weights, coefs, ok_bwd, row, fp.m)
 
 
 def _ce_kernel_fwd(
@@ -98,12 +98,18 @@ def _ce_kernel_bwd(flags, axis_name, n_classes, residuals, g):
     # d loss / d s = (sum q + 2 c b lse) p - q: local, from the merged row statistics
     # (and d loss / d y = -(1 - alpha) w log p for probability labels, local too). Only
     # the temperature's derivative (a sum over the classes) needs an all-reduce.
-    x, labels, where, temperature, weights, coefs, ok, row = residuals
+    x, labels, where, temperature, weights, coefs, ok, row, m_local = residuals
     axis = flags.axis
     cdt = row.m.dtype
     coefs_c = _kernel.coefs_as(coefs, cdt)
     u, masked = _capped(x, where, flags, cdt, barrier=flags.softcap is not None)
-    p = _kernel.probs(masked, row, temperature)
+    if flags.softcap is None and cdt == x.dtype:
+        # exp((u - m_local) / T) exactly as in the forward pass (XLA computes it once),
+        # rescaled to the merged row.
+        e = jnp.exp(_kernel.exp_arg(masked, m_local, temperature))
+        p = e * jnp.exp(_kernel.exp_arg(m_local, row.m, temperature) - row.log_total)
+    else:
+        p = _kernel.probs(masked, row, temperature)
     integer = _kernel.is_integer(labels)
     # No select on the valid classes where p and q are 0 off them already (as in
     # `jsoftmax.cross_entropy`): integer labels without `where` or smoothing.
