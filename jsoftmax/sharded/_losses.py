@@ -103,10 +103,11 @@ def _ce_kernel_bwd(flags, axis_name, n_classes, residuals, g):
     cdt = row.m.dtype
     coefs_c = _kernel.coefs_as(coefs, cdt)
     u, masked = _capped(x, where, flags, cdt, barrier=flags.softcap is not None)
-    if flags.softcap is None and cdt == x.dtype:
+    if cdt == x.dtype:
         # exp((u - m_local) / T) exactly as in the forward pass (XLA computes it once),
-        # rescaled to the merged row.
-        e = jnp.exp(_kernel.exp_arg(masked, m_local, temperature))
+        # rescaled to the merged row; the soft-cap without the barrier, as there.
+        fwd = masked if flags.softcap is None else _capped(x, where, flags, cdt)[1]
+        e = jnp.exp(_kernel.exp_arg(fwd, m_local, temperature))
         p = e * jnp.exp(_kernel.exp_arg(m_local, row.m, temperature) - row.log_total)
     else:
         p = _kernel.probs(masked, row, temperature)
