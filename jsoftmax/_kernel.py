@@ -500,6 +500,15 @@ def probs(u, row: Row, temperature=None):
     return jnp.exp(exp_arg(u, row.m, temperature) - row.log_total)
 
 
+def probs_as_forward(u, m_piece, row: Row, temperature=None):
+    """`probs`, with the exponential written as the piece's forward pass wrote it,
+    `exp((u - m_piece)/T)` (`m_piece`: the piece's own shift, `M` for a whole row), then
+    rescaled by `exp((m_piece - M)/T - log t)`: compiled together with the forward pass,
+    XLA computes the exponential once and writes the gradient over it."""
+    e = jnp.exp(exp_arg(u, m_piece, temperature))
+    return e * jnp.exp(exp_arg(m_piece, row.m, temperature) - row.log_total)
+
+
 def targets(row: Row, valid, *, onehot=None, w=None, y=None, alpha=None):
     """The target mass `q` on a piece: `(1 - alpha) b` at the integer label (`onehot`),
     or `(1 - alpha) w y` for probability labels, plus `k w` on every valid class."""

@@ -136,7 +136,7 @@ def _cotangent(logits, labels, where, temperature, weights, coefs, flags, ok, ro
     return _kernel.mask_rows(g_s, ok), valid, u, w
 
 
-def _probs(logits, where, temperature, flags: Flags, row, total):
+def _probs(logits, where, temperature, flags: Flags, row):
     """`p` recomputed from the logits and the row's numbers."""
     cdt = row.m.dtype
     z = logits.astype(cdt)
@@ -145,14 +145,11 @@ def _probs(logits, where, temperature, flags: Flags, row, total):
         # this pass writes the gradient over it (as without soft-capping).
         z = _formulas.softcap(z, flags.softcap)
     u = z if where is None else jnp.where(where, z, -jnp.inf)
-    d = _kernel.exp_arg(u, row.m, temperature)
     if cdt == logits.dtype:
-        # exp((u - m) / T) exactly as in the forward pass: compiled together with it,
-        # XLA computes it once (and this pass writes the gradient over it).
-        return jnp.exp(d) * (1 / jnp.where(total == 0, jnp.ones((), cdt), total))
+        return _kernel.probs_as_forward(u, row.m, row, temperature)
     # 16-bit logits: a differently written exponential, so XLA does not keep a float32
     # copy of the logits' size between the passes.
-    return jnp.exp(d - row.log_total)
+    return _kernel.probs(u, row, temperature)
 
 
 # --------------------------------------------------------------------------------------
@@ -178,7 +175,7 @@ def _ce_vjp_bwd(flags, residuals, g):
     logits, labels, where, temperature, weights, coefs, ok, row, total = residuals
     row = row._replace(log_total=_kernel.log_total_of(total))
     axis = flags.axis
-    p = _probs(logits, where, temperature, flags, row, total)
+    p = _probs(logits, where, temperature, flags, row)
     g_s, valid, u, w = _cotangent(
         logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p
     )

@@ -107,8 +107,7 @@ def _ce_kernel_bwd(flags, axis_name, n_classes, residuals, g):
         # exp((u - m_local) / T) exactly as in the forward pass (XLA computes it once),
         # rescaled to the merged row; the soft-cap without the barrier, as there.
         fwd = masked if flags.softcap is None else _capped(x, where, flags, cdt)[1]
-        e = jnp.exp(_kernel.exp_arg(fwd, m_local, temperature))
-        p = e * jnp.exp(_kernel.exp_arg(m_local, row.m, temperature) - row.log_total)
+        p = _kernel.probs_as_forward(fwd, m_local, row, temperature)
     else:
         p = _kernel.probs(masked, row, temperature)
     integer = _kernel.is_integer(labels)
