@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jsoftmax import _checks, _formulas, _kernel
+from jsoftmax import _checks, _formulas, _kernel, _pass
 
 # Elements of one chunk's logits: 2**20 float32 values (4 MiB), see default_chunk_size.
 _CHUNK_ELEMENTS = 1 << 20
@@ -313,7 +313,7 @@ def ce_stats_fn(weights, flags: _kernel.Flags, cdt, temperature=None):
     logits would keep a second chunk-sized array alive): see `label_logits`."""
 
     def stats_fn(c: Chunk, u):
-        fp = _kernel.exp_pass(u, None, (1,), temperature)
+        fp = _pass.exp_pass(u, None, (1,), temperature)
         st = _kernel.RowStats(fp.m, fp.total)
         if not flags.smoothing:
             return st

@@ -35,7 +35,6 @@ derivatives stay finite.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -44,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jsoftmax import _checks, _formulas, _merge
+from jsoftmax import _checks, _formulas, _merge, _pass
 
 # --------------------------------------------------------------------------------------
 # The static flags and dynamic coefficients of a loss.
@@ -65,6 +64,15 @@ class Coefs(NamedTuple):
 
     alpha: jax.Array | float | None = None
     z_loss: jax.Array | float | None = None
+
+
+def flags_and_coefs(opts: _checks.LossOptions, axis: int) -> tuple[Flags, Coefs]:
+    """The kernel's static flags and dynamic coefficients of checked loss options."""
+    flags = Flags(
+        axis, opts.label_smoothing is not None, opts.z_loss is not None, opts.logit_softcap
+    )
+    coefs = jax.tree.map(lax.stop_gradient, Coefs(opts.label_smoothing, opts.z_loss))
+    return flags, coefs
 
 
 def coefs_as(coefs: Coefs, dtype) -> Coefs:
@@ -99,103 +107,22 @@ def class_weights(weights, ndim: int, axis: int, cdt):
 
 
 # --------------------------------------------------------------------------------------
-# The one max-exp-sum pass.
+# The pass over a loss's logits.
 # --------------------------------------------------------------------------------------
 
 
-class Pass(NamedTuple):
-    """One piece's max-exp-sum pass (keepdims along the reduced axes)."""
-
-    u: jax.Array  # the (soft-capped) logits, -inf where not valid
-    d: jax.Array  # (u - m) / T: -inf where not valid
-    e: jax.Array  # exp(d)
-    total: jax.Array  # sum exp(d): 0 for a piece without valid entries
-    m: jax.Array  # the row maximum of u (no gradient; the lowest finite value if empty)
-
-
-def exp_pass(u, valid, axes: tuple[int, ...], temperature=None, row_max=None, dtype=None) -> Pass:
-    """The max-exp-sum pass over `axes` of `u`, computed in `dtype` (default: the
-    accumulation dtype of `u`).
-
-    Entries where `valid` is False become `-inf` before the maximum and the exponential
-    ("double where"), so a large masked logit never reaches `exp`. The maximum starts
-    from the lowest finite value, so a piece without a finite entry is shifted by a
-    finite amount and sums to 0. The temperature divides the shifted values,
-    $(u - m)/T$, so that the largest entry is exactly 0 however XLA rewrites the
-    division; `+inf` and NaN propagate to NaN. `row_max`, if given, maps the local
-    maximum to the one to shift by (e.g. one computed from the logits before a
-    monotone soft-cap).
-    """
-    if valid is not None:
-        u = jnp.where(valid, u, -jnp.inf)
-    # The maximum in the input's dtype (exact; a 16-bit reduction reads half the bytes),
-    # the rest in the accumulation dtype.
-    m = row_max_of(u, axes)
-    cdt = _checks.accumulation_dtype(u.dtype) if dtype is None else dtype
-    u, m = u.astype(cdt), m.astype(cdt)
-    m = lax.stop_gradient(m if row_max is None else row_max(m))
-    e = jnp.exp(exp_arg(u, m, temperature))
-    return Pass(u, shifted(u, m, temperature), e, jnp.sum(e, axis=axes, keepdims=True), m)
-
-
-def row_max_of(u, axes: tuple[int, ...]):
-    """The maximum over `axes` (keepdims), starting from the lowest finite value, so a
-    row without a finite entry gives a finite maximum.
-
-    A `lax.reduce` whose initial value is that lowest value: XLA's CPU backend then fuses
-    the maximum with the subtraction and exponential that follow (as for
-    `jax.nn.softmax`), where `jnp.max(..., initial=...)` adds a separate `maximum` after
-    the reduction and splits that fusion (one more pass over the data).
-    """
-    lowest = jnp.asarray(jnp.finfo(u.dtype).min, u.dtype)
-    axes = tuple(a % u.ndim for a in axes)
-    # No derivative: the shift is a constant of every formula it enters (and the
-    # derivative rule of a maximum divides by the number of entries equal to it, which
-    # is 0 for a row without a finite entry).
-    m = lax.reduce(lax.stop_gradient(u), lowest, lax.max, axes)
-    if math.prod(u.shape[a] for a in axes) == 1:
-        # XLA rewrites a reduction over one entry as that entry, dropping the initial
-        # value (jaxlib 0.10): apply it here (test_n1_fully_masked_row).
-        m = jnp.maximum(m, lowest)
-    return jnp.expand_dims(m, axes)
-
-
-def shifted(u, m, temperature=None):
-    """`(u - m) / T`, `-inf` where `u` is `-inf` (the log-probabilities' shift)."""
-    if temperature is None:
-        return u - m
-    return jnp.where(u > -jnp.inf, exp_arg(u, m, temperature), -jnp.inf)
-
-
-def exp_arg(u, m, temperature=None):
-    """The exponentials' argument `(u - m) / T`: where `u` is `-inf` a value whose
-    exponential is 0 and whose derivatives are 0.
-
-    With a temperature the gap `u - m` is raised to the lowest finite value before the
-    division: `lowest / T` is finite or `-inf` and its exponential underflows to 0 (for
-    `T` below about `3e36` in float32), so a derivative in `T` meets
-    `exp(d) * lowest = 0`, not `0 * inf`. A maximum rather than a select: on XLA's CPU
-    backend a select beside the exponential keeps the kernel from being vectorised
-    (about 1.4x the time of the exponential alone).
-    """
-    if temperature is None:
-        return u - m
-    lowest = jnp.asarray(jnp.finfo(u.dtype).min, u.dtype)
-    return jnp.maximum(u - m, lowest) / temperature.astype(u.dtype)
-
-
-def logits_pass(logits, valid, temperature, flags: Flags, cdt) -> Pass:
+def logits_pass(logits, valid, temperature, flags: Flags, cdt) -> _pass.Pass:
     """`exp_pass` of the (soft-capped) logits along `flags.axis`, in `cdt`. The row
     maximum of `softcap(z)` comes from the maximum of `z` (the soft-cap is increasing):
     one `tanh` per row, not per entry, before the reduction."""
     axes = (flags.axis,)
     if flags.softcap is None:
-        return exp_pass(logits, valid, axes, temperature, dtype=cdt)
+        return _pass.exp_pass(logits, valid, axes, temperature, dtype=cdt)
     z = logits.astype(cdt)
-    z_max = row_max_of(z if valid is None else jnp.where(valid, z, -jnp.inf), axes)
+    z_max = _pass.row_max_of(z if valid is None else jnp.where(valid, z, -jnp.inf), axes)
     m = lax.stop_gradient(_formulas.softcap(z_max, flags.softcap))
     u = _formulas.softcap(z, flags.softcap)
-    return exp_pass(u, valid, axes, temperature, row_max=lambda _: m)
+    return _pass.exp_pass(u, valid, axes, temperature, row_max=lambda _: m)
 
 
 # --------------------------------------------------------------------------------------
@@ -226,7 +153,7 @@ def _sum(a, axes):
     return jnp.sum(a, axis=axes, keepdims=True)
 
 
-def _smoothing_sums(fp: Pass, axes, w) -> dict:
+def _smoothing_sums(fp: _pass.Pass, axes, w) -> dict:
     """The smoothing statistics of a piece: the number of valid classes `count`, their
     weight `wsum` (with class weights) and `centred` $= \\sum_{valid} w_i (u_i - m)$.
 
@@ -272,7 +199,7 @@ def _smoothing_sums(fp: Pass, axes, w) -> dict:
 
 
 def piece_stats(
-    fp: Pass,
+    fp: _pass.Pass,
     axes: tuple[int, ...],
     *,
     pick: Callable[[jax.Array], jax.Array] | None = None,
@@ -376,11 +303,6 @@ class Row(NamedTuple):
     k: jax.Array | float | None  # alpha / m, the smoothing mass of each valid class
 
 
-def log_total_of(total):
-    """`log t` with `t = 0` (a row without valid classes) read as 1."""
-    return jnp.log(jnp.where(total == 0, jnp.ones((), total.dtype), total))
-
-
 def _over_t(a, temperature):
     return a if temperature is None else a / temperature.astype(a.dtype)
 
@@ -403,7 +325,7 @@ def integer_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
     `excluded` marks rows whose label is on an excluded class (masked, `-inf` logit,
     padding): they do not count. The loss is NaN where the label is NaN-poisoned.
     """
-    log_total = log_total_of(st.total)
+    log_total = _merge.log_total(st.total)
     assert st.label is not None
     excluded = st.label == -jnp.inf
     # u_y <= m exactly (the same array); the minimum guards a soft-cap whose rounding
@@ -445,7 +367,7 @@ def prob_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
     $(\\sum q)\\log t - \\sum q (u - M)/T + c\\,\\mathrm{lse}^2$, two non-negative
     terms; `empty` marks rows without valid classes (they do not count)."""
     assert st.mass is not None and st.cross is not None
-    log_total = log_total_of(st.total)
+    log_total = _merge.log_total(st.total)
     mass, cross, k = st.mass, st.cross, None
     if flags.smoothing:
         assert coefs.alpha is not None and st.centred is not None
@@ -462,12 +384,63 @@ def prob_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
     return loss, st.total == 0, Row(st.m, log_total, scale, None, k)
 
 
+def loss_rows(
+    logits,
+    labels,
+    where,
+    temperature,
+    weights,
+    row_ok,
+    coefs: Coefs,
+    flags: Flags,
+    *,
+    label_at: tuple[Callable[[jax.Array], jax.Array], jax.Array] | None = None,
+    merge_stats: Callable[[RowStats], RowStats] | None = None,
+):
+    """The forward pass of a cross-entropy on a piece of each row (the whole row, or a
+    device's block): `((loss, weight), (ok, row, fp))`, the per-row loss (0 where the
+    row does not count) and its weight in the mean, the rows whose cotangent counts,
+    the merged [`Row`][jsoftmax._kernel.Row] and the piece's pass.
+
+    Integer labels come with `label_at = (pick, in_range)`: `pick` as for `piece_stats`,
+    `in_range` False where the label is not a class (the loss is NaN there, not
+    excluded); `merge_stats` merges the pieces' statistics (None: one piece)."""
+    axis = flags.axis
+    cdt = loss_dtype(logits, labels)
+    coefs = coefs_as(coefs, cdt)
+    fp = logits_pass(logits, where, temperature, flags, cdt)
+    w = class_weights(weights, logits.ndim, axis, cdt)
+    ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
+    merged = (lambda st: st) if merge_stats is None else merge_stats
+    if is_integer(labels):
+        assert label_at is not None
+        pick, in_range = label_at
+        label = None
+        if flags.softcap is not None and where is None:
+            # The label's soft-capped logit from its raw logit: gathered from the
+            # soft-capped logits, those would be written out for the gather.
+            label = _formulas.softcap(pick(logits.astype(cdt)), flags.softcap)
+        st = piece_stats(fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing, label=label)
+        st = merged(st)
+        loss, excluded, row = integer_loss(st, coefs, flags, temperature)
+        loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
+        ok = ok_bwd = both(ok, ~excluded | ~in_range)
+    else:
+        st = merged(piece_stats(fp, (axis,), w=w, y=labels, smoothing=flags.smoothing))
+        loss, empty, row = prob_loss(st, coefs, flags, temperature)
+        # A row without valid classes has p = q = 0: its gradients are 0 without a mask.
+        ok_bwd, ok = ok, both(ok, ~empty)
+    weight = row_weight(ok, st.w_y, loss.shape, cdt)
+    loss = mask_rows(loss, ok)
+    return (jnp.squeeze(loss, axis), jnp.squeeze(weight, axis)), (ok_bwd, row, fp)
+
+
 def log_prob(st: RowStats, temperature=None):
     """`(log p_y, excluded)` of the integer label from merged statistics: never above 0
     (the label's logit is clamped to the row maximum), `-inf` for a label on an excluded
     class."""
     assert st.label is not None
-    log_total = log_total_of(st.total)
+    log_total = _merge.log_total(st.total)
     excluded = st.label == -jnp.inf
     gap = st.label - st.m
     gap = jnp.where(excluded | (gap > 0), jnp.zeros((), gap.dtype), gap)
@@ -485,7 +458,7 @@ def mean_gap(st: RowStats):
 def entropy(st: RowStats, temperature=None):
     r"""The entropy $H = \mathrm{lse} - E_p[s] = \log t - E_p[u - M]/T$ (0 for a row
     without valid classes, and never below 0)."""
-    h = log_total_of(st.total) - _over_t(mean_gap(st), temperature)
+    h = _merge.log_total(st.total) - _over_t(mean_gap(st), temperature)
     return jnp.where(h < 0, jnp.zeros((), h.dtype), h)
 
 
@@ -497,7 +470,7 @@ def entropy(st: RowStats, temperature=None):
 def probs(u, row: Row, temperature=None):
     """The softmax of the merged row on a piece: `exp((u - M)/T - log t)`; 0 where `u` is
     `-inf` (not valid)."""
-    return jnp.exp(exp_arg(u, row.m, temperature) - row.log_total)
+    return jnp.exp(_pass.exp_arg(u, row.m, temperature) - row.log_total)
 
 
 def probs_as_forward(u, m_piece, row: Row, temperature=None):
@@ -505,8 +478,8 @@ def probs_as_forward(u, m_piece, row: Row, temperature=None):
     `exp((u - m_piece)/T)` (`m_piece`: the piece's own shift, `M` for a whole row), then
     rescaled by `exp((m_piece - M)/T - log t)`: compiled together with the forward pass,
     XLA computes the exponential once and writes the gradient over it."""
-    e = jnp.exp(exp_arg(u, m_piece, temperature))
-    return e * jnp.exp(exp_arg(m_piece, row.m, temperature) - row.log_total)
+    e = jnp.exp(_pass.exp_arg(u, m_piece, temperature))
+    return e * jnp.exp(_pass.exp_arg(m_piece, row.m, temperature) - row.log_total)
 
 
 def targets(row: Row, valid, *, onehot=None, w=None, y=None, alpha=None):

@@ -17,12 +17,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _chunks, _custom, _kernel
 from jsoftmax._checks import Reduction
-from jsoftmax._kernel import Coefs, Flags
+from jsoftmax._kernel import Flags
 
 
 def check_inputs(x, w, bias, vocab_axis, *, w_name: str = "w", bias_name: str = "bias"):
@@ -73,15 +72,6 @@ def check_int_labels(labels, x) -> jax.Array:
             f"got {labels.shape}."
         )
     return labels
-
-
-def flags_and_coefs(opts: _checks.LossOptions, axis: int) -> tuple[Flags, Coefs]:
-    """The kernel's static flags and dynamic coefficients of checked loss options."""
-    flags = Flags(
-        axis, opts.label_smoothing is not None, opts.z_loss is not None, opts.logit_softcap
-    )
-    coefs = jax.tree.map(lax.stop_gradient, Coefs(opts.label_smoothing, opts.z_loss))
-    return flags, coefs
 
 
 def ce_forward(
@@ -265,7 +255,7 @@ def linear_cross_entropy(
         per_row = jnp.zeros(batch, out_dtype)
         return per_row if opts.reduction == "none" else jnp.zeros((), out_dtype)
     row_ok = None if opts.ignore_index is None else lab != opts.ignore_index
-    flags, coefs = flags_and_coefs(opts, 1)
+    flags, coefs = _kernel.flags_and_coefs(opts, 1)
     per_row, weight = _lce(x2, w, bias, lab, weights, row_ok, coefs, flags, size, va)
     out = _kernel.reduce_rows(per_row, weight, opts.reduction)
     return out.reshape(batch) if opts.reduction == "none" else out

@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _chunks, _custom, _formulas, _kernel, _linear, _merge, _post
+from jsoftmax import _checks, _chunks, _custom, _formulas, _kernel, _linear, _merge, _pass, _post
 from jsoftmax._checks import Reduction
 
 # --------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def lp_forward(x, w, bias, idx, t, cap, with_entropy, size, va, limit=None, merg
     cdt = _chunks.compute_dtype(x, w)
 
     def stats_fn(c, u):
-        fp = _kernel.exp_pass(u, None, (1,), t)
+        fp = _pass.exp_pass(u, None, (1,), t)
         return _kernel.piece_stats(fp, (1,), entropy=with_entropy)
 
     st = _chunks.scan_stats(x, w, bias, stats_fn, size, va, cap, cdt, t, limit)
@@ -42,7 +42,7 @@ def lp_forward(x, w, bias, idx, t, cap, with_entropy, size, va, limit=None, merg
     lp, excluded = _kernel.log_prob(st, t)
     h = _kernel.entropy(st, t) if with_entropy else None
     mean_gap = _kernel.mean_gap(st) if with_entropy else None
-    return (lp, h), (st.m, _kernel.log_total_of(st.total), mean_gap, excluded)
+    return (lp, h), (st.m, _merge.log_total(st.total), mean_gap, excluded)
 
 
 def lp_backward(x, w, bias, idx, t, cap, g_lp, g_h, stats, size, va, limit=None):
@@ -213,8 +213,8 @@ def _kl_stats(x, w, bias, teacher, beta, t, size, va, cdt):
     single = beta in (0.0, 1.0)
 
     def lse_fn(c, u):
-        fp_s = _kernel.exp_pass(u, None, (1,), t)
-        fp_t = _kernel.exp_pass(_teacher_logits(c, teacher, va, cdt), None, (1,), t)
+        fp_s = _pass.exp_pass(u, None, (1,), t)
+        fp_t = _pass.exp_pass(_teacher_logits(c, teacher, va, cdt), None, (1,), t)
         stats = _kernel.piece_stats(fp_s, (1,)), _kernel.piece_stats(fp_t, (1,))
         if not single:
             return stats
@@ -233,7 +233,7 @@ def _kl_stats(x, w, bias, teacher, beta, t, size, va, cdt):
 
     out = _chunks.scan_stats(x, w, bias, lse_fn, size, va, None, cdt, merge=merge)
     st_s, st_t = out[0], out[1]
-    rows = tuple(_kernel.Row(st.m, _kernel.log_total_of(st.total), None, None, None)
+    rows = tuple(_kernel.Row(st.m, _merge.log_total(st.total), None, None, None)
                  for st in (st_s, st_t))  # fmt: skip
     if single:
         a, b = (st_t, st_s) if beta == 0.0 else (st_s, st_t)
@@ -259,9 +259,9 @@ def _merge_rescale(m, value, m_new, t):
 
 def _log_probs(c, u, rows, teacher, t, va, cdt):
     row_s, row_t = rows
-    log_ps = _kernel.shifted(u, row_s.m, t) - row_s.log_total
+    log_ps = _pass.shifted(u, row_s.m, t) - row_s.log_total
     u_t = _teacher_logits(c, teacher, va, cdt)
-    log_pt = _kernel.shifted(u_t, row_t.m, t) - row_t.log_total
+    log_pt = _pass.shifted(u_t, row_t.m, t) - row_t.log_total
     return log_ps, log_pt
 
 

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _custom, _formulas, _kernel
+from jsoftmax import _checks, _custom, _formulas, _kernel, _merge
 from jsoftmax._checks import Reduction, Rule
-from jsoftmax._kernel import Coefs, Flags
+from jsoftmax._kernel import Flags
 from jsoftmax._operator import SoftmaxJacobian
 from jsoftmax._softmax import softmax
 
@@ -58,40 +58,13 @@ def _picker(idx, shape, axis: int):
 def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: Flags):
     """`((loss, weight), residual row numbers)`: the per-row loss (0 where the row does
     not count) and its weight in the mean."""
-    axis = flags.axis
-    cdt = _kernel.loss_dtype(logits, labels)
-    coefs = _kernel.coefs_as(coefs, cdt)
-    fp = _kernel.logits_pass(logits, where, temperature, flags, cdt)
-    w = _kernel.class_weights(weights, logits.ndim, axis, cdt)
-    ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
+    label_at = None
     if _kernel.is_integer(labels):
-        idx, in_range = _label_index(labels, logits.shape[axis], axis)
-        pick = _picker(idx, fp.u.shape, axis)
-        label = None
-        if flags.softcap is not None and where is None:
-            # The label's soft-capped logit from its raw logit: gathered from the
-            # soft-capped logits, those would be written out for the gather.
-            label = _formulas.softcap(pick(logits.astype(cdt)), flags.softcap)
-        st = _kernel.piece_stats(
-            fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing, label=label
-        )
-        loss, excluded, row = _kernel.integer_loss(st, coefs, flags, temperature)
-        loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
-        # An out-of-range label is NaN, not excluded.
-        ok = _kernel.both(ok, ~excluded | ~in_range)
-        w_y = st.w_y
-    else:
-        st = _kernel.piece_stats(fp, (axis,), w=w, y=labels, smoothing=flags.smoothing)
-        loss, empty, row = _kernel.prob_loss(st, coefs, flags, temperature)
-        # A row without valid classes has p = q = 0: its gradients are 0 without a mask.
-        ok_bwd, ok = ok, _kernel.both(ok, ~empty)
-        w_y = None
-    weight = _kernel.row_weight(ok, w_y, loss.shape, cdt)
-    loss = _kernel.mask_rows(loss, ok)
-    out = (jnp.squeeze(loss, axis), jnp.squeeze(weight, axis))
-    if _kernel.is_integer(labels):
-        ok_bwd = ok
-    return out, (ok_bwd, row, fp.total)
+        idx, in_range = _label_index(labels, logits.shape[flags.axis], flags.axis)
+        label_at = (_picker(idx, logits.shape, flags.axis), in_range)
+    args = (logits, labels, where, temperature, weights, row_ok, coefs, flags)
+    out, (ok, row, fp) = _kernel.loss_rows(*args, label_at=label_at)
+    return out, (ok, row, fp.total)
 
 
 def _cotangent(logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p):
@@ -173,7 +146,7 @@ def _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, coefs, flag
 
 def _ce_vjp_bwd(flags, residuals, g):
     logits, labels, where, temperature, weights, coefs, ok, row, total = residuals
-    row = row._replace(log_total=_kernel.log_total_of(total))
+    row = row._replace(log_total=_merge.log_total(total))
     axis = flags.axis
     p = _probs(logits, where, temperature, flags, row)
     g_s, valid, u, w = _cotangent(
@@ -422,8 +395,7 @@ def cross_entropy(
         _checks.check_label_range(labels, n, opts.ignore_index, counted=example_mask)
         if opts.ignore_index is not None:
             row_ok = _kernel.both(row_ok, labels != opts.ignore_index)
-    flags = Flags(ax, opts.label_smoothing is not None, opts.z_loss is not None, opts.logit_softcap)
-    coefs = jax.tree.map(lax.stop_gradient, Coefs(opts.label_smoothing, opts.z_loss))
+    flags, coefs = _kernel.flags_and_coefs(opts, ax)
     kernel = _ce_vjp if rule == "vjp" else _ce_jvp
     per_row, weight = kernel(logits, labels, where, t, weights, row_ok, coefs, flags)
     return _kernel.reduce_rows(per_row.astype(out_dtype), weight, opts.reduction)

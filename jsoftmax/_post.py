@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _custom, _formulas, _kernel
+from jsoftmax import _checks, _custom, _formulas, _kernel, _merge, _pass
 
 # --------------------------------------------------------------------------------------
 # Shared checks.
@@ -83,7 +83,7 @@ def _lp_forward(logits, labels, where, temperature, row_ok, axis, cap, with_entr
     cdt = _checks.accumulation_dtype(logits.dtype)
     # Without a soft-cap the pass takes the logits as they are (a 16-bit row maximum).
     u = logits if cap is None else _capped(logits, cap, cdt)
-    fp = _kernel.exp_pass(u, where, (axis,), temperature, dtype=cdt)
+    fp = _pass.exp_pass(u, where, (axis,), temperature, dtype=cdt)
     n = logits.shape[axis]
     idx = jnp.expand_dims(labels.astype(jnp.int32), axis)
     in_range = (idx >= 0) & (idx < n)
@@ -120,7 +120,7 @@ def _lp_bwd(axis, cap, with_entropy, residuals, g):
     cdt = m.dtype
     u = _capped(lax.optimization_barrier(logits) if cap is not None else logits, cap, cdt)
     masked = u if where is None else jnp.where(where, u, -jnp.inf)
-    row = _kernel.Row(m, _kernel.log_total_of(total), None, None, None)
+    row = _kernel.Row(m, _merge.log_total(total), None, None, None)
     p = _kernel.probs(masked, row, temperature)
     n = logits.shape[axis]
     idx = jnp.expand_dims(labels.astype(jnp.int32), axis)
@@ -131,7 +131,7 @@ def _lp_bwd(axis, cap, with_entropy, residuals, g):
     g_s = jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
     if with_entropy:
         st = _kernel.RowStats(m, total, ent=ent)
-        centred = _kernel.shifted(masked, m, None) - _kernel.mean_gap(st)
+        centred = _pass.shifted(masked, m, None) - _kernel.mean_gap(st)
         centred = centred if temperature is None else centred / temperature.astype(cdt)
         g_h = jnp.expand_dims(g[1].astype(cdt), axis)
         g_s = g_s + _formulas.entropy_cotangent(p, jnp.where(p > 0, centred, 0), g_h)
@@ -244,8 +244,8 @@ def token_log_probs(
 
 def _log_probs(logits, where, axis, t, cdt):
     """`(log p, m, total)` of `logits / t` over `axis` (-inf off the valid classes)."""
-    fp = _kernel.exp_pass(logits, where, (axis,), t, dtype=cdt)
-    return fp.d - _kernel.log_total_of(fp.total), fp.m, fp.total
+    fp = _pass.exp_pass(logits, where, (axis,), t, dtype=cdt)
+    return fp.d - _merge.log_total(fp.total), fp.m, fp.total
 
 
 def _kl_forward(logits, teacher, where, row_ok, axis, beta, t):
@@ -276,7 +276,7 @@ def _kl_bwd(axis, beta, t, residuals, g):
     tt = _temperature_array(t, cdt)
     u = logits.astype(cdt)
     masked = u if where is None else jnp.where(where, u, -jnp.inf)
-    log_ps = _kernel.shifted(masked, m_s, tt) - _kernel.log_total_of(total_s)
+    log_ps = _pass.shifted(masked, m_s, tt) - _merge.log_total(total_s)
     log_pt, _, _ = _log_probs(teacher, where, axis, tt, cdt)
     g_s = _formulas.divergence_cotangent(log_ps, log_pt, kl_s, beta)
     g_s = _kernel.mask_rows(g_s * jnp.expand_dims(g.astype(cdt), axis), ok)

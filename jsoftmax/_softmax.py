@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _custom, _formulas, _kernel, _merge
+from jsoftmax import _checks, _custom, _formulas, _merge, _pass
 from jsoftmax._checks import Precision, Rule
 
 Axes = tuple[int, ...]
@@ -38,7 +38,7 @@ Axes = tuple[int, ...]
 
 def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
     """`(d, exp(d), total, parts)` with `d = (x - m) / T`, `m` the row maximum, in the
-    accumulation dtype (the pass of `jsoftmax._kernel.exp_pass`).
+    accumulation dtype (the pass of `jsoftmax._pass.exp_pass`).
 
     `precise=True` (`precision="high"`) adds two refinements:
 
@@ -51,7 +51,7 @@ def _shifted_exp(x, where, temperature, axes: Axes, precise: bool = False):
       leading ones. `parts = (c, r)`; it is None otherwise.
     """
     cdt = _checks.accumulation_dtype(x.dtype)
-    fp = _kernel.exp_pass(x, where, axes, temperature)
+    fp = _pass.exp_pass(x, where, axes, temperature)
     if not precise:
         return fp.d, fp.e, fp.total, None
     e = fp.e
@@ -414,7 +414,7 @@ def _lse_parts(x, b, where, axes: Axes):
     if b is not None:
         nonzero = b != 0
         valid = nonzero if valid is None else valid & nonzero
-    fp = _kernel.exp_pass(x, valid, axes)
+    fp = _pass.exp_pass(x, valid, axes)
     if b is None:
         total = fp.total
         sign = jnp.where(total > 0, jnp.ones((), total.dtype), jnp.zeros((), total.dtype))

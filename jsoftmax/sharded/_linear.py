@@ -185,7 +185,7 @@ def linear_cross_entropy(
         "the classes, e.g. in_specs P(axis_name)).",
     )
     ex_ok = None if opts.ignore_index is None else f.labels != opts.ignore_index
-    flags, coefs = _linear.flags_and_coefs(opts, 1)
+    flags, coefs = _kernel.flags_and_coefs(opts, 1)
     args = (f.x, f.w, f.bias, f.labels, weights, ex_ok, coefs, flags)
     per_row, weight = _lce_kernel(*args, f.axis_name, f.size, f.n_classes)
     out = _common.reduce(per_row, weight, opts.reduction, data_axis_name)

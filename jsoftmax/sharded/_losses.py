@@ -14,7 +14,7 @@ from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _custom, _formulas, _kernel
 from jsoftmax._checks import Reduction
-from jsoftmax._kernel import Coefs, Flags
+from jsoftmax._kernel import Flags
 from jsoftmax.sharded import _common
 from jsoftmax.sharded._common import AxisName
 
@@ -41,11 +41,7 @@ def _ce_kernel(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis
 
 def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_name, n_classes):
     axis = flags.axis
-    cdt = _kernel.loss_dtype(x, labels)
-    coefs_c = _kernel.coefs_as(coefs, cdt)
-    fp = _kernel.logits_pass(x, where, temperature, flags, cdt)
-    w = _kernel.class_weights(weights, x.ndim, axis, cdt)
-    ok = None if ex_ok is None else jnp.expand_dims(ex_ok, axis)
+    label_at = None
     if _kernel.is_integer(labels):
         n = x.shape[axis]
         local = jnp.expand_dims(labels - _common.offset(n, axis_name), axis)
@@ -55,36 +51,14 @@ def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_na
         def pick(a):
             # A gather on this shard's block (one value per row), 0 where another
             # shard holds the label; the shards' values are summed by the merge.
-            a = jnp.take_along_axis(jnp.broadcast_to(a, fp.u.shape), idx, axis=axis)
+            a = jnp.take_along_axis(jnp.broadcast_to(a, x.shape), idx, axis=axis)
             return jnp.where(here, a, jnp.zeros((), a.dtype))
 
-        label = None
-        if flags.softcap is not None and where is None:
-            # The label's soft-capped logit from its raw logit, as in cross_entropy.
-            label = _formulas.softcap(pick(x.astype(cdt)), flags.softcap)
-        st = _kernel.piece_stats(
-            fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing, label=label
-        )
-        st = _kernel.merge_devices(st, axis_name, temperature)
-        loss, excluded, row = _kernel.integer_loss(st, coefs_c, flags, temperature)
-        in_range = jnp.expand_dims((labels >= 0) & (labels < n_classes), axis)
-        loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
-        ok = _kernel.both(ok, ~excluded | ~in_range)
-        w_y = st.w_y
-    else:
-        st = _kernel.piece_stats(fp, (axis,), w=w, y=labels, smoothing=flags.smoothing)
-        st = _kernel.merge_devices(st, axis_name, temperature)
-        loss, empty, row = _kernel.prob_loss(st, coefs_c, flags, temperature)
-        # A row without valid classes has p = q = 0: its gradients are 0 without a mask.
-        ok_bwd, ok = ok, _kernel.both(ok, ~empty)
-        w_y = None
-    weight = _kernel.row_weight(ok, w_y, loss.shape, cdt)
-    out_dtype = cdt  # float32 for 16-bit logits
-    loss = _kernel.mask_rows(loss, ok)
-    out = (jnp.squeeze(loss, axis).astype(out_dtype), jnp.squeeze(weight, axis))
-    if _kernel.is_integer(labels):
-        ok_bwd = ok
-    return out, (x, labels, where, temperature, weights, coefs, ok_bwd, row, fp.m)
+        label_at = (pick, jnp.expand_dims((labels >= 0) & (labels < n_classes), axis))
+    merge = partial(_kernel.merge_devices, axis_name=axis_name, temperature=temperature)
+    args = (x, labels, where, temperature, weights, ex_ok, coefs, flags)
+    out, (ok, row, fp) = _kernel.loss_rows(*args, label_at=label_at, merge_stats=merge)
+    return out, (x, labels, where, temperature, weights, coefs, ok, row, fp.m)
 
 
 def _ce_kernel_fwd(
@@ -316,10 +290,7 @@ def cross_entropy(
         # Probability labels are differentiated: their cotangent is local, so they must
         # vary over the mesh axes the logits vary over (and the logits over theirs).
         x, labels = _common.varying((x, labels), ())
-    flags = Flags(
-        axis, opts.label_smoothing is not None, opts.z_loss is not None, opts.logit_softcap
-    )
-    coefs = jax.tree.map(lax.stop_gradient, Coefs(opts.label_smoothing, opts.z_loss))
+    flags, coefs = _kernel.flags_and_coefs(opts, axis)
     per_row, weight = _ce_kernel(
         x, labels, where, t, weights, ex_ok, coefs, flags, axis_name, n_classes
     )

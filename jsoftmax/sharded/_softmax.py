@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _custom, _formulas, _kernel, _merge
+from jsoftmax import _checks, _custom, _formulas, _merge, _pass
 from jsoftmax.sharded import _common
 from jsoftmax.sharded._common import Axes, AxisName
 
@@ -16,7 +16,7 @@ from jsoftmax.sharded._common import Axes, AxisName
 def _values(x, where, axes: Axes, axis_name: AxisName, log: bool):
     # This device's max-exp-sum pass, then two all-reduces: the row max, then the sum of
     # the blocks' rescaled sums (the merge rule of jsoftmax.merge_partials).
-    fp = _kernel.exp_pass(x, where, axes)
+    fp = _pass.exp_pass(x, where, axes)
     m_all, total = _merge.merge_across(fp.m, fp.total, axis_name)
     if log:
         return fp.d + _merge.log_scale(fp.m, m_all, total)
