@@ -384,57 +384,6 @@ def prob_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
     return loss, st.total == 0, Row(st.m, log_total, scale, None, k)
 
 
-def loss_rows(
-    logits,
-    labels,
-    where,
-    temperature,
-    weights,
-    row_ok,
-    coefs: Coefs,
-    flags: Flags,
-    *,
-    label_at: tuple[Callable[[jax.Array], jax.Array], jax.Array] | None = None,
-    merge_stats: Callable[[RowStats], RowStats] | None = None,
-):
-    """The forward pass of a cross-entropy on a piece of each row (the whole row, or a
-    device's block): `((loss, weight), (ok, row, fp))`, the per-row loss (0 where the
-    row does not count) and its weight in the mean, the rows whose cotangent counts,
-    the merged [`Row`][jsoftmax._kernel.Row] and the piece's pass.
-
-    Integer labels come with `label_at = (pick, in_range)`: `pick` as for `piece_stats`,
-    `in_range` False where the label is not a class (the loss is NaN there, not
-    excluded); `merge_stats` merges the pieces' statistics (None: one piece)."""
-    axis = flags.axis
-    cdt = loss_dtype(logits, labels)
-    coefs = coefs_as(coefs, cdt)
-    fp = logits_pass(logits, where, temperature, flags, cdt)
-    w = class_weights(weights, logits.ndim, axis, cdt)
-    ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
-    merged = (lambda st: st) if merge_stats is None else merge_stats
-    if is_integer(labels):
-        assert label_at is not None
-        pick, in_range = label_at
-        label = None
-        if flags.softcap is not None and where is None:
-            # The label's soft-capped logit from its raw logit: gathered from the
-            # soft-capped logits, those would be written out for the gather.
-            label = _formulas.softcap(pick(logits.astype(cdt)), flags.softcap)
-        st = piece_stats(fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing, label=label)
-        st = merged(st)
-        loss, excluded, row = integer_loss(st, coefs, flags, temperature)
-        loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
-        ok = ok_bwd = both(ok, ~excluded | ~in_range)
-    else:
-        st = merged(piece_stats(fp, (axis,), w=w, y=labels, smoothing=flags.smoothing))
-        loss, empty, row = prob_loss(st, coefs, flags, temperature)
-        # A row without valid classes has p = q = 0: its gradients are 0 without a mask.
-        ok_bwd, ok = ok, both(ok, ~empty)
-    weight = row_weight(ok, st.w_y, loss.shape, cdt)
-    loss = mask_rows(loss, ok)
-    return (jnp.squeeze(loss, axis), jnp.squeeze(weight, axis)), (ok_bwd, row, fp)
-
-
 def log_prob(st: RowStats, temperature=None):
     """`(log p_y, excluded)` of the integer label from merged statistics: never above 0
     (the label's logit is clamped to the row maximum), `-inf` for a label on an excluded

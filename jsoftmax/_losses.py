@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _custom, _formulas, _kernel, _merge
+from jsoftmax import _ce, _checks, _custom, _formulas, _kernel, _merge
 from jsoftmax._checks import Reduction, Rule
 from jsoftmax._kernel import Flags
 from jsoftmax._operator import SoftmaxJacobian
@@ -63,66 +63,8 @@ def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: 
         idx, in_range = _label_index(labels, logits.shape[flags.axis], flags.axis)
         label_at = (_picker(idx, logits.shape, flags.axis), in_range)
     args = (logits, labels, where, temperature, weights, row_ok, coefs, flags)
-    out, (ok, row, fp) = _kernel.loss_rows(*args, label_at=label_at)
+    out, (ok, row, fp) = _ce.forward(*args, label_at=label_at)
     return out, (ok, row, fp.total)
-
-
-def _cotangent(logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p):
-    """`(d loss / d s, valid, u, w)` on the dense row (0 where the row does not count),
-    with `u` the soft-capped logits.
-
-    `valid` is None where no select on it is needed: integer labels without `where` or
-    smoothing. There `p` is exactly 0 on the `-inf` logits (with a temperature too:
-    `exp(lowest / T)` underflows) and a row that counts has its label on a valid class,
-    so `q` is 0 there too and the cotangent is 0 without reading the logits again (one
-    logits-sized pass fewer); the soft-cap's derivative is 0 there as well."""
-    axis = flags.axis
-    cdt = row.m.dtype
-    coefs = _kernel.coefs_as(coefs, cdt)
-    z = logits.astype(cdt)
-    integer = _kernel.is_integer(labels)
-    plain = integer and where is None and not flags.smoothing
-    # Behind a barrier: not shared with the forward pass's soft-cap, which XLA would
-    # then write out. Without a select on `valid`, the soft-cap's `-inf` is not needed
-    # (its derivative is 0 at `-cap` too).
-    u = (
-        z
-        if flags.softcap is None
-        else _formulas.softcap(lax.optimization_barrier(z), flags.softcap, keep_neg_inf=not plain)
-    )
-    if plain:
-        valid = None
-    else:
-        valid = u > -jnp.inf if where is None else (u > -jnp.inf) & where
-    w = _kernel.class_weights(weights, logits.ndim, axis, cdt)
-    if integer:
-        idx, in_range = _label_index(labels, logits.shape[axis], axis)
-        onehot = lax.broadcasted_iota(idx.dtype, logits.shape, axis) == idx
-        q = _kernel.targets(row, valid, onehot=onehot, w=w)
-        g_s = _kernel.score_cotangent(p, q, row)
-        g_s = jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
-    else:
-        alpha = coefs.alpha if flags.smoothing else None
-        q = _kernel.targets(row, valid, w=w, y=labels, alpha=alpha)
-        g_s = _kernel.score_cotangent(p, q, row)
-    # Selects, not products: a row that does not count gets exactly 0, even if NaN.
-    return _kernel.mask_rows(g_s, ok), valid, u, w
-
-
-def _probs(logits, where, temperature, flags: Flags, row):
-    """`p` recomputed from the logits and the row's numbers."""
-    cdt = row.m.dtype
-    z = logits.astype(cdt)
-    if flags.softcap is not None:
-        # Written as in the forward pass, so that XLA computes the exponential once and
-        # this pass writes the gradient over it (as without soft-capping).
-        z = _formulas.softcap(z, flags.softcap)
-    u = z if where is None else jnp.where(where, z, -jnp.inf)
-    if cdt == logits.dtype:
-        return _kernel.probs_as_forward(u, row.m, row, temperature)
-    # 16-bit logits: a differently written exponential, so XLA does not keep a float32
-    # copy of the logits' size between the passes.
-    return _kernel.probs(u, row, temperature)
 
 
 # --------------------------------------------------------------------------------------
@@ -147,20 +89,13 @@ def _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, coefs, flag
 def _ce_vjp_bwd(flags, residuals, g):
     logits, labels, where, temperature, weights, coefs, ok, row, total = residuals
     row = row._replace(log_total=_merge.log_total(total))
-    axis = flags.axis
-    p = _probs(logits, where, temperature, flags, row)
-    g_s, valid, u, w = _cotangent(
-        logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p
-    )
-    g = jnp.expand_dims(g[0].astype(row.m.dtype), axis)
-    g_z, g_t = _kernel.chain_to_logits(g_s * g, u, valid, (axis,), flags, temperature)
-    g_labels = None
-    if not _kernel.is_integer(labels):
-        alpha = _kernel.coefs_as(coefs, row.m.dtype).alpha if flags.smoothing else None
-        g_y = _kernel.label_cotangent(u, row, valid, w, alpha, temperature) * g
-        g_labels = _kernel.mask_rows(g_y, ok).astype(labels.dtype)
+    label_at = None
+    if _kernel.is_integer(labels):
+        label_at = _label_index(labels, logits.shape[flags.axis], flags.axis)
+    args = (logits, labels, where, temperature, weights, coefs, flags, ok, row, row.m)
+    g_z, g_labels, g_t = _ce.backward(*args, g[0], label_at)
     g_t = None if g_t is None else g_t.astype(temperature.dtype)
-    return g_z.astype(logits.dtype), g_labels, None, g_t, None, None, None
+    return g_z, g_labels, None, g_t, None, None, None
 
 
 _ce_vjp.defvjp(_ce_vjp_fwd, _ce_vjp_bwd)
@@ -189,9 +124,11 @@ def _ce_jvp_rule(flags, primals, tangents):
     u = z if flags.softcap is None else _formulas.softcap(z, flags.softcap)
     masked = u if where is None else jnp.where(where, u, -jnp.inf)
     p = _kernel.probs(masked, row, temperature)
-    g_s, valid, u, w = _cotangent(
-        logits, labels, where, temperature, weights, coefs, flags, ok, row, total, p
-    )
+    label_at = None
+    if _kernel.is_integer(labels):
+        label_at = _label_index(labels, logits.shape[axis], axis)
+    args = (logits, labels, where, temperature, weights, coefs, flags, ok, row, p)
+    g_s, valid, u, w = _ce.cotangent(*args, label_at)
     # The tangent of s = softcap(z) / T, 0 off the valid classes (their tangents, maybe
     # inf, are dropped).
     if valid is None:
@@ -209,7 +146,9 @@ def _ce_jvp_rule(flags, primals, tangents):
         alpha = _kernel.coefs_as(coefs, cdt).alpha if flags.smoothing else None
         d_y = _kernel.mask_rows(_kernel.label_cotangent(u, row, valid, w, alpha, temperature), ok)
         loss_dot = loss_dot + jnp.sum(d_y * labels_dot.astype(cdt), axis, keepdims=True)
-    loss_dot = jnp.squeeze(loss_dot, axis).astype(out[0].dtype)
+    # A select per row: its transpose gives a row that does not count no cotangent,
+    # even a NaN one (as reverse mode of rule="vjp" does).
+    loss_dot = jnp.squeeze(_kernel.mask_rows(loss_dot, ok), axis).astype(out[0].dtype)
     return out, (loss_dot, jnp.zeros_like(out[1]))
 
 

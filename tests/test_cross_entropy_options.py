@@ -322,6 +322,21 @@ def test_ignored_and_masked_rows_stay_zero_with_nan_logits():
     assert np.all(np.asarray(gt[2:4]) == 0)
 
 
+@pytest.mark.parametrize("rule", ["vjp", "jvp"])
+def test_nan_cotangent_of_a_row_that_does_not_count_stays_out(rule):
+    # A select `where(counts, loss, 0)` gives a row that does not count no cotangent,
+    # whatever it is (NaN, inf): autodiff of the reference with those entries set to 0.
+    z = make_logits((B, N), REF_DTYPE)
+    opts = dict(ignore_index=-100, where=EXAMPLE_MASK)
+    ct = jnp.ones((B,), REF_DTYPE).at[3].set(jnp.nan).at[2].set(jnp.inf)
+    f = lambda z: jsoftmax.cross_entropy(z, LABELS, rule=rule, **opts)  # noqa: E731
+    g = jax.vjp(f, z)[1](ct)[0]
+    ref_f = lambda z: reference(z, LABELS, ignore_index=-100, example_mask=EXAMPLE_MASK)  # noqa: E731
+    ref = jax.vjp(ref_f, z)[1](jnp.where(jnp.isfinite(ct), ct, 0.0))[0]
+    assert np.all(np.asarray(g[2:4]) == 0)
+    _assert_close(g, ref, *GRAD_TOL)
+
+
 def test_out_of_range_labels_other_than_ignore_index():
     z = make_logits((B, N), REF_DTYPE)
     with pytest.raises(IndexError, match="or ignore_index=-100"):

@@ -12,25 +12,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax import _checks, _custom, _formulas, _kernel
+from jsoftmax import _ce, _checks, _custom, _kernel
 from jsoftmax._checks import Reduction
-from jsoftmax._kernel import Flags
 from jsoftmax.sharded import _common
 from jsoftmax.sharded._common import AxisName
 
 
-def _onehot(labels, shape, axis: int, axis_name: AxisName):
-    """True at the label's entry of this shard's block (nowhere on the other shards)."""
-    local = labels - _common.offset(shape[axis], axis_name)
-    return lax.broadcasted_iota(jnp.int32, shape, axis) == jnp.expand_dims(local, axis)
-
-
-def _capped(x, where, flags: Flags, cdt, barrier: bool = False):
-    z = x.astype(cdt)
-    if barrier:
-        z = lax.optimization_barrier(z)
-    u = z if flags.softcap is None else _formulas.softcap(z, flags.softcap)
-    return u, u if where is None else jnp.where(where, u, -jnp.inf)
+def _label_layout(labels, n: int, axis: int, axis_name: AxisName, n_classes: int):
+    """`(index, here, in_range)` of integer labels on this shard's block of `n` classes,
+    each with a size-1 class axis: the label's index in the block (outside `[0, n)` where
+    another shard holds it), whether this shard holds it, and whether it is a class."""
+    local = jnp.expand_dims(labels - _common.offset(n, axis_name), axis)
+    in_range = jnp.expand_dims((labels >= 0) & (labels < n_classes), axis)
+    return local, (local >= 0) & (local < n), in_range
 
 
 @partial(_custom.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -44,8 +38,7 @@ def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_na
     label_at = None
     if _kernel.is_integer(labels):
         n = x.shape[axis]
-        local = jnp.expand_dims(labels - _common.offset(n, axis_name), axis)
-        here = (local >= 0) & (local < n)
+        local, here, in_range = _label_layout(labels, n, axis, axis_name, n_classes)
         idx = jnp.clip(local, 0, n - 1)
 
         def pick(a):
@@ -54,10 +47,10 @@ def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_na
             a = jnp.take_along_axis(jnp.broadcast_to(a, x.shape), idx, axis=axis)
             return jnp.where(here, a, jnp.zeros((), a.dtype))
 
-        label_at = (pick, jnp.expand_dims((labels >= 0) & (labels < n_classes), axis))
+        label_at = (pick, in_range)
     merge = partial(_kernel.merge_devices, axis_name=axis_name, temperature=temperature)
     args = (x, labels, where, temperature, weights, ex_ok, coefs, flags)
-    out, (ok, row, fp) = _kernel.loss_rows(*args, label_at=label_at, merge_stats=merge)
+    out, (ok, row, fp) = _ce.forward(*args, label_at=label_at, merge_stats=merge)
     return out, (x, labels, where, temperature, weights, coefs, ok, row, fp.m)
 
 
@@ -73,44 +66,17 @@ def _ce_kernel_bwd(flags, axis_name, n_classes, residuals, g):
     # (and d loss / d y = -(1 - alpha) w log p for probability labels, local too). Only
     # the temperature's derivative (a sum over the classes) needs an all-reduce.
     x, labels, where, temperature, weights, coefs, ok, row, m_local = residuals
-    axis = flags.axis
-    cdt = row.m.dtype
-    coefs_c = _kernel.coefs_as(coefs, cdt)
-    u, masked = _capped(x, where, flags, cdt, barrier=flags.softcap is not None)
-    if cdt == x.dtype:
-        # exp((u - m_local) / T) exactly as in the forward pass (XLA computes it once),
-        # rescaled to the merged row; the soft-cap without the barrier, as there.
-        fwd = masked if flags.softcap is None else _capped(x, where, flags, cdt)[1]
-        p = _kernel.probs_as_forward(fwd, m_local, row, temperature)
-    else:
-        p = _kernel.probs(masked, row, temperature)
-    integer = _kernel.is_integer(labels)
-    # No select on the valid classes where p and q are 0 off them already (as in
-    # `jsoftmax.cross_entropy`): integer labels without `where` or smoothing.
-    plain = integer and where is None and not flags.smoothing
-    valid = None if plain else masked > -jnp.inf
-    w = _kernel.class_weights(weights, x.ndim, axis, cdt)
-    if integer:
-        onehot = _onehot(labels, x.shape, axis, axis_name)
-        q = _kernel.targets(row, valid, onehot=onehot, w=w)
-        g_s = _kernel.score_cotangent(p, q, row)
-        in_range = jnp.expand_dims((labels >= 0) & (labels < n_classes), axis)
-        g_s = jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
-    else:
-        alpha = coefs_c.alpha if flags.smoothing else None
-        q = _kernel.targets(row, valid, w=w, y=labels, alpha=alpha)
-        g_s = _kernel.score_cotangent(p, q, row)
-    g = jnp.expand_dims(g[0].astype(cdt), axis)
-    g_s = _kernel.mask_rows(g_s * g, ok)
-    g_z, g_t = _kernel.chain_to_logits(g_s, u, valid, (axis,), flags, temperature)
+    label_at = None
+    if _kernel.is_integer(labels):
+        local, _, in_range = _label_layout(
+            labels, x.shape[flags.axis], flags.axis, axis_name, n_classes
+        )
+        label_at = (local, in_range)
+    args = (x, labels, where, temperature, weights, coefs, flags, ok, row, m_local)
+    g_z, g_labels, g_t = _ce.backward(*args, g[0], label_at)
     if g_t is not None:
         g_t = lax.psum(g_t, axis_name).astype(temperature.dtype)
-    g_labels = None
-    if not integer:
-        alpha = coefs_c.alpha if flags.smoothing else None
-        g_y = _kernel.label_cotangent(u, row, valid, w, alpha, temperature) * g
-        g_labels = _kernel.mask_rows(g_y, ok).astype(labels.dtype)
-    return g_z.astype(x.dtype), g_labels, None, g_t, None, None, None
+    return g_z, g_labels, None, g_t, None, None, None
 
 
 _ce_kernel.defvjp(_ce_kernel_fwd, _ce_kernel_bwd)
