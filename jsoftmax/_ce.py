@@ -14,12 +14,27 @@ the device's block, which may not hold it) and in the merge (none; one `pmax` an
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jsoftmax import _formulas, _kernel
+
+
+class Saved(NamedTuple):
+    """What the backward pass reads of the forward pass: the loss's operands and the
+    merged row."""
+
+    logits: jax.Array
+    labels: jax.Array
+    where: jax.Array | None
+    temperature: jax.Array | None
+    weights: jax.Array | None
+    coefs: _kernel.Coefs
+    ok: jax.Array | None  # the rows whose cotangent counts (None: all)
+    row: _kernel.Row
 
 
 def forward(
@@ -36,16 +51,16 @@ def forward(
     merge_stats: Callable[[_kernel.RowStats], _kernel.RowStats] | None = None,
 ):
     """The forward pass of a cross-entropy on a piece of each row (the whole row, or a
-    device's block): `((loss, weight), (ok, row, fp))`, the per-row loss (0 where the
-    row does not count) and its weight in the mean, the rows whose cotangent counts,
-    the merged [`Row`][jsoftmax._kernel.Row] and the piece's pass.
+    device's block): `((loss, weight), saved, fp)`, the per-row loss (0 where the row
+    does not count) and its weight in the mean, what the backward pass reads, and the
+    piece's pass.
 
     Integer labels come with `label_at = (pick, in_range)`: `pick` as for `piece_stats`,
     `in_range` False where the label is not a class (the loss is NaN there, not
     excluded); `merge_stats` merges the pieces' statistics (None: one piece)."""
     axis = flags.axis
     cdt = _kernel.loss_dtype(logits, labels)
-    coefs = _kernel.coefs_as(coefs, cdt)
+    coefs_c = _kernel.coefs_as(coefs, cdt)
     fp = _kernel.logits_pass(logits, where, temperature, flags, cdt)
     w = _kernel.class_weights(weights, logits.ndim, axis, cdt)
     ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
@@ -62,17 +77,18 @@ def forward(
             fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing, label=label
         )
         st = merged(st)
-        loss, excluded, row = _kernel.integer_loss(st, coefs, flags, temperature)
+        loss, excluded, row = _kernel.integer_loss(st, coefs_c, flags, temperature)
         loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
         ok = ok_bwd = _kernel.both(ok, ~excluded | ~in_range)
     else:
         st = merged(_kernel.piece_stats(fp, (axis,), w=w, y=labels, smoothing=flags.smoothing))
-        loss, empty, row = _kernel.prob_loss(st, coefs, flags, temperature)
+        loss, empty, row = _kernel.prob_loss(st, coefs_c, flags, temperature)
         # A row without valid classes has p = q = 0: its gradients are 0 without a mask.
         ok_bwd, ok = ok, _kernel.both(ok, ~empty)
     weight = _kernel.row_weight(ok, st.w_y, loss.shape, cdt)
     loss = _kernel.mask_rows(loss, ok)
-    return (jnp.squeeze(loss, axis), jnp.squeeze(weight, axis)), (ok_bwd, row, fp)
+    saved = Saved(logits, labels, where, temperature, weights, coefs, ok_bwd, row)
+    return (jnp.squeeze(loss, axis), jnp.squeeze(weight, axis)), saved, fp
 
 
 def probs(logits, where, temperature, flags: _kernel.Flags, row: _kernel.Row, m_piece):
@@ -92,20 +108,7 @@ def probs(logits, where, temperature, flags: _kernel.Flags, row: _kernel.Row, m_
     return _kernel.probs(u, row, temperature)
 
 
-def cotangent(
-    logits,
-    labels,
-    where,
-    temperature,
-    weights,
-    coefs,
-    flags: _kernel.Flags,
-    ok,
-    row,
-    p,
-    label_at=None,
-    g=None,
-):
+def cotangent(s: Saved, flags: _kernel.Flags, p, label_at=None, g=None):
     """`(g * d loss / d s, valid, u, w)` on the piece (0 where the row does not count,
     `g` None: 1), with `u` the soft-capped logits.
 
@@ -118,9 +121,10 @@ def cotangent(
     `exp(lowest / T)` underflows) and a row that counts has its label on a valid class,
     so `q` is 0 there too and the cotangent is 0 without reading the logits again (one
     logits-sized pass fewer); the soft-cap's derivative is 0 there as well."""
+    logits, labels, where, row = s.logits, s.labels, s.where, s.row
     axis = flags.axis
     cdt = row.m.dtype
-    coefs = _kernel.coefs_as(coefs, cdt)
+    coefs = _kernel.coefs_as(s.coefs, cdt)
     z = logits.astype(cdt)
     integer = _kernel.is_integer(labels)
     plain = integer and where is None and not flags.smoothing
@@ -136,7 +140,7 @@ def cotangent(
         valid = None
     else:
         valid = u > -jnp.inf if where is None else (u > -jnp.inf) & where
-    w = _kernel.class_weights(weights, logits.ndim, axis, cdt)
+    w = _kernel.class_weights(s.weights, logits.ndim, axis, cdt)
     if integer:
         assert label_at is not None
         index, in_range = label_at
@@ -151,36 +155,22 @@ def cotangent(
     if g is not None:
         g_s = g_s * g
     # Selects, not products: a row that does not count gets exactly 0, even if NaN.
-    return _kernel.mask_rows(g_s, ok), valid, u, w
+    return _kernel.mask_rows(g_s, s.ok), valid, u, w
 
 
-def backward(
-    logits,
-    labels,
-    where,
-    temperature,
-    weights,
-    coefs,
-    flags: _kernel.Flags,
-    ok,
-    row,
-    m_piece,
-    g,
-    label_at=None,
-):
+def backward(s: Saved, flags: _kernel.Flags, m_piece, g, label_at=None):
     """The reverse-mode pass on the piece: `(d/d logits, d/d labels, d/d T)` of the
     per-row loss times its cotangent `g` (`d/d labels` None for integer labels; `d/d T`
     this piece's part, None without a temperature)."""
-    cdt = row.m.dtype
+    cdt = s.row.m.dtype
     axis = flags.axis
-    p = probs(logits, where, temperature, flags, row, m_piece)
+    p = probs(s.logits, s.where, s.temperature, flags, s.row, m_piece)
     g = jnp.expand_dims(g.astype(cdt), axis)
-    args = (logits, labels, where, temperature, weights, coefs, flags, ok, row, p)
-    g_s, valid, u, w = cotangent(*args, label_at, g)
-    g_z, g_t = _kernel.chain_to_logits(g_s, u, valid, (axis,), flags, temperature)
+    g_s, valid, u, w = cotangent(s, flags, p, label_at, g)
+    g_z, g_t = _kernel.chain_to_logits(g_s, u, valid, (axis,), flags, s.temperature)
     g_labels = None
-    if not _kernel.is_integer(labels):
-        alpha = _kernel.coefs_as(coefs, cdt).alpha if flags.smoothing else None
-        g_y = _kernel.label_cotangent(u, row, valid, w, alpha, temperature) * g
-        g_labels = _kernel.mask_rows(g_y, ok).astype(labels.dtype)
-    return g_z.astype(logits.dtype), g_labels, g_t
+    if not _kernel.is_integer(s.labels):
+        alpha = _kernel.coefs_as(s.coefs, cdt).alpha if flags.smoothing else None
+        g_y = _kernel.label_cotangent(u, s.row, valid, w, alpha, s.temperature) * g
+        g_labels = _kernel.mask_rows(g_y, s.ok).astype(s.labels.dtype)
+    return g_z.astype(s.logits.dtype), g_labels, g_t

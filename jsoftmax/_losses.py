@@ -63,8 +63,8 @@ def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: 
         idx, in_range = _label_index(labels, logits.shape[flags.axis], flags.axis)
         label_at = (_picker(idx, logits.shape, flags.axis), in_range)
     args = (logits, labels, where, temperature, weights, row_ok, coefs, flags)
-    out, (ok, row, fp) = _ce.forward(*args, label_at=label_at)
-    return out, (ok, row, fp.total)
+    out, saved, fp = _ce.forward(*args, label_at=label_at)
+    return out, (saved, fp.total)
 
 
 # --------------------------------------------------------------------------------------
@@ -78,22 +78,21 @@ def _ce_vjp(logits, labels, where, temperature, weights, row_ok, coefs, flags: F
 
 
 def _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, coefs, flags):
-    out, (ok, row, total) = _forward(
+    out, (saved, total) = _forward(
         logits, labels, where, temperature, weights, row_ok, coefs, flags
     )
     # log t is recomputed from t: one per-row residual fewer.
-    row = row._replace(log_total=None)
-    return out, (logits, labels, where, temperature, weights, coefs, ok, row, total)
+    return out, (saved._replace(row=saved.row._replace(log_total=None)), total)
 
 
 def _ce_vjp_bwd(flags, residuals, g):
-    logits, labels, where, temperature, weights, coefs, ok, row, total = residuals
-    row = row._replace(log_total=_merge.log_total(total))
+    saved, total = residuals
+    row = saved.row._replace(log_total=_merge.log_total(total))
+    logits, labels, temperature = saved.logits, saved.labels, saved.temperature
     label_at = None
     if _kernel.is_integer(labels):
         label_at = _label_index(labels, logits.shape[flags.axis], flags.axis)
-    args = (logits, labels, where, temperature, weights, coefs, flags, ok, row, row.m)
-    g_z, g_labels, g_t = _ce.backward(*args, g[0], label_at)
+    g_z, g_labels, g_t = _ce.backward(saved._replace(row=row), flags, row.m, g[0], label_at)
     g_t = None if g_t is None else g_t.astype(temperature.dtype)
     return g_z, g_labels, None, g_t, None, None, None
 
@@ -116,9 +115,8 @@ def _ce_jvp_rule(flags, primals, tangents):
     logits, labels, where, temperature, weights, row_ok, coefs = primals
     logits_dot, labels_dot, _, t_dot, _, _, _ = tangents
     axis = flags.axis
-    out, (ok, row, total) = _forward(
-        logits, labels, where, temperature, weights, row_ok, coefs, flags
-    )
+    out, (saved, _) = _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags)
+    ok, row = saved.ok, saved.row
     cdt = row.m.dtype
     z = logits.astype(cdt)
     u = z if flags.softcap is None else _formulas.softcap(z, flags.softcap)
@@ -127,8 +125,7 @@ def _ce_jvp_rule(flags, primals, tangents):
     label_at = None
     if _kernel.is_integer(labels):
         label_at = _label_index(labels, logits.shape[axis], axis)
-    args = (logits, labels, where, temperature, weights, coefs, flags, ok, row, p)
-    g_s, valid, u, w = _ce.cotangent(*args, label_at)
+    g_s, valid, u, w = _ce.cotangent(saved, flags, p, label_at)
     # The tangent of s = softcap(z) / T, 0 off the valid classes (their tangents, maybe
     # inf, are dropped).
     if valid is None:

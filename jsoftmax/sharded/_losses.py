@@ -50,8 +50,8 @@ def _ce_fwd(x, labels, where, temperature, weights, ex_ok, coefs, flags, axis_na
         label_at = (pick, in_range)
     merge = partial(_kernel.merge_devices, axis_name=axis_name, temperature=temperature)
     args = (x, labels, where, temperature, weights, ex_ok, coefs, flags)
-    out, (ok, row, fp) = _ce.forward(*args, label_at=label_at, merge_stats=merge)
-    return out, (x, labels, where, temperature, weights, coefs, ok, row, fp.m)
+    out, saved, fp = _ce.forward(*args, label_at=label_at, merge_stats=merge)
+    return out, (saved, fp.m)
 
 
 def _ce_kernel_fwd(
@@ -65,17 +65,15 @@ def _ce_kernel_bwd(flags, axis_name, n_classes, residuals, g):
     # d loss / d s = (sum q + 2 c b lse) p - q: local, from the merged row statistics
     # (and d loss / d y = -(1 - alpha) w log p for probability labels, local too). Only
     # the temperature's derivative (a sum over the classes) needs an all-reduce.
-    x, labels, where, temperature, weights, coefs, ok, row, m_local = residuals
+    saved, m_local = residuals
+    labels, n = saved.labels, saved.logits.shape[flags.axis]
     label_at = None
     if _kernel.is_integer(labels):
-        local, _, in_range = _label_layout(
-            labels, x.shape[flags.axis], flags.axis, axis_name, n_classes
-        )
+        local, _, in_range = _label_layout(labels, n, flags.axis, axis_name, n_classes)
         label_at = (local, in_range)
-    args = (x, labels, where, temperature, weights, coefs, flags, ok, row, m_local)
-    g_z, g_labels, g_t = _ce.backward(*args, g[0], label_at)
+    g_z, g_labels, g_t = _ce.backward(saved, flags, m_local, g[0], label_at)
     if g_t is not None:
-        g_t = lax.psum(g_t, axis_name).astype(temperature.dtype)
+        g_t = lax.psum(g_t, axis_name).astype(saved.temperature.dtype)
     return g_z, g_labels, None, g_t, None, None, None
 
 
