@@ -1,10 +1,10 @@
 r"""Softmax cross-entropy with the fused $p - y$ derivative, and its Hessian.
 
-`cross_entropy` is the per-row kernel of [`jsoftmax._kernel`][jsoftmax._kernel] on the
-whole row at once: one max-exp-sum pass gives the row's statistics, the loss is a
-function of them, and the cotangent $(\sum q + 2cb\,\mathrm{lse})\,p - q$ is formed in
-the backward pass. Every option is defined by the kernel, so the chunked and sharded
-losses share it.
+`cross_entropy` runs the passes of `jsoftmax._ce` (built on the per-row kernel of
+`jsoftmax._kernel`) on the whole row at once: one max-exp-sum pass gives the row's
+statistics, the loss is a function of them, and the cotangent
+$(\sum q + 2cb\,\mathrm{lse})\,p - q$ is formed in the backward pass. Every option is
+defined by the kernel, so the chunked and sharded losses share it.
 
 The reverse-mode rule keeps no new logits-sized array: the backward pass recomputes
 $p$ from the logits and per-row numbers. For float32 and float64 it recomputes
