@@ -44,14 +44,15 @@ def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
         return False
 
 
-def as_float_array(x: ArrayLike, name: str = "x") -> jax.Array:
-    """Converts `x` to a JAX array of rank >= 1 with a floating dtype.
+def as_float_array(x: ArrayLike, name: str = "x", *, scalar: bool = False) -> jax.Array:
+    """Converts `x` to a JAX array of rank >= 1 (any rank with `scalar=True`) with a
+    floating dtype.
 
     Integer and boolean input is promoted to JAX's default float dtype (float32, or
     float64 when `jax_enable_x64` is on). Complex input is rejected.
     """
     x = as_array(x, name)
-    if x.ndim == 0:
+    if x.ndim == 0 and not scalar:
         raise ValueError(
             f"{name} must have at least one dimension (the softmax axis), got a scalar. "
             f"Wrap it as {name}[None] if you mean a vector of length 1."

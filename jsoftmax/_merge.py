@@ -204,15 +204,6 @@ def _merge_kernel_jvp(axis, primals, tangents):
     return (value, lse_out), (value_dot, lse_out_dot)
 
 
-def _as_real_array(x, name: str) -> jax.Array:
-    x = _checks.as_array(x, name)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        raise TypeError(f"{name} must be real, got dtype {x.dtype}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
-
-
 def merge_partials(values: ArrayLike, lse: ArrayLike, axis: int = 0) -> tuple[jax.Array, jax.Array]:
     r"""Merges softmax-weighted partial results computed over pieces of a row, exactly.
 
@@ -271,8 +262,8 @@ def merge_partials(values: ArrayLike, lse: ArrayLike, axis: int = 0) -> tuple[ja
       ...     print(jnp.stack([value, lse]), jnp.stack(unsplit))
       [34.9265  4.4402] [34.9265  4.4402]
     """
-    values = _as_real_array(values, "values")
-    lse = _as_real_array(lse, "lse")
+    values = _checks.as_float_array(values, "values", scalar=True)
+    lse = _checks.as_float_array(lse, "lse", scalar=True)
     if lse.ndim == 0:
         raise ValueError(
             "lse must have at least one dimension (the pieces axis), got a scalar: there "
