@@ -319,6 +319,17 @@ def _smoothing(st: RowStats, coefs: Coefs):
     return k, st.count if st.wsum is None else st.wsum
 
 
+def _z_loss(loss, scale, m, log_total, coefs: Coefs, temperature=None, b=None):
+    """`loss` plus the z-loss $c\\,b\\,\\mathrm{lse}^2$, and the cotangent's scale of $p$
+    with its term (`scale`, `b`: None stands for 1)."""
+    assert coefs.z_loss is not None
+    lse = _over_t(m, temperature) + log_total
+    cb = coefs.z_loss if b is None else coefs.z_loss * b
+    one = jnp.ones((), lse.dtype)
+    scale = _formulas.ce_cotangent_scale(one if scale is None else scale, lse, cb)
+    return loss + _formulas.z_loss_term(lse, cb), scale
+
+
 def integer_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
     """`(loss, excluded, row)` of integer labels from merged statistics.
 
@@ -352,13 +363,7 @@ def integer_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
         mass = onehot_q + k * wsum
     scale = mass
     if flags.z_loss:
-        assert coefs.z_loss is not None
-        lse = _over_t(st.m, temperature) + log_total
-        cb = coefs.z_loss if b is None else coefs.z_loss * b
-        loss = loss + _formulas.z_loss_term(lse, cb)
-        scale = _formulas.ce_cotangent_scale(
-            jnp.ones((), lse.dtype) if scale is None else scale, lse, cb
-        )
+        loss, scale = _z_loss(loss, scale, st.m, log_total, coefs, temperature, b)
     return loss, excluded, Row(st.m, log_total, scale, onehot_q, k)
 
 
@@ -377,10 +382,7 @@ def prob_loss(st: RowStats, coefs: Coefs, flags: Flags, temperature=None):
     loss = mass * log_total - _over_t(cross, temperature)
     scale = mass
     if flags.z_loss:
-        assert coefs.z_loss is not None
-        lse = _over_t(st.m, temperature) + log_total
-        loss = loss + _formulas.z_loss_term(lse, coefs.z_loss)
-        scale = _formulas.ce_cotangent_scale(scale, lse, coefs.z_loss)
+        loss, scale = _z_loss(loss, scale, st.m, log_total, coefs, temperature)
     return loss, st.total == 0, Row(st.m, log_total, scale, None, k)
 
 
