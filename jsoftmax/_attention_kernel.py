@@ -190,19 +190,21 @@ def block_table(c: _Chunked, cfg: Config) -> jax.Array:
     row_any = jnp.any(rows.reshape(rows.shape[0], c.nq, c.tq), axis=-1)[:, :, None]
     col_any = jnp.any(cols.reshape(cols.shape[0], c.nk, c.tk), axis=-1)[:, None, :]
     ok = row_any & col_any
+
+    def ranges(qa, ka):
+        """`(q_min, q_max, k_min, k_max)` of each query block and key block."""
+        qa, ka = qa.astype(jnp.int32), ka.astype(jnp.int32)
+        return (
+            per_chunk(qa, rows, c.nq, c.tq, big, jnp.min)[:, :, None],
+            per_chunk(qa, rows, c.nq, c.tq, small, jnp.max)[:, :, None],
+            per_chunk(ka, cols, c.nk, c.tk, big, jnp.min)[:, None, :],
+            per_chunk(ka, cols, c.nk, c.tk, small, jnp.max)[:, None, :],
+        )
+
     if cfg.causal or cfg.window is not None:
-        qp, kp = x.q_pos.astype(jnp.int32), x.kv_pos.astype(jnp.int32)
-        q_max = per_chunk(qp, rows, c.nq, c.tq, small, jnp.max)[:, :, None]
-        q_min = per_chunk(qp, rows, c.nq, c.tq, big, jnp.min)[:, :, None]
-        k_max = per_chunk(kp, cols, c.nk, c.tk, small, jnp.max)[:, None, :]
-        k_min = per_chunk(kp, cols, c.nk, c.tk, big, jnp.min)[:, None, :]
-        ok = ok & positions_visible(q_min, q_max, k_min, k_max, cfg)
+        ok = ok & positions_visible(*ranges(x.q_pos, x.kv_pos), cfg)
     if x.q_seg is not None and x.kv_seg is not None:
-        qs, ks = x.q_seg.astype(jnp.int32), x.kv_seg.astype(jnp.int32)
-        qs_max = per_chunk(qs, rows, c.nq, c.tq, small, jnp.max)[:, :, None]
-        qs_min = per_chunk(qs, rows, c.nq, c.tq, big, jnp.min)[:, :, None]
-        ks_max = per_chunk(ks, cols, c.nk, c.tk, small, jnp.max)[:, None, :]
-        ks_min = per_chunk(ks, cols, c.nk, c.tk, big, jnp.min)[:, None, :]
+        qs_min, qs_max, ks_min, ks_max = ranges(x.q_seg, x.kv_seg)
         ok = ok & (qs_min <= ks_max) & (ks_min <= qs_max)
     return jnp.any(ok, axis=0)
 
