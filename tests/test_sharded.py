@@ -544,6 +544,23 @@ def test_out_of_range_labels_give_nan_not_a_wrong_loss():
     assert np.all(np.isfinite(g[2:]))
 
 
+def test_nan_cotangent_of_a_row_that_does_not_count_stays_out():
+    # As in jsoftmax.cross_entropy (and autodiff of a select): an ignored row passes no
+    # cotangent to the logits, even a NaN one.
+    mesh, spec = _mesh8()
+    xh = _logits(20, shape=(4, N))
+    y = np.array([0, -100, 5, N - 1])
+    ct = np.array([1.0, np.nan, 0.5, 2.0])
+    ce = _ce_sm(mesh, spec, "c", ignore_index=-100)
+    with jax.set_mesh(mesh):
+        x, yd, cd = put(xh, mesh, spec), put(y, mesh, P()), put(ct, mesh, P())
+        g = host(jax.jit(lambda x, c: jax.vjp(lambda x: ce(x, yd), x)[1](c)[0])(x, cd))
+    y_ok, ct_ok = np.where(y < 0, 0, y), np.where(np.isnan(ct), 0.0, ct)
+    ref = jax.vjp(lambda x: _ref_ce(x, y_ok), jnp.asarray(xh))[1](jnp.asarray(ct_ok))[0]
+    assert np.all(g[1] == 0)
+    np.testing.assert_allclose(g, ref, **F64)
+
+
 # --------------------------------------------------------------------------------------
 # Argument errors.
 # --------------------------------------------------------------------------------------
