@@ -41,6 +41,12 @@ def _label_index(labels, n: int, axis: int):
     return jnp.clip(idx, 0, n - 1), (idx >= 0) & (idx < n)
 
 
+def _label_at(labels, shape, axis: int):
+    """The backward pass's `(index, in_range)` of integer labels (None for probability
+    labels)."""
+    return _label_index(labels, shape[axis], axis) if _kernel.is_integer(labels) else None
+
+
 def _picker(idx, shape, axis: int):
     """`a` at the label index along `axis` (keepdims): a gather, or a one-hot sum when
     the class axis is explicitly sharded (a plain reduction, one scalar per row)."""
@@ -88,12 +94,9 @@ def _ce_vjp_fwd(logits, labels, where, temperature, weights, row_ok, coefs, flag
 def _ce_vjp_bwd(flags, residuals, g):
     saved, total = residuals
     row = saved.row._replace(log_total=_merge.log_total(total))
-    logits, labels, temperature = saved.logits, saved.labels, saved.temperature
-    label_at = None
-    if _kernel.is_integer(labels):
-        label_at = _label_index(labels, logits.shape[flags.axis], flags.axis)
+    label_at = _label_at(saved.labels, saved.logits.shape, flags.axis)
     g_z, g_labels, g_t = _ce.backward(saved._replace(row=row), flags, row.m, g[0], label_at)
-    g_t = None if g_t is None else g_t.astype(temperature.dtype)
+    g_t = None if g_t is None else g_t.astype(saved.temperature.dtype)
     return g_z, g_labels, None, g_t, None, None, None
 
 
@@ -118,14 +121,8 @@ def _ce_jvp_rule(flags, primals, tangents):
     out, (saved, _) = _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags)
     ok, row = saved.ok, saved.row
     cdt = row.m.dtype
-    z = logits.astype(cdt)
-    u = z if flags.softcap is None else _formulas.softcap(z, flags.softcap)
-    masked = u if where is None else jnp.where(where, u, -jnp.inf)
-    p = _kernel.probs(masked, row, temperature)
-    label_at = None
-    if _kernel.is_integer(labels):
-        label_at = _label_index(labels, logits.shape[axis], axis)
-    g_s, valid, u, w = _ce.cotangent(saved, flags, p, label_at)
+    p = _ce.probs(logits, where, temperature, flags, row, row.m)
+    g_s, valid, u, w = _ce.cotangent(saved, flags, p, _label_at(labels, logits.shape, axis))
     # The tangent of s = softcap(z) / T, 0 off the valid classes (their tangents, maybe
     # inf, are dropped).
     if valid is None:
