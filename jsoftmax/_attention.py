@@ -20,12 +20,9 @@ def _is_int(x) -> bool:
 
 
 def _check_qkv(query, key, value):
-    q = _checks.as_array(query, "query")
-    k = _checks.as_array(key, "key")
-    v = _checks.as_array(value, "value")
-    for name, a in (("query", q), ("key", k), ("value", v)):
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a real floating array, got dtype {a.dtype}.")
+    q = _checks.floating_array(query, "query")
+    k = _checks.floating_array(key, "key")
+    v = _checks.floating_array(value, "value")
     if q.ndim not in (3, 4):
         raise ValueError(
             f"query must have shape (B, T, N, H) or (T, N, H), got {q.shape} (rank {q.ndim})."
@@ -72,9 +69,7 @@ def _broadcast_4d(a, name: str, target: tuple[int, ...]):
 def _check_bias(bias, target):
     if bias is None:
         return None
-    bias = _checks.as_array(bias, "bias")
-    if not jnp.issubdtype(bias.dtype, jnp.floating):
-        raise TypeError(f"bias must be a real floating array, got dtype {bias.dtype}.")
+    bias = _checks.floating_array(bias, "bias")
     return _broadcast_4d(bias, "bias", target)
 
 
@@ -173,9 +168,7 @@ def _check_chunk_size(chunk_size, heads: int, t: int, s: int) -> tuple[int, int]
 def _check_sinks(sinks, n: int):
     if sinks is None:
         return None
-    sinks = _checks.as_array(sinks, "sinks")
-    if not jnp.issubdtype(sinks.dtype, jnp.floating):
-        raise TypeError(f"sinks must be a real floating array, got dtype {sinks.dtype}.")
+    sinks = _checks.floating_array(sinks, "sinks")
     if sinks.shape != (n,):
         raise ValueError(
             f"sinks must have one logit per query head, shape ({n},), got {sinks.shape}."

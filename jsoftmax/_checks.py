@@ -36,6 +36,16 @@ def as_array(x, name: str) -> jax.Array:
         raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}.") from e
 
 
+def floating_array(x, name: str, layout: str = "") -> jax.Array:
+    """`as_array(x, name)`, which must already have a real floating dtype (nothing is
+    promoted); `layout` (e.g. `"(H, V)"`) goes into the message."""
+    a = as_array(x, name)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        shape = f" {layout}" if layout else ""
+        raise TypeError(f"{name} must be a real floating array{shape}, got dtype {a.dtype}.")
+    return a
+
+
 def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     """Whether an array of `shape` broadcasts to exactly `target`."""
     try:

@@ -86,6 +86,13 @@ def is_integer(labels) -> bool:
     return bool(jnp.issubdtype(labels.dtype, jnp.integer))
 
 
+def label_index(labels, n: int, axis: int):
+    """`(clipped index, in_range)` of integer labels for `n` classes, both with a size-1
+    class axis at `axis`: the index to gather with and whether the label names a class."""
+    idx = jnp.expand_dims(labels.astype(jnp.result_type(int)), axis)
+    return jnp.clip(idx, 0, n - 1), (idx >= 0) & (idx < n)
+
+
 def loss_dtype(logits, labels) -> np.dtype:
     """The dtype a loss is computed and returned in: float32 for 16-bit logits (a
     bfloat16 loss would be quantised), else the logits' dtype, promoted with float

@@ -35,9 +35,7 @@ def check_inputs(x, w, bias, vocab_axis, *, w_name: str = "w", bias_name: str = 
     va = int(vocab_axis) % 2
     layout = "(H, V)" if va == 1 else "(V, H)"
     x = _checks.as_float_array(x, "x")
-    w = _checks.as_array(w, w_name)
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise TypeError(f"{w_name} must be a real floating array {layout}, got dtype {w.dtype}.")
+    w = _checks.floating_array(w, w_name, layout)
     if w.ndim != 2:
         raise ValueError(f"{w_name} must have shape {layout} (vocab_axis={va}), got {w.shape}.")
     if w.shape[1 - va] != x.shape[-1]:
@@ -48,9 +46,7 @@ def check_inputs(x, w, bias, vocab_axis, *, w_name: str = "w", bias_name: str = 
         )
     vocab = w.shape[va]
     if bias is not None:
-        bias = _checks.as_array(bias, bias_name)
-        if not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise TypeError(f"{bias_name} must be a real floating array, got dtype {bias.dtype}.")
+        bias = _checks.floating_array(bias, bias_name)
         if bias.shape != (vocab,):
             raise ValueError(
                 f"{bias_name} must have one entry per class, shape ({vocab},), got {bias.shape}."
@@ -113,15 +109,9 @@ def _lce(x, w, bias, labels, weights, row_ok, coefs, flags: Flags, size: int, va
     return _lce_fwd(x, w, bias, labels, weights, row_ok, coefs, flags, size, va)[0]
 
 
-def _label_columns(labels, vocab: int):
-    idx = labels[:, None].astype(jnp.int32)
-    in_range = (idx >= 0) & (idx < vocab)
-    return jnp.clip(idx, 0, vocab - 1), in_range
-
-
 def _lce_fwd(x, w, bias, labels, weights, row_ok, coefs, flags, size, va):
     cdt = _chunks.compute_dtype(x, w)
-    idx, in_range = _label_columns(labels, w.shape[va])
+    idx, in_range = _kernel.label_index(labels, w.shape[va], 1)
     w_y = None if weights is None else weights[idx].astype(cdt)
     ok = None if row_ok is None else row_ok[:, None]
     loss, ok, weight, row = ce_forward(
@@ -142,7 +132,7 @@ def ce_backward(x, w, bias, idx, in_range, weights, ok, row, g, flags, size, va,
 
 def _lce_bwd(flags, size, va, residuals, g):
     x, w, bias, labels, weights, ok, row = residuals
-    idx, in_range = _label_columns(labels, w.shape[va])
+    idx, in_range = _kernel.label_index(labels, w.shape[va], 1)
     return ce_backward(x, w, bias, idx, in_range, weights, ok, row, g[0], flags, size, va)
 
 

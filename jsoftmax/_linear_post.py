@@ -80,14 +80,9 @@ def _lp(x, w, bias, labels, t, cap, with_entropy, size, va):
     return _lp_fwd(x, w, bias, labels, t, cap, with_entropy, size, va)[0]
 
 
-def _columns(labels, vocab: int):
-    idx = labels[:, None].astype(jnp.int32)
-    return jnp.clip(idx, 0, vocab - 1), (idx >= 0) & (idx < vocab)
-
-
 def _lp_fwd(x, w, bias, labels, t, cap, with_entropy, size, va):
     cdt = _chunks.compute_dtype(x, w)
-    idx, in_range = _columns(labels, w.shape[va])
+    idx, in_range = _kernel.label_index(labels, w.shape[va], 1)
     t_c = None if t is None else t.astype(cdt)
     (lp, h), stats = lp_forward(x, w, bias, idx, t_c, cap, with_entropy, size, va)
     lp = jnp.where(in_range, lp, jnp.full((), jnp.nan, cdt))
@@ -98,7 +93,7 @@ def _lp_fwd(x, w, bias, labels, t, cap, with_entropy, size, va):
 def _lp_bwd(cap, with_entropy, size, va, residuals, g):
     x, w, bias, labels, t, stats = residuals
     cdt = _chunks.compute_dtype(x, w)
-    idx, in_range = _columns(labels, w.shape[va])
+    idx, in_range = _kernel.label_index(labels, w.shape[va], 1)
     g_lp = jnp.where(in_range, g[0].astype(cdt)[:, None], jnp.full((), jnp.nan, cdt))
     g_h = None if not with_entropy else g[1].astype(cdt)[:, None]
     t_c = None if t is None else t.astype(cdt)

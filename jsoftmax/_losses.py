@@ -35,16 +35,10 @@ from jsoftmax._softmax import softmax
 # --------------------------------------------------------------------------------------
 
 
-def _label_index(labels, n: int, axis: int):
-    """`(clipped index, in_range)` of integer labels, both with a size-1 class axis."""
-    idx = jnp.expand_dims(labels.astype(jnp.result_type(int)), axis)
-    return jnp.clip(idx, 0, n - 1), (idx >= 0) & (idx < n)
-
-
 def _label_at(labels, shape, axis: int):
     """The backward pass's `(index, in_range)` of integer labels (None for probability
     labels)."""
-    return _label_index(labels, shape[axis], axis) if _kernel.is_integer(labels) else None
+    return _kernel.label_index(labels, shape[axis], axis) if _kernel.is_integer(labels) else None
 
 
 def _picker(idx, shape, axis: int):
@@ -66,7 +60,7 @@ def _forward(logits, labels, where, temperature, weights, row_ok, coefs, flags: 
     not count) and its weight in the mean."""
     label_at = None
     if _kernel.is_integer(labels):
-        idx, in_range = _label_index(labels, logits.shape[flags.axis], flags.axis)
+        idx, in_range = _kernel.label_index(labels, logits.shape[flags.axis], flags.axis)
         label_at = (_picker(idx, logits.shape, flags.axis), in_range)
     args = (logits, labels, where, temperature, weights, row_ok, coefs, flags)
     out, saved, fp = _ce.forward(*args, label_at=label_at)

@@ -85,9 +85,8 @@ def _lp_forward(logits, labels, where, temperature, row_ok, axis, cap, with_entr
     u = logits if cap is None else _capped(logits, cap, cdt)
     fp = _pass.exp_pass(u, where, (axis,), temperature, dtype=cdt)
     n = logits.shape[axis]
-    idx = jnp.expand_dims(labels.astype(jnp.int32), axis)
-    in_range = (idx >= 0) & (idx < n)
-    pick = lambda a: jnp.take_along_axis(a, jnp.clip(idx, 0, n - 1), axis=axis)  # noqa: E731
+    idx, in_range = _kernel.label_index(labels, n, axis)
+    pick = lambda a: jnp.take_along_axis(a, idx, axis=axis)  # noqa: E731
     label = pick(u).astype(cdt)
     if where is not None:
         label = jnp.where(pick(where), label, -jnp.inf)
@@ -123,9 +122,8 @@ def _lp_bwd(axis, cap, with_entropy, residuals, g):
     row = _kernel.Row(m, _merge.log_total(total), None, None, None)
     p = _kernel.probs(masked, row, temperature)
     n = logits.shape[axis]
-    idx = jnp.expand_dims(labels.astype(jnp.int32), axis)
-    onehot = lax.broadcasted_iota(jnp.int32, logits.shape, axis) == idx
-    in_range = (idx >= 0) & (idx < n)
+    idx, in_range = _kernel.label_index(labels, n, axis)
+    onehot = lax.broadcasted_iota(idx.dtype, logits.shape, axis) == idx
     g_lp = jnp.where(constant, jnp.zeros((), cdt), jnp.expand_dims(g[0].astype(cdt), axis))
     g_s = _formulas.log_prob_cotangent(p, onehot, g_lp)
     g_s = jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
