@@ -19,20 +19,8 @@ import jax
 import jax.numpy as jnp
 
 import jsoftmax
-from jsoftmax.tools.bench._timing import (
-    BF16,
-    F32,
-    Case,
-    Ctx,
-    Group,
-    Row,
-    agree,
-    bytes_row,
-    optional,
-    temp_bytes,
-    time_interleaved,
-    timing_row,
-)
+from jsoftmax.tools.bench import _timing
+from jsoftmax.tools.bench._timing import BF16, F32, Case, Ctx, Group, Row
 
 GROUPS: tuple[Group, ...] = ("attention",)
 HEADS, HEAD_DIM = 4, 64
@@ -41,6 +29,7 @@ HEADS, HEAD_DIM = 4, 64
 FULL = ((1024, False, 1.0, None), (4096, True, 1.5, 20.0))
 QUICK = ((256, True, None, None),)
 CANDIDATE = "jsoftmax.attention"
+TEMP_NOTE = "compiled temporaries of value_and_grad in q, k, v"
 
 
 def _inputs(t: int, dtype=F32):
@@ -70,7 +59,7 @@ def _tokamax():
     """tokamax if installed. On first use it parses `sys.argv` as absl flags (its
     configuration) unless they are parsed already; the command line of the bench is not
     theirs, so they are marked parsed first (tokamax's defaults)."""
-    tokamax = optional("tokamax")
+    tokamax = _timing.optional("tokamax")
     if tokamax is not None:
         from absl import flags
 
@@ -94,59 +83,42 @@ def _rows(ctx: Ctx, t: int, causal: bool, time_target, memory_target, impls, dty
     forwards = {name: jax.jit(f) for name, f in impls.items()}
     results = {name: step(q, k, v) for name, step in steps.items()}
     outs = {name: f(q, k, v) for name, f in forwards.items()}
-    t_step = time_interleaved(
+    t_step = _timing.time_interleaved(
         {n: (lambda s=s: s(q, k, v)) for n, s in steps.items()}, repeats, ctx.min_sample_s
     )
-    t_fwd = time_interleaved(
+    t_fwd = _timing.time_interleaved(
         {n: (lambda f=f: f(q, k, v)) for n, f in forwards.items()}, repeats, ctx.min_sample_s
     )
-    temps = {name: temp_bytes(step, q, k, v) for name, step in steps.items()}
+    temps = {name: _timing.temp_bytes(step, q, k, v) for name, step in steps.items()}
+
+    def row(make, what, values, baseline, target, note):
+        # `make`: timing_row or bytes_row; the candidate against `baseline`.
+        return make(
+            "attention",
+            f"{what} {desc}",
+            CANDIDATE,
+            baseline,
+            values[CANDIDATE],
+            values[baseline],
+            shape=shape,
+            dtype=dtype,
+            target=target,
+            note=note,
+        )
+
     rows = []
     for name in impls:
         if name == CANDIDATE:
             continue
-        first = name == "jax.nn (xla)"
-        rows.append(
-            timing_row(
-                "attention",
-                f"train step {desc}",
-                CANDIDATE,
-                name,
-                t_step[CANDIDATE],
-                t_step[name],
-                shape=shape,
-                dtype=dtype,
-                target=time_target if first else None,
-                note=agree(results[CANDIDATE], results[name], dtype),
-            )
-        )
-        rows.append(
-            timing_row(
-                "attention",
-                f"forward {desc}",
-                CANDIDATE,
-                name,
-                t_fwd[CANDIDATE],
-                t_fwd[name],
-                shape=shape,
-                dtype=dtype,
-                note=agree(outs[CANDIDATE], outs[name], dtype),
-            )
-        )
-        rows.append(
-            bytes_row(
-                "attention",
-                f"temp memory {desc}",
-                CANDIDATE,
-                name,
-                temps[CANDIDATE],
-                temps[name],
-                shape=shape,
-                dtype=dtype,
-                target=memory_target if first else None,
-                note="compiled temporaries of value_and_grad in q, k, v",
-            )
-        )
+        # Only the comparison with jax.nn (xla) has targets.
+        tt, mt = (time_target, memory_target) if name == "jax.nn (xla)" else (None, None)
+        step_note = _timing.agree(results[CANDIDATE], results[name], dtype)
+        fwd_note = _timing.agree(outs[CANDIDATE], outs[name], dtype)
+        rows += [
+            row(_timing.timing_row, "train step", t_step, name, tt, step_note),
+            row(_timing.timing_row, "forward", t_fwd, name, None, fwd_note),
+            row(_timing.bytes_row, "temp memory", temps, name, mt, TEMP_NOTE),
+        ]
     return rows
 
 

@@ -15,20 +15,9 @@ import jax
 import numpy as np
 
 import jsoftmax
+from jsoftmax.tools.bench import _timing
 from jsoftmax.tools.bench._fwd_bwd import value_and_vjp
-from jsoftmax.tools.bench._timing import (
-    BF16,
-    F32,
-    Case,
-    Ctx,
-    Group,
-    Row,
-    agree,
-    logits,
-    optional,
-    shape_str,
-    time_interleaved,
-)
+from jsoftmax.tools.bench._timing import BF16, F32, Case, Ctx, Group, Row
 
 GROUPS: tuple[Group, ...] = ("bandwidth",)
 TARGET = 0.8  # minimum fraction of the bound, softmax forward + backward
@@ -73,18 +62,18 @@ def _fraction_row(
 
 def softmax(ctx: Ctx, shape, dtype, target: float | None) -> list[Row]:
     """Bytes that must move: read x and g, write y and dx (4 arrays of x's size)."""
-    x = logits(shape, dtype)
-    g = logits(shape, dtype, seed=1)
+    x = _timing.logits(shape, dtype)
+    g = _timing.logits(shape, dtype, seed=1)
     copy = jax.jit(lambda x: -x)
     cand = value_and_vjp(jsoftmax.softmax)
     base = value_and_vjp(jax.nn.softmax)
-    note = agree(cand(x, g), base(x, g), dtype)
-    t = time_interleaved(
+    note = _timing.agree(cand(x, g), base(x, g), dtype)
+    t = _timing.time_interleaved(
         {"copy": lambda: copy(x), "cand": lambda: cand(x, g), "base": lambda: base(x, g)},
         ctx.repeats,
         ctx.min_sample_s,
     )
-    case = f"softmax value + vjp {shape_str(shape)} {np.dtype(dtype).name}"
+    case = f"softmax value + vjp {_timing.shape_str(shape)} {np.dtype(dtype).name}"
     return [
         _fraction_row(case, "jsoftmax.softmax(rule='vjp')", "jax.nn.softmax", t, 4, x, target, note)
     ]
@@ -94,21 +83,21 @@ def cross_entropy(ctx: Ctx, shape, dtype) -> list[Row]:
     """Bytes that must move: read the logits, write their gradient (2 arrays; the labels
     are one integer per row). A kernel that finds the row maximum in a pass of its own
     reads the logits twice, so it stays below 2/3 of this bound."""
-    x = logits(shape, dtype)
+    x = _timing.logits(shape, dtype)
     labels = jax.random.randint(jax.random.PRNGKey(1), shape[:-1], 0, shape[-1])
     copy = jax.jit(lambda x: -x)
     cand = jax.jit(jax.value_and_grad(lambda x, y: jsoftmax.cross_entropy(x, y).mean()))
     fns = {"copy": lambda: copy(x), "cand": lambda: cand(x, labels)}
     baseline, note = "none (optax is not installed)", ""
-    optax = optional("optax")
+    optax = _timing.optional("optax")
     if optax is not None:
         loss = optax.softmax_cross_entropy_with_integer_labels
         base = jax.jit(jax.value_and_grad(lambda x, y: loss(x, y).mean()))
         fns["base"] = lambda: base(x, labels)
         baseline = "optax.softmax_cross_entropy_with_integer_labels"
-        note = agree(cand(x, labels), base(x, labels), dtype)
-    t = time_interleaved(fns, ctx.repeats, ctx.min_sample_s)
-    case = f"cross_entropy value_and_grad(mean) {shape_str(shape)} {np.dtype(dtype).name}"
+        note = _timing.agree(cand(x, labels), base(x, labels), dtype)
+    t = _timing.time_interleaved(fns, ctx.repeats, ctx.min_sample_s)
+    case = f"cross_entropy value_and_grad(mean) {_timing.shape_str(shape)} {np.dtype(dtype).name}"
     return [_fraction_row(case, "jsoftmax.cross_entropy", baseline, t, 2, x, None, note)]
 
 

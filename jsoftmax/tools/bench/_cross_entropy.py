@@ -12,20 +12,8 @@ import jax
 import numpy as np
 
 import jsoftmax
-from jsoftmax.tools.bench._timing import (
-    BF16,
-    F32,
-    Case,
-    Ctx,
-    Group,
-    Row,
-    agree,
-    logits,
-    optional,
-    shape_str,
-    time_interleaved,
-    timing_row,
-)
+from jsoftmax.tools.bench import _timing
+from jsoftmax.tools.bench._timing import BF16, F32, Case, Ctx, Group, Row
 
 GROUPS: tuple[Group, ...] = ("cross-entropy", "ce options")
 SHAPES = ((4096, 1024, F32), (1024, 32768, F32), (512, 131072, F32), (4096, 1024, BF16))
@@ -39,26 +27,26 @@ def _labels(shape, seed: int = 1) -> jax.Array:
 
 
 def versus_optax(ctx: Ctx, shape, dtype) -> list[Row]:
-    optax = optional("optax")
+    optax = _timing.optional("optax")
     if optax is None:
         return []
-    x, labels = logits(shape, dtype), _labels(shape)
+    x, labels = _timing.logits(shape, dtype), _labels(shape)
     cand = jax.jit(jax.value_and_grad(lambda x, y: jsoftmax.cross_entropy(x, y).mean()))
     base = jax.jit(
         jax.value_and_grad(
             lambda x, y: optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
         )
     )
-    note = agree(cand(x, labels), base(x, labels), dtype)
-    t = time_interleaved(
+    note = _timing.agree(cand(x, labels), base(x, labels), dtype)
+    t = _timing.time_interleaved(
         {"base": lambda: base(x, labels), "cand": lambda: cand(x, labels)},
         ctx.repeats,
         ctx.min_sample_s,
     )
     return [
-        timing_row(
+        _timing.timing_row(
             "cross-entropy",
-            f"value_and_grad(mean) {shape_str(shape)} {np.dtype(dtype).name}",
+            f"value_and_grad(mean) {_timing.shape_str(shape)} {np.dtype(dtype).name}",
             "jsoftmax.cross_entropy",
             "optax.softmax_cross_entropy_with_integer_labels",
             t["cand"],
@@ -86,7 +74,7 @@ def _option_kwargs(shape) -> dict[str, dict]:
 
 
 def options(ctx: Ctx, shape) -> list[Row]:
-    x = logits(shape, F32)
+    x = _timing.logits(shape, F32)
     labels = _labels(shape)
     ignored = labels.at[::7].set(-100)  # one row in seven is padding
     fns, kwargs = {}, _option_kwargs(shape)
@@ -105,11 +93,11 @@ def options(ctx: Ctx, shape) -> list[Row]:
             fns[name] = step(labels, reduction="sum")
         else:
             fns[name] = step(labels, **kw)
-    t = time_interleaved(fns, ctx.repeats, ctx.min_sample_s)
+    t = _timing.time_interleaved(fns, ctx.repeats, ctx.min_sample_s)
     return [
-        timing_row(
+        _timing.timing_row(
             "ce options",
-            f"value_and_grad(mean) {shape_str(shape)} float32, {name}",
+            f"value_and_grad(mean) {_timing.shape_str(shape)} float32, {name}",
             f"jsoftmax.cross_entropy({name})",
             "jsoftmax.cross_entropy (no option)",
             t[name],

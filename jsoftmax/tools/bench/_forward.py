@@ -10,46 +10,33 @@ import jax
 import numpy as np
 
 import jsoftmax
-from jsoftmax.tools.bench._timing import (
-    BF16,
-    F32,
-    FORWARD_SHAPES,
-    Case,
-    Ctx,
-    Group,
-    Row,
-    agree,
-    logits,
-    mask,
-    shape_str,
-    time_interleaved,
-    timing_row,
-)
+from jsoftmax.tools.bench import _timing
+from jsoftmax.tools.bench._timing import BF16, F32, FORWARD_SHAPES, Case, Ctx, Group, Row
 
 GROUPS: tuple[Group, ...] = ("forward",)
 TARGET = 0.95  # minimum ratio jax.nn / jsoftmax
 
 
 def forward(ctx: Ctx, shape, dtype, where: bool, name: str = "softmax") -> list[Row]:
-    x = logits(shape, dtype)
+    x = _timing.logits(shape, dtype)
     ours, theirs = getattr(jsoftmax, name), getattr(jax.nn, name)
     if where:
-        args = (x, mask(shape))
+        args = (x, _timing.mask(shape))
         cand = jax.jit(lambda x, m: ours(x, where=m))
         base = jax.jit(lambda x, m: theirs(x, where=m))
     else:
         args = (x,)
         cand = jax.jit(ours)
         base = jax.jit(theirs)
-    note = agree(cand(*args), base(*args), dtype)
-    t = time_interleaved(
+    note = _timing.agree(cand(*args), base(*args), dtype)
+    t = _timing.time_interleaved(
         {"base": lambda: base(*args), "cand": lambda: cand(*args)}, ctx.repeats, ctx.min_sample_s
     )
     suffix = ", where" if where else ""
     return [
-        timing_row(
+        _timing.timing_row(
             "forward",
-            f"{name} {shape_str(shape)} {np.dtype(dtype).name}{suffix}",
+            f"{name} {_timing.shape_str(shape)} {np.dtype(dtype).name}{suffix}",
             f"jsoftmax.{name}",
             f"jax.nn.{name}",
             t["cand"],

@@ -13,20 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoftmax
-from jsoftmax.tools.bench._timing import (
-    BF16,
-    F32,
-    FORWARD_SHAPES,
-    Case,
-    Ctx,
-    Group,
-    Row,
-    agree,
-    logits,
-    shape_str,
-    time_interleaved,
-    timing_row,
-)
+from jsoftmax.tools.bench import _timing
+from jsoftmax.tools.bench._timing import BF16, F32, FORWARD_SHAPES, Case, Ctx, Group, Row
 
 GROUPS: tuple[Group, ...] = ("fwd+bwd (a)", "fwd+bwd (b)")
 TARGET = 0.95  # minimum ratio jax.nn / jsoftmax, for the default rule
@@ -47,20 +35,20 @@ def _value_and_grad(sm: Callable) -> Callable:
 
 
 def fwd_bwd(ctx: Ctx, form: str, shape, dtype, rule: Literal["vjp", "jvp"]) -> list[Row]:
-    x = logits(shape, dtype)
-    g = logits(shape, dtype, seed=1)
+    x = _timing.logits(shape, dtype)
+    g = _timing.logits(shape, dtype, seed=1)
     make = value_and_vjp if form == "a" else _value_and_grad
     cand = make(lambda x: jsoftmax.softmax(x, rule=rule))
     base = make(jax.nn.softmax)
-    note = agree(cand(x, g), base(x, g), dtype)
-    t = time_interleaved(
+    note = _timing.agree(cand(x, g), base(x, g), dtype)
+    t = _timing.time_interleaved(
         {"base": lambda: base(x, g), "cand": lambda: cand(x, g)}, ctx.repeats, ctx.min_sample_s
     )
     what = "value + vjp" if form == "a" else "value_and_grad"
     return [
-        timing_row(
+        _timing.timing_row(
             f"fwd+bwd ({form})",
-            f"{what} {shape_str(shape)} {np.dtype(dtype).name}, rule={rule}",
+            f"{what} {_timing.shape_str(shape)} {np.dtype(dtype).name}, rule={rule}",
             f"jsoftmax.softmax(rule={rule!r})",
             "jax.nn.softmax",
             t["cand"],

@@ -10,18 +10,8 @@ from functools import partial
 import jax
 
 import jsoftmax
-from jsoftmax.tools.bench._timing import (
-    F32,
-    Case,
-    Ctx,
-    Group,
-    Row,
-    agree,
-    logits,
-    shape_str,
-    time_interleaved,
-    timing_row,
-)
+from jsoftmax.tools.bench import _timing
+from jsoftmax.tools.bench._timing import F32, Case, Ctx, Group, Row
 
 GROUPS: tuple[Group, ...] = ("jacobian", "jacobian-free")
 AUTODIFF_TARGET = 1.3  # minimum ratio autodiff / jsoftmax (batched or n >= 1024)
@@ -39,7 +29,7 @@ def _write_bound(x: jax.Array) -> jax.Array:
 
 
 def jacobian(ctx: Ctx, shape) -> list[Row]:
-    x = logits(shape, F32)
+    x = _timing.logits(shape, F32)
     batched = len(shape) > 1
 
     def autodiff(transform):
@@ -53,14 +43,14 @@ def jacobian(ctx: Ctx, shape) -> list[Row]:
         "write bound": jax.jit(_write_bound),
     }
     ref = fns["jacfwd"](x)
-    note = agree(fns["jsoftmax"](x), ref, F32) or agree(fns["jacrev"](x), ref, F32)
-    t = time_interleaved(
+    note = _timing.agree(fns["jsoftmax"](x), ref, F32) or _timing.agree(fns["jacrev"](x), ref, F32)
+    t = _timing.time_interleaved(
         {k: (lambda f=f: f(x)) for k, f in fns.items()}, ctx.repeats, ctx.min_sample_s
     )
     big = batched or shape[-1] >= 1024
-    case = f"jacobian {shape_str(shape)} float32"
+    case = f"jacobian {_timing.shape_str(shape)} float32"
     rows = [
-        timing_row(
+        _timing.timing_row(
             "jacobian",
             case,
             "jsoftmax.jacobian",
@@ -75,7 +65,7 @@ def jacobian(ctx: Ctx, shape) -> list[Row]:
         for name in ("jacfwd", "jacrev")
     ]
     rows.append(
-        timing_row(
+        _timing.timing_row(
             "jacobian",
             case,
             "jsoftmax.jacobian",
@@ -92,22 +82,22 @@ def jacobian(ctx: Ctx, shape) -> list[Row]:
 
 
 def jacobian_free(ctx: Ctx, n: int) -> list[Row]:
-    x = logits((n,), F32)
-    v = logits((n,), F32, seed=2)
+    x = _timing.logits((n,), F32)
+    v = _timing.logits((n,), F32, seed=2)
     fns = {
         "dense J @ v": jax.jit(lambda x, v: jsoftmax.jacobian(x) @ v),
         "dense v @ J": jax.jit(lambda x, v: v @ jsoftmax.jacobian(x)),
         "softmax_jvp": jax.jit(lambda x, v: jsoftmax.softmax_jvp(jsoftmax.softmax(x), v)),
         "softmax_vjp": jax.jit(lambda x, v: jsoftmax.softmax_vjp(jsoftmax.softmax(x), v)),
     }
-    note = agree(fns["softmax_jvp"](x, v), fns["dense J @ v"](x, v), F32)
-    note = note or agree(fns["softmax_vjp"](x, v), fns["dense v @ J"](x, v), F32)
-    t = time_interleaved(
+    note = _timing.agree(fns["softmax_jvp"](x, v), fns["dense J @ v"](x, v), F32)
+    note = note or _timing.agree(fns["softmax_vjp"](x, v), fns["dense v @ J"](x, v), F32)
+    t = _timing.time_interleaved(
         {k: (lambda f=f: f(x, v)) for k, f in fns.items()}, ctx.repeats, ctx.min_sample_s
     )
     target = JACOBIAN_FREE_TARGET if n >= 4096 else None
     return [
-        timing_row(
+        _timing.timing_row(
             "jacobian-free",
             f"{expr} ({n},) float32",
             f"jsoftmax.{cand}(softmax(x), v)",

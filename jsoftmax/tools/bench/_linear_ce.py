@@ -15,19 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoftmax
-from jsoftmax.tools.bench._timing import (
-    F32,
-    Case,
-    Ctx,
-    Group,
-    Row,
-    agree,
-    bytes_row,
-    optional,
-    temp_bytes,
-    time_interleaved,
-    timing_row,
-)
+from jsoftmax.tools.bench import _timing
+from jsoftmax.tools.bench._timing import F32, Case, Ctx, Group, Row
 
 GROUPS: tuple[Group, ...] = ("linear-ce", "linear-ce scaling")
 SHAPE = (2048, 256, 32768)  # (N, H, V)
@@ -37,6 +26,8 @@ MEMORY_TARGET = 10.0
 SCALING = tuple((2048, 256, v) for v in (8192, 32768, 131072, 262144))
 TIMED_MAX_V = 131072
 TOKEN_CHUNK = 256
+CANDIDATE = "jsoftmax.linear_cross_entropy"
+DENSE = "optax CE of x @ w (dense)"
 
 
 def _inputs(n, h, v, dtype=F32):
@@ -73,74 +64,47 @@ TEMP_NOTE = "compiled temporaries of value_and_grad w.r.t. x and w"
 
 
 def headline(ctx: Ctx, shape, dtype=F32) -> list[Row]:
-    optax = optional("optax")
+    optax = _timing.optional("optax")
     if optax is None:
         return []
     n, h, v = shape
     x, w, labels = _inputs(n, h, v, dtype)
     steps = _steps(optax, labels, n)
-    note = agree(steps["fused"](x, w), steps["dense"](x, w), dtype)
-    temps = {k: temp_bytes(f, x, w) for k, f in steps.items()}
-    t = time_interleaved(
+    note = _timing.agree(steps["fused"](x, w), steps["dense"](x, w), dtype)
+    temps = {k: _timing.temp_bytes(f, x, w) for k, f in steps.items()}
+    t = _timing.time_interleaved(
         {k: (lambda f=f: f(x, w)) for k, f in steps.items()}, ctx.repeats, ctx.min_sample_s
     )
     desc = f"(N, H, V) = {tuple(shape)}"
     # The targets are set for the headline size only (the quick run is a smoke test).
     target_t, target_m = (TIME_TARGET, MEMORY_TARGET) if tuple(shape) == SHAPE else (None, None)
-    cand = "jsoftmax.linear_cross_entropy"
-    dense = "optax CE of x @ w (dense)"
     scan = f"token-chunked scan + checkpoint ({TOKEN_CHUNK} rows)"
-    return [
-        timing_row(
+
+    def row(make, what, values, baseline, key, target=None, note=""):
+        # `make`: timing_row or bytes_row; the fused loss against `values[key]`.
+        return make(
             "linear-ce",
-            f"value_and_grad {desc}",
-            cand,
-            dense,
-            t["fused"],
-            t["dense"],
+            f"{what} {desc}",
+            CANDIDATE,
+            baseline,
+            values["fused"],
+            values[key],
             shape=shape,
             dtype=dtype,
-            target=target_t,
+            target=target,
             note=note,
-        ),
-        timing_row(
-            "linear-ce",
-            f"value_and_grad {desc}",
-            cand,
-            scan,
-            t["fused"],
-            t["token-scan"],
-            shape=shape,
-            dtype=dtype,
-        ),
-        bytes_row(
-            "linear-ce",
-            f"temp memory {desc}",
-            cand,
-            dense,
-            temps["fused"],
-            temps["dense"],
-            shape=shape,
-            dtype=dtype,
-            target=target_m,
-            note=TEMP_NOTE,
-        ),
-        bytes_row(
-            "linear-ce",
-            f"temp memory {desc}",
-            cand,
-            scan,
-            temps["fused"],
-            temps["token-scan"],
-            shape=shape,
-            dtype=dtype,
-            note=TEMP_NOTE,
-        ),
+        )
+
+    return [
+        row(_timing.timing_row, "value_and_grad", t, DENSE, "dense", target_t, note),
+        row(_timing.timing_row, "value_and_grad", t, scan, "token-scan"),
+        row(_timing.bytes_row, "temp memory", temps, DENSE, "dense", target_m, TEMP_NOTE),
+        row(_timing.bytes_row, "temp memory", temps, scan, "token-scan", note=TEMP_NOTE),
     ]
 
 
 def scaling(ctx: Ctx, shape) -> list[Row]:
-    optax = optional("optax")
+    optax = _timing.optional("optax")
     if optax is None:
         return []
     n, h, v = shape
@@ -150,13 +114,13 @@ def scaling(ctx: Ctx, shape) -> list[Row]:
     labels = jnp.zeros((n,), jnp.int32)
     steps = _steps(optax, labels, n)
     rows = [
-        bytes_row(
+        _timing.bytes_row(
             "linear-ce scaling",
             f"temp memory {desc}",
-            "jsoftmax.linear_cross_entropy",
-            "optax CE of x @ w (dense)",
-            temp_bytes(steps["fused"], x, w),
-            temp_bytes(steps["dense"], x, w),
+            CANDIDATE,
+            DENSE,
+            _timing.temp_bytes(steps["fused"], x, w),
+            _timing.temp_bytes(steps["dense"], x, w),
             shape=shape,
             dtype=F32,
             note=TEMP_NOTE,
@@ -165,17 +129,17 @@ def scaling(ctx: Ctx, shape) -> list[Row]:
     if v <= TIMED_MAX_V:
         xa, wa, labels = _inputs(n, h, v)
         steps = _steps(optax, labels, n)
-        t = time_interleaved(
+        t = _timing.time_interleaved(
             {k: (lambda f=f: f(xa, wa)) for k in ("fused", "dense") for f in [steps[k]]},
             max(ctx.repeats // 3, 2),
             ctx.min_sample_s,
         )
         rows.append(
-            timing_row(
+            _timing.timing_row(
                 "linear-ce scaling",
                 f"value_and_grad {desc}",
-                "jsoftmax.linear_cross_entropy",
-                "optax CE of x @ w (dense)",
+                CANDIDATE,
+                DENSE,
                 t["fused"],
                 t["dense"],
                 shape=shape,

@@ -13,18 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoftmax
-from jsoftmax.tools.bench._timing import (
-    F32,
-    Case,
-    Ctx,
-    Group,
-    Row,
-    bytes_row,
-    footprint,
-    optional,
-    residuals,
-    shape_str,
-)
+from jsoftmax.tools.bench import _timing
+from jsoftmax.tools.bench._timing import F32, Case, Ctx, Group, Row
 
 GROUPS: tuple[Group, ...] = ("memory",)
 SHAPE = (4096, 32768)
@@ -34,7 +24,7 @@ def _memory_row(case, candidate, baseline, cand, base, *, shape, out_bytes=None)
     """`cand`/`base` are (arrays, bytes); with `out_bytes` the target is exactly one
     saved array of that size."""
     (nc, bc), (nb, bb) = cand, base
-    row = bytes_row("memory", case, candidate, baseline, bc, bb, shape=shape)
+    row = _timing.bytes_row("memory", case, candidate, baseline, bc, bb, shape=shape)
     note = f"arrays saved: jsoftmax {nc}, baseline {nb}"
     if out_bytes is None:
         return dataclasses.replace(row, note=note)
@@ -43,9 +33,11 @@ def _memory_row(case, candidate, baseline, cand, base, *, shape, out_bytes=None)
 
 
 def _step_row(case, candidate, baseline, cand_step, base_step, *, shape, args, note) -> Row:
-    cand = footprint(jax.jit(cand_step).lower(*args).compile())
-    base = footprint(jax.jit(base_step).lower(*args).compile())
-    return bytes_row("memory", case, candidate, baseline, cand, base, shape=shape, note=note)
+    cand = _timing.footprint(jax.jit(cand_step).lower(*args).compile())
+    base = _timing.footprint(jax.jit(base_step).lower(*args).compile())
+    return _timing.bytes_row(
+        "memory", case, candidate, baseline, cand, base, shape=shape, note=note
+    )
 
 
 def _nll_step(log_softmax: Callable) -> Callable:
@@ -65,45 +57,38 @@ def memory(ctx: Ctx, shape) -> list[Row]:
     x = jax.ShapeDtypeStruct(shape, F32)
     labels = jax.ShapeDtypeStruct(shape[:-1], jnp.int32)
     out_bytes = int(np.prod(shape)) * np.dtype(F32).itemsize
-    s = shape_str(shape)
+    s = _timing.shape_str(shape)
+    # (case, candidate, baseline, jsoftmax's function, the baseline's): one saved
+    # output-sized array is the target of each.
+    versus_jax_nn = [
+        ("softmax(rule='vjp')", "jsoftmax.softmax(rule='vjp')", "jax.nn.softmax",
+         jsoftmax.softmax, jax.nn.softmax),
+        ("softmax(rule='jvp')", "jsoftmax.softmax(rule='jvp')", "jax.nn.softmax",
+         lambda x: jsoftmax.softmax(x, rule="jvp"), jax.nn.softmax),
+        ("log_softmax", "jsoftmax.log_softmax(rule='vjp')", "jax.nn.log_softmax",
+         jsoftmax.log_softmax, jax.nn.log_softmax),
+    ]  # fmt: skip
     rows = [
         _memory_row(
-            f"residuals softmax(rule='vjp') {s}",
-            "jsoftmax.softmax(rule='vjp')",
-            "jax.nn.softmax",
-            residuals(jsoftmax.softmax, x),
-            residuals(jax.nn.softmax, x),
+            f"residuals {case} {s}",
+            candidate,
+            baseline,
+            _timing.residuals(ours, x),
+            _timing.residuals(theirs, x),
             shape=shape,
             out_bytes=out_bytes,
-        ),
-        _memory_row(
-            f"residuals softmax(rule='jvp') {s}",
-            "jsoftmax.softmax(rule='jvp')",
-            "jax.nn.softmax",
-            residuals(lambda x: jsoftmax.softmax(x, rule="jvp"), x),
-            residuals(jax.nn.softmax, x),
-            shape=shape,
-            out_bytes=out_bytes,
-        ),
-        _memory_row(
-            f"residuals log_softmax {s}",
-            "jsoftmax.log_softmax(rule='vjp')",
-            "jax.nn.log_softmax",
-            residuals(jsoftmax.log_softmax, x),
-            residuals(jax.nn.log_softmax, x),
-            shape=shape,
-            out_bytes=out_bytes,
-        ),
+        )
+        for case, candidate, baseline, ours, theirs in versus_jax_nn
     ]
-    optax = optional("optax")
+    optax = _timing.optional("optax")
     if optax is not None:
         rows.append(
             _memory_row(
                 f"residuals cross-entropy {s}",
                 "jsoftmax.cross_entropy",
                 "optax.softmax_cross_entropy_with_integer_labels",
-                residuals(jsoftmax.cross_entropy, x, labels),
-                residuals(optax.softmax_cross_entropy_with_integer_labels, x, labels),
+                _timing.residuals(jsoftmax.cross_entropy, x, labels),
+                _timing.residuals(optax.softmax_cross_entropy_with_integer_labels, x, labels),
                 shape=shape,
             )
         )

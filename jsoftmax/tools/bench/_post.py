@@ -14,18 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoftmax
+from jsoftmax.tools.bench import _timing
 from jsoftmax.tools.bench._linear_ce import TEMP_NOTE
-from jsoftmax.tools.bench._timing import (
-    F32,
-    Case,
-    Ctx,
-    Group,
-    agree,
-    bytes_row,
-    temp_bytes,
-    time_interleaved,
-    timing_row,
-)
+from jsoftmax.tools.bench._timing import F32, Case, Ctx, Group
 
 GROUPS: tuple[Group, ...] = ("post-training",)
 SHAPE = (2048, 256, 32768)  # (N, H, V)
@@ -79,38 +70,32 @@ def rows(ctx: Ctx, shape, what: str):
         steps = _divergence_steps(tx, tw, beta)
         cand, base = "jsoftmax.linear_kl_divergence", "jsoftmax.kl_divergence of both x @ w"
         label = f"divergence beta={beta:g}"
-    note = agree(steps["fused"](x, w), steps["dense"](x, w), F32)
-    temps = {k: temp_bytes(f, x, w) for k, f in steps.items()}
-    t = time_interleaved(
+    note = _timing.agree(steps["fused"](x, w), steps["dense"](x, w), F32)
+    temps = {k: _timing.temp_bytes(f, x, w) for k, f in steps.items()}
+    t = _timing.time_interleaved(
         {k: (lambda f=f: f(x, w)) for k, f in steps.items()}, ctx.repeats, ctx.min_sample_s
     )
     headline = tuple(shape) == SHAPE
     desc = f"{label}, (N, H, V) = {tuple(shape)}"
-    return [
-        timing_row(
+
+    def row(make, what, values, target, note):
+        # `make`: timing_row or bytes_row; the fused loss against the dense one.
+        return make(
             "post-training",
-            f"value_and_grad {desc}",
+            f"{what} {desc}",
             cand,
             base,
-            t["fused"],
-            t["dense"],
+            values["fused"],
+            values["dense"],
             shape=shape,
             dtype=F32,
-            target=TIME_TARGET if headline else None,
+            target=target if headline else None,
             note=note,
-        ),
-        bytes_row(
-            "post-training",
-            f"temp memory {desc}",
-            cand,
-            base,
-            temps["fused"],
-            temps["dense"],
-            shape=shape,
-            dtype=F32,
-            target=MEMORY_TARGET if headline else None,
-            note=TEMP_NOTE,
-        ),
+        )
+
+    return [
+        row(_timing.timing_row, "value_and_grad", t, TIME_TARGET, note),
+        row(_timing.bytes_row, "temp memory", temps, MEMORY_TARGET, TEMP_NOTE),
     ]
 
 

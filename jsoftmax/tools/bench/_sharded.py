@@ -32,19 +32,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jsoftmax
-from jsoftmax.tools.bench._timing import (
-    F32,
-    Case,
-    Ctx,
-    Group,
-    Row,
-    agree,
-    bytes_row,
-    footprint,
-    temp_bytes,
-    time_interleaved,
-    timing_row,
-)
+from jsoftmax.tools.bench import _timing
+from jsoftmax.tools.bench._timing import F32, Case, Ctx, Group, Row
 
 GROUPS: tuple[Group, ...] = ("sharded",)
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -108,8 +97,8 @@ def sharded(ctx: Ctx, devices: int, shape) -> list[Row]:
     xd = jax.device_put(x_host, NamedSharding(mesh, spec))
     yd = jax.device_put(y_host, NamedSharding(mesh, P()))
 
-    note = agree(step(xd, yd), unsharded(x1, y1), F32)
-    t = time_interleaved(
+    note = _timing.agree(step(xd, yd), unsharded(x1, y1), F32)
+    t = _timing.time_interleaved(
         {"sharded": lambda: step(xd, yd), "unsharded": lambda: unsharded(x1, y1)},
         ctx.repeats,
         ctx.min_sample_s,
@@ -118,7 +107,7 @@ def sharded(ctx: Ctx, devices: int, shape) -> list[Row]:
     cand = "jsoftmax.sharded.cross_entropy in shard_map"
     base = "jsoftmax.cross_entropy, 1 device"
     rows = [
-        timing_row(
+        _timing.timing_row(
             "sharded",
             f"cross_entropy value+grad, vocab over {on}",
             cand,
@@ -129,7 +118,7 @@ def sharded(ctx: Ctx, devices: int, shape) -> list[Row]:
             dtype=F32,
             note=note,
         ),
-        bytes_row(
+        _timing.bytes_row(
             "sharded",
             f"logits bytes per device, {on}",
             cand,
@@ -139,11 +128,11 @@ def sharded(ctx: Ctx, devices: int, shape) -> list[Row]:
             shape=shape,
         ),
     ]
-    step_bytes = footprint(step.lower(xd, yd).compile())
-    unsharded_bytes = footprint(unsharded.lower(x1, y1).compile())
+    step_bytes = _timing.footprint(step.lower(xd, yd).compile())
+    unsharded_bytes = _timing.footprint(unsharded.lower(x1, y1).compile())
     if step_bytes is not None and unsharded_bytes is not None:
         rows.append(
-            bytes_row(
+            _timing.bytes_row(
                 "sharded",
                 f"compiled step footprint per device, {on}",
                 cand,
@@ -185,16 +174,19 @@ def fused(ctx: Ctx, devices: int, shape) -> list[Row]:
     dev0 = jax.devices()[0]
     single = [jax.device_put(a, dev0) for a in (x_host, w_host, y_host)]
     one = grad(one_device)
-    note = agree(steps["fused"](*placed), one(*single), F32)
-    cand_bytes = temp_bytes(steps["fused"], *placed)
+    note = _timing.agree(steps["fused"](*placed), one(*single), F32)
+    cand_bytes = _timing.temp_bytes(steps["fused"], *placed)
     on = f"{devices} device{'s' if devices > 1 else ''}"
     cand = "jsoftmax.sharded.linear_cross_entropy in shard_map"
     rows = []
     for base, base_bytes in [
-        ("x @ w_shard + jsoftmax.sharded.cross_entropy", temp_bytes(steps["dense"], *placed)),
-        ("jsoftmax.linear_cross_entropy, 1 device", temp_bytes(one, *single)),
+        (
+            "x @ w_shard + jsoftmax.sharded.cross_entropy",
+            _timing.temp_bytes(steps["dense"], *placed),
+        ),
+        ("jsoftmax.linear_cross_entropy, 1 device", _timing.temp_bytes(one, *single)),
     ]:
-        row = bytes_row(
+        row = _timing.bytes_row(
             "sharded",
             f"fused loss temporaries per device, vocab over {on}",
             cand,

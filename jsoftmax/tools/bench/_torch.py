@@ -9,20 +9,9 @@ import jax
 import numpy as np
 
 import jsoftmax
+from jsoftmax.tools.bench import _timing
 from jsoftmax.tools.bench._fwd_bwd import value_and_vjp
-from jsoftmax.tools.bench._timing import (
-    F32,
-    FORWARD_SHAPES,
-    Case,
-    Ctx,
-    Group,
-    Row,
-    installed,
-    logits,
-    shape_str,
-    time_interleaved,
-    timing_row,
-)
+from jsoftmax.tools.bench._timing import F32, FORWARD_SHAPES, Case, Ctx, Group, Row
 
 GROUPS: tuple[Group, ...] = ("torch",)
 
@@ -30,8 +19,8 @@ GROUPS: tuple[Group, ...] = ("torch",)
 def torch_softmax(ctx: Ctx, shape, backward: bool) -> list[Row]:
     import torch  # pyright: ignore[reportMissingImports] - optional, not a dependency
 
-    x = logits(shape, F32)
-    g = logits(shape, F32, seed=1)
+    x = _timing.logits(shape, F32)
+    g = _timing.logits(shape, F32, seed=1)
     xt = torch.from_numpy(np.array(x))
     gt = torch.from_numpy(np.array(g))
     if backward:
@@ -53,12 +42,12 @@ def torch_softmax(ctx: Ctx, shape, backward: bool) -> list[Row]:
 
         fns = {"base": base_value, "cand": lambda: cand(x)}
 
-    t = time_interleaved(fns, ctx.repeats, ctx.min_sample_s)
+    t = _timing.time_interleaved(fns, ctx.repeats, ctx.min_sample_s)
     what = "value + vjp" if backward else "softmax"
     return [
-        timing_row(
+        _timing.timing_row(
             "torch",
-            f"{what} {shape_str(shape)} float32",
+            f"{what} {_timing.shape_str(shape)} float32",
             "jsoftmax.softmax",
             f"torch.softmax (torch {torch.__version__}, CPU)",
             t["cand"],
@@ -70,7 +59,7 @@ def torch_softmax(ctx: Ctx, shape, backward: bool) -> list[Row]:
 
 
 def cases(quick: bool) -> list[Case]:
-    if not installed("torch"):
+    if not _timing.installed("torch"):
         return []
     shapes = FORWARD_SHAPES[:1] if quick else FORWARD_SHAPES
     return [
