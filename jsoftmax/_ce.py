@@ -14,6 +14,7 @@ the device's block, which may not hold it) and in the merge (none; one `pmax` an
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -65,6 +66,17 @@ def forward(
     w = _kernel.class_weights(weights, logits.ndim, axis, cdt)
     ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
     merged = (lambda st: st) if merge_stats is None else merge_stats
+    # The smoothing sums' rare branch recomputes the pass's u from the raw logits.
+    source = lambda: _kernel.logits_u(logits, where, flags, cdt)  # noqa: E731
+    stats = partial(
+        _kernel.piece_stats,
+        fp,
+        (axis,),
+        w=w,
+        smoothing=flags.smoothing,
+        source=source,
+        has_mask=where is not None,
+    )
     if _kernel.is_integer(labels):
         assert label_at is not None
         pick, in_range = label_at
@@ -73,15 +85,12 @@ def forward(
             # The label's soft-capped logit from its raw logit: gathered from the
             # soft-capped logits, those would be written out for the gather.
             label = _formulas.softcap(pick(logits.astype(cdt)), flags.softcap)
-        st = _kernel.piece_stats(
-            fp, (axis,), pick=pick, w=w, smoothing=flags.smoothing, label=label
-        )
-        st = merged(st)
+        st = merged(stats(pick=pick, label=label))
         loss, excluded, row = _kernel.integer_loss(st, coefs_c, flags, temperature)
         loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))
         ok = ok_bwd = _kernel.both(ok, ~excluded | ~in_range)
     else:
-        st = merged(_kernel.piece_stats(fp, (axis,), w=w, y=labels, smoothing=flags.smoothing))
+        st = merged(stats(y=labels))
         loss, empty, row = _kernel.prob_loss(st, coefs_c, flags, temperature)
         # A row without valid classes has p = q = 0: its gradients are 0 without a mask.
         ok_bwd, ok = ok, _kernel.both(ok, ~empty)

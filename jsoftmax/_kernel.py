@@ -36,6 +36,7 @@ derivatives stay finite.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -132,6 +133,14 @@ def logits_pass(logits, valid, temperature, flags: Flags, cdt) -> _pass.Pass:
     return _pass.exp_pass(u, valid, axes, temperature, row_max=lambda _: m)
 
 
+def logits_u(logits, valid, flags: Flags, cdt) -> jax.Array:
+    """`logits_pass(logits, valid, ...).u` computed again (the (soft-capped) logits in
+    `cdt`, `-inf` where not valid), for a branch that must not read the pass's `u`."""
+    u = logits.astype(cdt)
+    u = u if flags.softcap is None else _formulas.softcap(u, flags.softcap)
+    return u if valid is None else jnp.where(valid, u, -jnp.inf)
+
+
 # --------------------------------------------------------------------------------------
 # Row statistics of a piece, and the merge of pieces.
 # --------------------------------------------------------------------------------------
@@ -160,16 +169,55 @@ def _sum(a, axes):
     return jnp.sum(a, axis=axes, keepdims=True)
 
 
-def _smoothing_sums(fp: _pass.Pass, axes, w) -> dict:
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _fused_sums(axes: tuple[int, ...], terms: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """The sums of same-shaped `terms` over `axes` as one variadic reduction, which XLA's
+    CPU backend fuses with the terms' elementwise producers (compares and selects too)."""
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    add = lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True))  # noqa: E731
+    return tuple(lax.reduce(terms, zeros, add, axes))
+
+
+@_fused_sums.defjvp
+def _fused_sums_jvp(axes, primals, tangents):
+    # A sum is linear: the tangents' sums (plain reductions, which JAX can transpose).
+    (terms,), (dterms,) = primals, tangents
+    return _fused_sums(axes, terms), tuple(jnp.sum(t, axis=axes) for t in dterms)
+
+
+def _smoothing_sums(fp: _pass.Pass, axes, w, source, has_mask: bool) -> dict:
     """The smoothing statistics of a piece: the number of valid classes `count`, their
     weight `wsum` (with class weights) and `centred` $= \\sum_{valid} w_i (u_i - m)$.
 
-    XLA's CPU backend writes a logits-sized array for a reduction of a compare or select
-    but fuses plain arithmetic into the reduction, so the sums are first taken over every
-    class without a mask (one fused pass); only when some row has a non-finite result
-    (a masked or $-\\infty$ entry) does a `lax.cond` take the masked sums instead.
+    XLA's CPU backend writes a logits-sized array for a sum of a compare or select but
+    fuses plain arithmetic into it, so the sums are first taken over every class without
+    a mask (one fused pass); only when some row has a non-finite result (a masked or
+    $-\\infty$ entry) does a `lax.cond` take the masked sums instead, as one variadic
+    reduction, into which that backend fuses the compare and the selects too.
+    `source()`, if given, computes `fp.u` again inside that branch from the raw logits:
+    a branch's operands are buffers, and `fp.u` taken as one would be written out. With
+    `has_mask` (a `where` mask: the plain sums would hardly ever be finite) the masked
+    sums are taken without the plain ones.
     """
     dtype = fp.u.dtype
+
+    def masked(m):
+        # Computed here, from the raw logits, so that nothing logits-sized is written
+        # (one variadic reduction).
+        u = fp.u if source is None else source()
+        zero = jnp.zeros((), dtype)
+        valid = u > -jnp.inf
+        gap = jnp.where(valid, u - m, zero)
+        terms = dict(count=valid.astype(dtype), centred=gap)
+        if w is not None:
+            w_valid = jnp.where(valid, w.astype(dtype), zero)
+            terms.update(wsum=w_valid, centred=w_valid * gap)
+        names = sorted(terms)
+        sums = _fused_sums(tuple(axes), tuple(terms[k] for k in names))
+        return {k: jnp.expand_dims(s, tuple(axes)) for k, s in zip(names, sums, strict=True)}
+
+    if has_mask:
+        return masked(fp.m)
     ones_shape = fp.m.shape
     n = 1
     for a in axes:
@@ -189,20 +237,7 @@ def _smoothing_sums(fp: _pass.Pass, axes, w) -> dict:
     if w_total is not None:
         plain["wsum"] = w_total + like
 
-    def masked(u_m):
-        # Computed here, from the operands, so that nothing logits-sized is written
-        # unless this branch runs.
-        u, m = u_m
-        zero = jnp.zeros((), dtype)
-        valid = u > -jnp.inf
-        gap = jnp.where(valid, u - m, zero)
-        out = dict(count=_sum(valid.astype(dtype), axes))
-        if w is None:
-            return {**out, "centred": _sum(gap, axes)}
-        w_valid = jnp.where(valid, w, zero)
-        return {**out, "wsum": _sum(w_valid, axes), "centred": _sum(w_valid * gap, axes)}
-
-    return lax.cond(jnp.all(jnp.isfinite(plain_centred)), lambda _: plain, masked, (fp.u, fp.m))
+    return lax.cond(jnp.all(jnp.isfinite(plain_centred)), lambda _: plain, masked, fp.m)
 
 
 def piece_stats(
@@ -215,13 +250,17 @@ def piece_stats(
     smoothing: bool = False,
     entropy: bool = False,
     label: jax.Array | None = None,
+    source: Callable[[], jax.Array] | None = None,
+    has_mask: bool = False,
 ) -> RowStats:
     """The statistics of one piece from its pass `fp`.
 
     `pick(a)` gives `a` at the integer label (keepdims; 0 on a piece without the label),
     for integer labels (`label`, when given, is `pick(fp.u)` computed another way);
     `y` are probability labels (the piece's block); `w` the class
-    weights broadcastable to the piece (None: 1).
+    weights broadcastable to the piece (None: 1); `source()` recomputes `fp.u` from the
+    raw logits (for the smoothing sums' rare branch; None: `fp.u` is taken as it is);
+    `has_mask`: the piece has a `where` mask.
     """
     zero = jnp.zeros((), fp.u.dtype)
     valid = fp.u > -jnp.inf
@@ -232,7 +271,7 @@ def piece_stats(
             st = st._replace(w_y=pick(jnp.broadcast_to(w, fp.u.shape)))
     gap = jnp.where(valid, fp.u - fp.m, zero)  # dead code for XLA when unused
     if smoothing:
-        st = st._replace(**_smoothing_sums(fp, axes, w))
+        st = st._replace(**_smoothing_sums(fp, axes, w, source, has_mask))
     if y is not None:
         q = y.astype(fp.u.dtype) if w is None else w * y.astype(fp.u.dtype)
         q = jnp.where(valid, q, zero)

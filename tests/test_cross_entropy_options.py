@@ -363,6 +363,33 @@ def test_softcap_keeps_neg_inf_excluded(temperature):
     _assert_close(g[:, :4], jax.grad(lambda z: g_ref(z).sum())(z[:, :4]), *GRAD_TOL)
 
 
+@pytest.mark.parametrize("rule", ["vjp", "jvp"])
+@pytest.mark.parametrize("options", ["smoothing", "weights", "softcap", "where"])
+def test_label_smoothing_over_the_finite_classes_with_neg_inf_logits(options, rule):
+    # -inf logits make the plain smoothing sums non-finite: the loss takes the masked
+    # sums (recomputed from the raw logits), which count only the finite classes.
+    z = make_logits((B, N), REF_DTYPE).at[:, 4].set(-jnp.inf).at[1, 0].set(-jnp.inf)
+    lab = jnp.array([0, 1, 2, 3, 1, 0]).at[1].set(2)
+    kw, ref_kw = {}, {}
+    if options == "weights":
+        kw = ref_kw = dict(weights=WEIGHTS)
+    if options == "softcap":
+        kw, ref_kw = dict(logit_softcap=2.0), dict(cap=2.0)
+    if options == "where":
+        kw = ref_kw = dict(where=jnp.array([[True, True, False, True, True]]))
+        lab = lab.at[2].set(0)
+    f = lambda z: jsoftmax.cross_entropy(z, lab, label_smoothing=0.2, rule=rule, **kw)
+    ref = lambda z: reference(z, lab, alpha=0.2, **ref_kw)
+    _assert_close(f(z), ref(z), *VALUE_TOL)
+    finite = jnp.isfinite(z)
+    g = jax.grad(lambda z: f(z).sum())(z)
+    # The reference differentiated in the finite logits only (-inf a constant).
+    at = lambda zf: jnp.where(finite, zf, -jnp.inf)
+    g_ref = jax.grad(lambda zf: ref(at(zf)).sum())(jnp.where(finite, z, 0.0))
+    _assert_close(jnp.where(finite, g, 0), jnp.where(finite, g_ref, 0), *GRAD_TOL)
+    assert np.all(np.asarray(g)[~np.asarray(finite)] == 0)
+
+
 def test_tuple_axis_matches_optax():
     z = make_logits((3, 2, 4), REF_DTYPE)
     lab = jnp.array([0, 7, 5])
@@ -438,6 +465,32 @@ def test_no_new_logits_sized_residual_with_every_option():
         lambda z: optax.softmax_cross_entropy_with_integer_labels(z, lab % 6).mean(), z
     )
     assert any(r[0].shape == (8, 6) and "from the argument" not in r[1] for r in res_optax)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion")
+@pytest.mark.parametrize("options", ["smoothing", "where", "where_weights", "softcap"])
+def test_label_smoothing_writes_no_logits_sized_temporary(options):
+    # The smoothing sums over the valid classes (a compare and a select under a sum) were
+    # written out by XLA:CPU as logits-sized arrays (up to four of 4 MiB here, also in the
+    # rarely taken branch, whose buffers are allocated anyway); the plain loss writes none.
+    n, v = 256, 4096
+    z = jnp.zeros((n, v), jnp.float32)
+    lab = jnp.zeros((n,), jnp.int32)
+    kw = {
+        "smoothing": {},
+        "where": dict(where=jnp.ones((1, v), bool).at[0, -1].set(False)),
+        "where_weights": dict(
+            where=jnp.ones((1, v), bool).at[0, -1].set(False), weights=jnp.linspace(0.5, 2, v)
+        ),
+        "softcap": dict(logit_softcap=30.0),
+    }[options]
+
+    def step(z):
+        loss = lambda z: jsoftmax.cross_entropy(z, lab, label_smoothing=0.1, reduction="mean", **kw)
+        return jax.value_and_grad(loss)(z)
+
+    temp = jax.jit(step).lower(z).compile().memory_analysis().temp_size_in_bytes
+    assert temp < z.nbytes // 8, temp
 
 
 def test_errors_name_the_argument():
