@@ -159,7 +159,10 @@ def cotangent(s: Saved, flags: _kernel.Flags, p, label_at=None, g=None):
         g_s = jnp.where(in_range, g_s, jnp.full((), jnp.nan, cdt))
     else:
         alpha = coefs.alpha if flags.smoothing else None
-        q = _kernel.targets(row, valid, w=w, y=labels, alpha=alpha)
+        # Behind a barrier: the masked labels, shared with the forward pass's sums, would
+        # be written out.
+        y = lax.optimization_barrier(labels)
+        q = _kernel.targets(row, valid, w=w, y=y, alpha=alpha)
         g_s = _kernel.score_cotangent(p, q, row)
     if g is not None:
         g_s = g_s * g

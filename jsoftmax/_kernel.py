@@ -185,6 +185,14 @@ def _fused_sums_jvp(axes, primals, tangents):
     return _fused_sums(axes, terms), tuple(jnp.sum(t, axis=axes) for t in dterms)
 
 
+def _sums_of(axes, **terms: jax.Array) -> dict[str, jax.Array]:
+    """`{name: sum over axes (keepdims)}` of same-shaped terms, as one fused reduction."""
+    axes = tuple(axes)
+    names = sorted(terms)
+    sums = _fused_sums(axes, tuple(terms[k] for k in names))
+    return {k: jnp.expand_dims(s, axes) for k, s in zip(names, sums, strict=True)}
+
+
 def _smoothing_sums(fp: _pass.Pass, axes, w, source, has_mask: bool) -> dict:
     """The smoothing statistics of a piece: the number of valid classes `count`, their
     weight `wsum` (with class weights) and `centred` $= \\sum_{valid} w_i (u_i - m)$.
@@ -212,9 +220,7 @@ def _smoothing_sums(fp: _pass.Pass, axes, w, source, has_mask: bool) -> dict:
         if w is not None:
             w_valid = jnp.where(valid, w.astype(dtype), zero)
             terms.update(wsum=w_valid, centred=w_valid * gap)
-        names = sorted(terms)
-        sums = _fused_sums(tuple(axes), tuple(terms[k] for k in names))
-        return {k: jnp.expand_dims(s, tuple(axes)) for k, s in zip(names, sums, strict=True)}
+        return _sums_of(axes, **terms)
 
     if has_mask:
         return masked(fp.m)
@@ -274,8 +280,8 @@ def piece_stats(
         st = st._replace(**_smoothing_sums(fp, axes, w, source, has_mask))
     if y is not None:
         q = y.astype(fp.u.dtype) if w is None else w * y.astype(fp.u.dtype)
-        q = jnp.where(valid, q, zero)
-        st = st._replace(mass=_sum(q, axes), cross=_sum(q * gap, axes))
+        q = jnp.where(valid, jnp.broadcast_to(q, fp.u.shape), zero)
+        st = st._replace(**_sums_of(axes, mass=q, cross=q * gap))
     if entropy:
         st = st._replace(ent=_sum(fp.e * gap, axes))
     return st

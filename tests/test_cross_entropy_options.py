@@ -468,28 +468,35 @@ def test_no_new_logits_sized_residual_with_every_option():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion")
-@pytest.mark.parametrize("options", ["smoothing", "where", "where_weights", "softcap"])
-def test_label_smoothing_writes_no_logits_sized_temporary(options):
-    # The smoothing sums over the valid classes (a compare and a select under a sum) were
-    # written out by XLA:CPU as logits-sized arrays (up to four of 4 MiB here, also in the
-    # rarely taken branch, whose buffers are allocated anyway); the plain loss writes none.
+@pytest.mark.parametrize(
+    "options", ["smoothing", "where", "where_weights", "softcap", "probs", "probs_smoothing"]
+)
+def test_training_step_writes_no_logits_sized_temporary(options):
+    # Sums over the valid classes (a compare and a select under a sum: label smoothing,
+    # probability labels) were written out by XLA:CPU as logits-sized arrays (up to four
+    # of 4 MiB here, also in a rarely taken branch, whose buffers are allocated anyway),
+    # and so were probability labels masked once for both passes; optax on probability
+    # labels writes two.
     n, v = 256, 4096
     z = jnp.zeros((n, v), jnp.float32)
     lab = jnp.zeros((n,), jnp.int32)
+    mask = jnp.ones((1, v), bool).at[0, -1].set(False)
+    probs = jnp.full((n, v), 1.0 / v, jnp.float32)
     kw = {
-        "smoothing": {},
-        "where": dict(where=jnp.ones((1, v), bool).at[0, -1].set(False)),
-        "where_weights": dict(
-            where=jnp.ones((1, v), bool).at[0, -1].set(False), weights=jnp.linspace(0.5, 2, v)
-        ),
-        "softcap": dict(logit_softcap=30.0),
+        "smoothing": dict(label_smoothing=0.1),
+        "where": dict(label_smoothing=0.1, where=mask),
+        "where_weights": dict(label_smoothing=0.1, where=mask, weights=jnp.linspace(0.5, 2, v)),
+        "softcap": dict(label_smoothing=0.1, logit_softcap=30.0),
+        "probs": {},
+        "probs_smoothing": dict(label_smoothing=0.1, where=mask),
     }[options]
+    labels = probs if options.startswith("probs") else lab
 
-    def step(z):
-        loss = lambda z: jsoftmax.cross_entropy(z, lab, label_smoothing=0.1, reduction="mean", **kw)
+    def step(z, labels):
+        loss = lambda z: jsoftmax.cross_entropy(z, labels, reduction="mean", **kw)
         return jax.value_and_grad(loss)(z)
 
-    temp = jax.jit(step).lower(z).compile().memory_analysis().temp_size_in_bytes
+    temp = jax.jit(step).lower(z, labels).compile().memory_analysis().temp_size_in_bytes
     assert temp < z.nbytes // 8, temp
 
 
