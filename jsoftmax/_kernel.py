@@ -283,7 +283,9 @@ def piece_stats(
         q = jnp.where(valid, jnp.broadcast_to(q, fp.u.shape), zero)
         st = st._replace(**_sums_of(axes, mass=q, cross=q * gap))
     if entropy:
-        st = st._replace(ent=_sum(fp.e * gap, axes))
+        # The total again, with the entropy sum in one fused reduction: XLA:CPU writes
+        # out the exponentials (and the gap) for separate sums.
+        st = st._replace(**_sums_of(axes, total=fp.e, ent=fp.e * gap))
     return st
 
 
