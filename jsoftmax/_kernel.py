@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -254,7 +254,7 @@ def piece_stats(
     w=None,
     y=None,
     smoothing: bool = False,
-    entropy: bool = False,
+    entropy: bool | Literal["fused"] = False,
     label: jax.Array | None = None,
     source: Callable[[], jax.Array] | None = None,
     has_mask: bool = False,
@@ -266,7 +266,10 @@ def piece_stats(
     `y` are probability labels (the piece's block); `w` the class
     weights broadcastable to the piece (None: 1); `source()` recomputes `fp.u` from the
     raw logits (for the smoothing sums' rare branch; None: `fp.u` is taken as it is);
-    `has_mask`: the piece has a `where` mask.
+    `has_mask`: the piece has a `where` mask. `entropy="fused"` takes the entropy's sum
+    and the total again in one fused reduction: for a whole row, whose exponentials XLA's
+    CPU backend would otherwise write out; for a chunk (written out anyway) two separate
+    sums are faster.
     """
     zero = jnp.zeros((), fp.u.dtype)
     valid = fp.u > -jnp.inf
@@ -282,10 +285,12 @@ def piece_stats(
         q = y.astype(fp.u.dtype) if w is None else w * y.astype(fp.u.dtype)
         q = jnp.where(valid, jnp.broadcast_to(q, fp.u.shape), zero)
         st = st._replace(**_sums_of(axes, mass=q, cross=q * gap))
-    if entropy:
+    if entropy == "fused":
         # The total again, with the entropy sum in one fused reduction: XLA:CPU writes
         # out the exponentials (and the gap) for separate sums.
         st = st._replace(**_sums_of(axes, total=fp.e, ent=fp.e * gap))
+    elif entropy:
+        st = st._replace(ent=_sum(fp.e * gap, axes))
     return st
 
 

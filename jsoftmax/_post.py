@@ -90,7 +90,8 @@ def _lp_forward(logits, labels, where, temperature, row_ok, axis, cap, with_entr
     label = pick(u).astype(cdt)
     if where is not None:
         label = jnp.where(pick(where), label, -jnp.inf)
-    st = _kernel.piece_stats(fp, (axis,), entropy=with_entropy)._replace(label=label)
+    entropy = "fused" if with_entropy else False
+    st = _kernel.piece_stats(fp, (axis,), entropy=entropy)._replace(label=label)
     lp, excluded = _kernel.log_prob(st, temperature)
     lp = jnp.where(in_range, lp, jnp.full((), jnp.nan, cdt))
     ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
