@@ -1,5 +1,6 @@
 """Group `cross-entropy`: `jax.value_and_grad` of the mean cross-entropy with
-integer labels, [`jsoftmax.cross_entropy`][] vs optax; group `ce options`: each
+integer labels, probability labels and label smoothing, [`jsoftmax.cross_entropy`][] vs
+optax; group `ce options`: each
 training option against the plain call of the same run (the options must fuse into the
 plain passes)."""
 
@@ -57,6 +58,62 @@ def versus_optax(ctx: Ctx, shape, dtype) -> list[Row]:
             note=note,
         )
     ]
+
+
+def versus_optax_targets(ctx: Ctx, shape) -> list[Row]:
+    """Probability labels, and integer labels with label smoothing against optax on
+    `optax.smooth_labels` of one-hot labels (how optax smooths); the compiled
+    temporaries of both sides go into the note."""
+    optax = _timing.optional("optax")
+    if optax is None:
+        return []
+    x, labels = _timing.logits(shape, F32), _labels(shape)
+    n = shape[-1]
+    probs = jax.nn.softmax(_timing.logits(shape, F32) * 0.1)
+    mean = lambda f: jax.jit(jax.value_and_grad(lambda x, y: f(x, y).mean()))  # noqa: E731
+    pairs = {
+        "probability labels": (
+            mean(jsoftmax.cross_entropy),
+            mean(optax.softmax_cross_entropy),
+            probs,
+            "optax.softmax_cross_entropy",
+        ),
+        "label_smoothing=0.1": (
+            mean(lambda x, y: jsoftmax.cross_entropy(x, y, label_smoothing=0.1)),
+            mean(
+                lambda x, y: optax.softmax_cross_entropy(
+                    x, optax.smooth_labels(jax.nn.one_hot(y, n, dtype=x.dtype), 0.1)
+                )
+            ),
+            labels,
+            "optax.softmax_cross_entropy of smooth_labels(one_hot)",
+        ),
+    }
+    rows = []
+    for name, (cand, base, y, base_name) in pairs.items():
+        agree = _timing.agree(cand(x, y), base(x, y), F32)
+        mib = [_timing.temp_bytes(f, x, y) / 2**20 for f in (cand, base)]
+        t = _timing.time_interleaved(
+            {"base": lambda b=base, y=y: b(x, y), "cand": lambda c=cand, y=y: c(x, y)},
+            ctx.repeats,
+            ctx.min_sample_s,
+        )
+        note = f"temporaries {mib[0]:.1f} vs {mib[1]:.1f} MiB" + (f"; {agree}" if agree else "")
+        rows.append(
+            _timing.timing_row(
+                "cross-entropy",
+                f"value_and_grad(mean) {_timing.shape_str(shape)} float32, {name}",
+                "jsoftmax.cross_entropy",
+                base_name,
+                t["cand"],
+                t["base"],
+                shape=shape,
+                dtype=F32,
+                target=TARGET if tuple(shape) == OPTIONS_SHAPE else None,
+                note=note,
+            )
+        )
+    return rows
 
 
 def _option_kwargs(shape) -> dict[str, dict]:
@@ -121,5 +178,12 @@ def cases(quick: bool) -> list[Case]:
         for *shape, dtype in shapes
     ]
     opt_shape = (256, 1024) if quick else OPTIONS_SHAPE
+    out.append(
+        Case(
+            "cross-entropy",
+            f"cross-entropy targets {opt_shape}",
+            partial(versus_optax_targets, shape=opt_shape),
+        )
+    )
     out.append(Case("ce options", f"ce options {opt_shape}", partial(options, shape=opt_shape)))
     return out
