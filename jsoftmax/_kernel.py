@@ -36,7 +36,6 @@ derivatives stay finite.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Literal, NamedTuple
 
 import jax
@@ -169,30 +168,6 @@ def _sum(a, axes):
     return jnp.sum(a, axis=axes, keepdims=True)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _fused_sums(axes: tuple[int, ...], terms: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """The sums of same-shaped `terms` over `axes` as one variadic reduction, which XLA's
-    CPU backend fuses with the terms' elementwise producers (compares and selects too)."""
-    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
-    add = lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True))  # noqa: E731
-    return tuple(lax.reduce(terms, zeros, add, axes))
-
-
-@_fused_sums.defjvp
-def _fused_sums_jvp(axes, primals, tangents):
-    # A sum is linear: the tangents' sums (plain reductions, which JAX can transpose).
-    (terms,), (dterms,) = primals, tangents
-    return _fused_sums(axes, terms), tuple(jnp.sum(t, axis=axes) for t in dterms)
-
-
-def _sums_of(axes, **terms: jax.Array) -> dict[str, jax.Array]:
-    """`{name: sum over axes (keepdims)}` of same-shaped terms, as one fused reduction."""
-    axes = tuple(axes)
-    names = sorted(terms)
-    sums = _fused_sums(axes, tuple(terms[k] for k in names))
-    return {k: jnp.expand_dims(s, axes) for k, s in zip(names, sums, strict=True)}
-
-
 def _smoothing_sums(fp: _pass.Pass, axes, w, source, has_mask: bool) -> dict:
     """The smoothing statistics of a piece: the number of valid classes `count`, their
     weight `wsum` (with class weights) and `centred` $= \\sum_{valid} w_i (u_i - m)$.
@@ -220,7 +195,7 @@ def _smoothing_sums(fp: _pass.Pass, axes, w, source, has_mask: bool) -> dict:
         if w is not None:
             w_valid = jnp.where(valid, w.astype(dtype), zero)
             terms.update(wsum=w_valid, centred=w_valid * gap)
-        return _sums_of(axes, **terms)
+        return _pass.fused_sums(axes, **terms)
 
     if has_mask:
         return masked(fp.m)
@@ -284,11 +259,11 @@ def piece_stats(
     if y is not None:
         q = y.astype(fp.u.dtype) if w is None else w * y.astype(fp.u.dtype)
         q = jnp.where(valid, jnp.broadcast_to(q, fp.u.shape), zero)
-        st = st._replace(**_sums_of(axes, mass=q, cross=q * gap))
+        st = st._replace(**_pass.fused_sums(axes, mass=q, cross=q * gap))
     if entropy == "fused":
         # The total again, with the entropy sum in one fused reduction: XLA:CPU writes
         # out the exponentials (and the gap) for separate sums.
-        st = st._replace(**_sums_of(axes, total=fp.e, ent=fp.e * gap))
+        st = st._replace(**_pass.fused_sums(axes, total=fp.e, ent=fp.e * gap))
     elif entropy:
         st = st._replace(ent=_sum(fp.e * gap, axes))
     return st

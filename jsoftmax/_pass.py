@@ -9,6 +9,7 @@ merge of pieces is `jsoftmax._merge`'s.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -97,3 +98,33 @@ def exp_arg(u, m, temperature=None):
         return u - m
     lowest = jnp.asarray(jnp.finfo(u.dtype).min, u.dtype)
     return jnp.maximum(u - m, lowest) / temperature.astype(u.dtype)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _variadic_sum(axes: tuple[int, ...], terms: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """The sums of same-shaped `terms` over `axes` as one variadic reduction, which XLA's
+    CPU backend fuses with the terms' elementwise producers (compares and selects too)."""
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    add = lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True))  # noqa: E731
+    return tuple(lax.reduce(terms, zeros, add, axes))
+
+
+@_variadic_sum.defjvp
+def _variadic_sum_jvp(axes, primals, tangents):
+    # A sum is linear: the tangents' sums (plain reductions, which JAX can transpose).
+    (terms,), (dterms,) = primals, tangents
+    return _variadic_sum(axes, terms), tuple(jnp.sum(t, axis=axes) for t in dterms)
+
+
+def fused_sums(axes, **terms: jax.Array) -> dict[str, jax.Array]:
+    """`{name: sum over axes (keepdims)}` of same-shaped terms, as one reduction.
+
+    One variadic reduction, into which XLA's CPU backend fuses the terms' elementwise
+    producers, selects and compares included; a plain sum of such a term first writes it
+    out (a logits-sized array), as does a sum of an array another pass also reads. Two
+    or more terms make it variadic (one term would be compiled as a plain sum)."""
+    axes = tuple(axes)
+    names = sorted(terms)
+    arrays = jnp.broadcast_arrays(*(terms[k] for k in names))
+    sums = _variadic_sum(axes, tuple(arrays))
+    return {k: jnp.expand_dims(s, axes) for k, s in zip(names, sums, strict=True)}
