@@ -251,12 +251,14 @@ def _kl_forward(logits, teacher, where, row_ok, axis, beta, t):
     cdt = _checks.accumulation_dtype(jnp.promote_types(logits.dtype, teacher.dtype))
     tt = _temperature_array(t, cdt)
     log_ps, m_s, total_s = _log_probs(logits, where, axis, tt, cdt)
-    log_pt, _, _ = _log_probs(lax.stop_gradient(teacher), where, axis, tt, cdt)
+    log_pt, m_t, total_t = _log_probs(lax.stop_gradient(teacher), where, axis, tt, cdt)
     terms, kl_s = _formulas.divergence_terms(log_ps, log_pt, beta)
     value = jnp.sum(terms, axis=axis, keepdims=True)
     kl_s = None if kl_s is None else jnp.sum(kl_s, axis=axis, keepdims=True)
     ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
-    return jnp.squeeze(_kernel.mask_rows(value, ok), axis), (m_s, total_s, kl_s, ok)
+    # Both rows' statistics: the backward pass reads the teacher's too.
+    stats = (m_s, total_s, m_t, total_t, kl_s, ok)
+    return jnp.squeeze(_kernel.mask_rows(value, ok), axis), stats
 
 
 @partial(_custom.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -270,13 +272,16 @@ def _kl_fwd(logits, teacher, where, row_ok, axis, beta, t):
 
 
 def _kl_bwd(axis, beta, t, residuals, g):
-    logits, teacher, where, (m_s, total_s, kl_s, ok) = residuals
+    logits, teacher, where, (m_s, total_s, m_t, total_t, kl_s, ok) = residuals
     cdt = m_s.dtype
     tt = _temperature_array(t, cdt)
-    u = logits.astype(cdt)
-    masked = u if where is None else jnp.where(where, u, -jnp.inf)
-    log_ps = _pass.shifted(masked, m_s, tt) - _merge.log_total(total_s)
-    log_pt, _, _ = _log_probs(teacher, where, axis, tt, cdt)
+
+    def log_probs(z, m, total):
+        u = z.astype(cdt)
+        masked = u if where is None else jnp.where(where, u, -jnp.inf)
+        return _pass.shifted(masked, m, tt) - _merge.log_total(total)
+
+    log_ps, log_pt = log_probs(logits, m_s, total_s), log_probs(teacher, m_t, total_t)
     g_s = _formulas.divergence_cotangent(log_ps, log_pt, kl_s, beta)
     g_s = _kernel.mask_rows(g_s * jnp.expand_dims(g.astype(cdt), axis), ok)
     if tt is not None:
