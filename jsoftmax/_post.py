@@ -253,8 +253,14 @@ def _kl_forward(logits, teacher, where, row_ok, axis, beta, t):
     log_ps, m_s, total_s = _log_probs(logits, where, axis, tt, cdt)
     log_pt, m_t, total_t = _log_probs(lax.stop_gradient(teacher), where, axis, tt, cdt)
     terms, kl_s = _formulas.divergence_terms(log_ps, log_pt, beta)
-    value = jnp.sum(terms, axis=axis, keepdims=True)
-    kl_s = None if kl_s is None else jnp.sum(kl_s, axis=axis, keepdims=True)
+    if beta in (0.0, 1.0):
+        value = jnp.sum(terms, axis=axis, keepdims=True)
+        kl_s = None if kl_s is None else value
+    else:
+        # Two sums of the mixture's terms in one reduction: as separate sums XLA:CPU
+        # writes out both rows' log-probabilities, the mixture and the terms.
+        sums = _pass.fused_sums((axis,), value=terms, kl_s=kl_s)
+        value, kl_s = sums["value"], sums["kl_s"]
     ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
     # Both rows' statistics: the backward pass reads the teacher's too.
     stats = (m_s, total_s, m_t, total_t, kl_s, ok)
