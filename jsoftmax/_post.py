@@ -257,8 +257,8 @@ def _kl_forward(logits, teacher, where, row_ok, axis, beta, t):
         value = jnp.sum(terms, axis=axis, keepdims=True)
         kl_s = None if kl_s is None else value
     else:
-        # Two sums of the mixture's terms in one reduction: as separate sums XLA:CPU
-        # writes out both rows' log-probabilities, the mixture and the terms.
+        # Both sums of the mixture's terms in one reduction, which XLA:CPU fuses with
+        # the terms (as two sums, one more logits-sized array was written out).
         sums = _pass.fused_sums((axis,), value=terms, kl_s=kl_s)
         value, kl_s = sums["value"], sums["kl_s"]
     ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
