@@ -259,6 +259,7 @@ def _kl_forward(logits, teacher, where, row_ok, axis, beta, t):
     else:
         # Both sums of the mixture's terms in one reduction, which XLA:CPU fuses with
         # the terms (as two sums, one more logits-sized array was written out).
+        assert kl_s is not None
         sums = _pass.fused_sums((axis,), value=terms, kl_s=kl_s)
         value, kl_s = sums["value"], sums["kl_s"]
     ok = None if row_ok is None else jnp.expand_dims(row_ok, axis)
