@@ -81,10 +81,15 @@ def forward(
         assert label_at is not None
         pick, in_range = label_at
         label = None
-        if flags.softcap is not None and where is None:
+        if flags.softcap is not None:
             # The label's soft-capped logit from its raw logit: gathered from the
             # soft-capped logits, those would be written out for the gather.
             label = _formulas.softcap(pick(logits.astype(cdt)), flags.softcap)
+            if where is not None:
+                # The mask as 0 / -inf, gathered the same way (0 where a piece does not
+                # hold the label: the pieces' label values are summed).
+                off = jnp.where(where, jnp.zeros((), cdt), jnp.full((), -jnp.inf, cdt))
+                label = label + pick(off)
         st = merged(stats(pick=pick, label=label))
         loss, excluded, row = _kernel.integer_loss(st, coefs_c, flags, temperature)
         loss = jnp.where(in_range, loss, jnp.full((), jnp.nan, cdt))

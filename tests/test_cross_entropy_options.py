@@ -469,7 +469,8 @@ def test_no_new_logits_sized_residual_with_every_option():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion")
 @pytest.mark.parametrize(
-    "options", ["smoothing", "where", "where_weights", "softcap", "probs", "probs_smoothing"]
+    "options",
+    ["smoothing", "where", "where_weights", "softcap", "softcap_where", "probs", "probs_smoothing"],
 )
 def test_training_step_writes_no_logits_sized_temporary(options):
     # Sums over the valid classes (a compare and a select under a sum: label smoothing,
@@ -487,6 +488,7 @@ def test_training_step_writes_no_logits_sized_temporary(options):
         "where": dict(label_smoothing=0.1, where=mask),
         "where_weights": dict(label_smoothing=0.1, where=mask, weights=jnp.linspace(0.5, 2, v)),
         "softcap": dict(label_smoothing=0.1, logit_softcap=30.0),
+        "softcap_where": dict(logit_softcap=30.0, where=mask),
         "probs": {},
         "probs_smoothing": dict(label_smoothing=0.1, where=mask),
     }[options]
