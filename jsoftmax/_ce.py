@@ -109,12 +109,9 @@ def probs(logits, where, temperature, flags: _kernel.Flags, row: _kernel.Row, m_
     """`p` on the piece, recomputed from its logits and the merged row (`m_piece`: the
     piece's own row maximum, the shift of its forward pass)."""
     cdt = row.m.dtype
-    z = logits.astype(cdt)
-    if flags.softcap is not None:
-        # Written as in the forward pass, so that XLA computes the exponential once and
-        # this pass writes the gradient over it (as without soft-capping).
-        z = _formulas.softcap(z, flags.softcap)
-    u = z if where is None else jnp.where(where, z, -jnp.inf)
+    # The (soft-capped) logits written as in the forward pass, so that XLA computes the
+    # exponential once and this pass writes the gradient over it.
+    u = _kernel.logits_u(logits, where, flags, cdt)
     if cdt == logits.dtype:
         return _kernel.probs_as_forward(u, m_piece, row, temperature)
     # 16-bit logits: a differently written exponential, so XLA does not keep a float32
