@@ -134,7 +134,8 @@ def logits_pass(logits, valid, temperature, flags: Flags, cdt) -> _pass.Pass:
 
 def logits_u(logits, valid, flags: Flags, cdt) -> jax.Array:
     """`logits_pass(logits, valid, ...).u` computed again (the (soft-capped) logits in
-    `cdt`, `-inf` where not valid), for a branch that must not read the pass's `u`."""
+    `cdt`, `-inf` where not valid): for a branch that must not read the pass's `u`, and
+    for the backward pass, which writes it as the forward pass does."""
     u = logits.astype(cdt)
     u = u if flags.softcap is None else _formulas.softcap(u, flags.softcap)
     return u if valid is None else jnp.where(valid, u, -jnp.inf)
