@@ -26,10 +26,12 @@ from jsoftmax._checks import Reduction
 # --------------------------------------------------------------------------------------
 
 
-def lp_forward(x, w, bias, idx, t, cap, with_entropy, size, va, limit=None, merge=None):
-    """`((log p_y, entropy or None), row numbers)` per row (`(rows, 1)`) of the labels at
-    column `idx` of `w` (-1: another shard's), merged across chunks and by `merge`."""
+def lp_forward(x, w, bias, idx, in_range, t, cap, with_entropy, size, va, limit=None, merge=None):
+    """`((log p_y, entropy or None), row numbers)`, one number a row, of the labels at
+    column `idx` of `w` (-1: another shard's; NaN where `in_range` is False), merged
+    across chunks and by `merge`; `t` the `(rows, 1)` temperature or None."""
     cdt = _chunks.compute_dtype(x, w)
+    t = None if t is None else t.astype(cdt)
 
     def stats_fn(c, u):
         fp = _pass.exp_pass(u, None, (1,), t)
@@ -40,18 +42,22 @@ def lp_forward(x, w, bias, idx, t, cap, with_entropy, size, va, limit=None, merg
     if merge is not None:
         st = merge(st)
     lp, excluded = _kernel.log_prob(st, t)
-    h = _kernel.entropy(st, t) if with_entropy else None
+    lp = jnp.where(in_range, lp, jnp.full((), jnp.nan, cdt))
+    h = _kernel.entropy(st, t)[:, 0] if with_entropy else None
     mean_gap = _kernel.mean_gap(st) if with_entropy else None
-    return (lp, h), (st.m, _merge.log_total(st.total), mean_gap, excluded)
+    return (lp[:, 0], h), (st.m, _merge.log_total(st.total), mean_gap, excluded)
 
 
-def lp_backward(x, w, bias, idx, t, cap, g_lp, g_h, stats, size, va, limit=None):
-    """`(dx, dw, db)` of `g_lp * log p_y + g_h * H` (per-row cotangents, `(rows, 1)`; 0
-    where the row does not count)."""
+def lp_backward(x, w, bias, idx, in_range, t, cap, g, stats, size, va, limit=None):
+    """`(dx, dw, db)` of `g[0] * log p_y + g[1] * H` (`g[1]` None without the entropy;
+    NaN where `in_range` is False)."""
     cdt = _chunks.compute_dtype(x, w)
+    t = None if t is None else t.astype(cdt)
     m, log_total, mean_gap, excluded = stats
     row = _kernel.Row(m, log_total, None, None, None)
+    g_lp = jnp.where(in_range, g[0].astype(cdt)[:, None], jnp.full((), jnp.nan, cdt))
     g_lp = jnp.where(excluded, jnp.zeros((), cdt), g_lp)  # log p_y = -inf: a constant
+    g_h = None if g[1] is None else g[1].astype(cdt)[:, None]
 
     def grad_fn(c, u, valid):
         p = _kernel.probs(u, row, t)
@@ -62,7 +68,8 @@ def lp_backward(x, w, bias, idx, t, cap, g_lp, g_h, stats, size, va, limit=None)
             g_s = g_s + _formulas.entropy_cotangent(p, centred, g_h)
         return g_s if t is None else g_s / t
 
-    return _chunks.scan_grads(x, w, bias, grad_fn, size, va, cap, cdt, limit)
+    dx, dw, db = _chunks.scan_grads(x, w, bias, grad_fn, size, va, cap, cdt, limit)
+    return dx.astype(x.dtype), dw, db
 
 
 def row_temperature(temperature, batch):
@@ -81,24 +88,16 @@ def _lp(x, w, bias, labels, t, cap, with_entropy, size, va):
 
 
 def _lp_fwd(x, w, bias, labels, t, cap, with_entropy, size, va):
-    cdt = _chunks.compute_dtype(x, w)
     idx, in_range = _kernel.label_index(labels, w.shape[va], 1)
-    t_c = None if t is None else t.astype(cdt)
-    (lp, h), stats = lp_forward(x, w, bias, idx, t_c, cap, with_entropy, size, va)
-    lp = jnp.where(in_range, lp, jnp.full((), jnp.nan, cdt))
-    out = (lp[:, 0], None if h is None else h[:, 0])
+    out, stats = lp_forward(x, w, bias, idx, in_range, t, cap, with_entropy, size, va)
     return out, (x, w, bias, labels, t, stats)
 
 
 def _lp_bwd(cap, with_entropy, size, va, residuals, g):
     x, w, bias, labels, t, stats = residuals
-    cdt = _chunks.compute_dtype(x, w)
     idx, in_range = _kernel.label_index(labels, w.shape[va], 1)
-    g_lp = jnp.where(in_range, g[0].astype(cdt)[:, None], jnp.full((), jnp.nan, cdt))
-    g_h = None if not with_entropy else g[1].astype(cdt)[:, None]
-    t_c = None if t is None else t.astype(cdt)
-    dx, dw, db = lp_backward(x, w, bias, idx, t_c, cap, g_lp, g_h, stats, size, va)
-    return dx.astype(x.dtype), dw, db, None, None
+    dx, dw, db = lp_backward(x, w, bias, idx, in_range, t, cap, g, stats, size, va)
+    return dx, dw, db, None, None
 
 
 _lp.defvjp(_lp_fwd, _lp_bwd)

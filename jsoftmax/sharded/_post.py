@@ -7,7 +7,6 @@ from __future__ import annotations
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _chunks, _custom, _kernel, _linear_post
@@ -21,15 +20,11 @@ def _lp(x, w, bias, labels, t, cap, with_entropy, axis_name, size, n_classes):
 
 
 def _lp_fwd(x, w, bias, labels, t, cap, with_entropy, axis_name, size, n_classes):
-    cdt = _chunks.compute_dtype(x, w)
     idx, in_range, limit = _common.label_layout(labels, w.shape[1], axis_name, n_classes)
-    t_c = None if t is None else t.astype(cdt)
+    t_c = None if t is None else t.astype(_chunks.compute_dtype(x, w))
     merge = partial(_kernel.merge_devices, axis_name=axis_name, temperature=t_c)
-    (lp, h), stats = _linear_post.lp_forward(
-        x, w, bias, idx, t_c, cap, with_entropy, size, 1, limit, merge
-    )
-    lp = jnp.where(in_range, lp, jnp.full((), jnp.nan, cdt))
-    out = (lp[:, 0], None if h is None else h[:, 0])
+    args = (idx, in_range, t, cap, with_entropy, size, 1, limit, merge)
+    out, stats = _linear_post.lp_forward(x, w, bias, *args)
     return out, (x, w, bias, labels, t, stats)
 
 
@@ -37,15 +32,10 @@ def _lp_bwd(cap, with_entropy, axis_name, size, n_classes, residuals, g):
     # dw and db stay on their shard; dx is this shard's part (summed over the shards by
     # the transpose of the varying cast in the caller).
     x, w, bias, labels, t, stats = residuals
-    cdt = _chunks.compute_dtype(x, w)
     idx, in_range, limit = _common.label_layout(labels, w.shape[1], axis_name, n_classes)
-    g_lp = jnp.where(in_range, g[0].astype(cdt)[:, None], jnp.full((), jnp.nan, cdt))
-    g_h = None if not with_entropy else g[1].astype(cdt)[:, None]
-    t_c = None if t is None else t.astype(cdt)
-    dx, dw, db = _linear_post.lp_backward(
-        x, w, bias, idx, t_c, cap, g_lp, g_h, stats, size, 1, limit
-    )
-    return dx.astype(x.dtype), dw, db, None, None
+    args = (idx, in_range, t, cap, g, stats, size, 1, limit)
+    dx, dw, db = _linear_post.lp_backward(x, w, bias, *args)
+    return dx, dw, db, None, None
 
 
 _lp.defvjp(_lp_fwd, _lp_bwd)
