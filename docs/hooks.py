@@ -4,7 +4,9 @@
   `python -m jsoftmax bench --json` and `python -m jsoftmax accuracy --json` write, so
   no figure on those pages is copied by hand. A page asks for a table with a marker
   line, `<!-- jsoftmax:bench-tables PATH -->` or `<!-- jsoftmax:accuracy-tables PATH -->`,
-  PATH relative to the repository root. A missing or malformed file fails the build,
+  PATH relative to the repository root; `groups="a,b"` after PATH keeps those benchmark
+  groups (a how-to page shows its own figures; a group the file lacks fails the build).
+  A missing or malformed file fails the build,
   except that a marker ending in ` if-present` (a figure not measured yet, such as an
   accelerator's) says so instead when its file is missing. Each benchmark group gets a
   chart of its ratios above its table.
@@ -25,7 +27,9 @@ from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"^<!-- jsoftmax:(bench|accuracy)-tables (\S+)( if-present)? -->$", re.M)
+MARKER = re.compile(
+    r'^<!-- jsoftmax:(bench|accuracy)-tables (\S+)(?: groups="([^"]+)")?( if-present)? -->$', re.M
+)
 # Where the site serves MathJax (mkdocs.yml's extra_javascript names it) and the file of
 # the installed package it comes from: MathJax 3's TeX-to-SVG bundle with every TeX
 # extension, one self-contained script that needs no fonts.
@@ -283,9 +287,14 @@ def ratio_chart(group: str, rows: list[dict]) -> str:
     )
 
 
-def bench_tables(data: dict, path: str = "bench JSON") -> str:
+def bench_tables(data: dict, path: str = "bench JSON", only: list[str] | None = None) -> str:
     check_bench(data, path)
     meta = data["meta"]
+    if only is not None:
+        missing = [g for g in only if not any(r["group"] == g for r in data["rows"])]
+        if missing:
+            raise PluginError(f"{path}: no benchmark group named {missing} (groups=...)")
+        data = {**data, "rows": [r for r in data["rows"] if r["group"] in only]}
     out = [
         f"Run: `python -m jsoftmax bench {meta.get('args', '')}`".rstrip() + " — "
         f"{meta['date']}, jax {meta['jax']}, backend {meta['backend']} ({meta['device']}), "
@@ -294,6 +303,8 @@ def bench_tables(data: dict, path: str = "bench JSON") -> str:
         "per call. Each group's chart shows its rows' ratios; its table, the values.",
     ]
     for group, when in meta.get("reruns", {}).items():
+        if only is not None and group not in only:
+            continue
         out[0] += f" The {group} group's rows are from a later run: {when}."
     groups: dict[str, list[dict]] = {}
     for row in data["rows"]:
@@ -365,13 +376,14 @@ def accuracy_tables(data: dict) -> str:
 
 def on_page_markdown(markdown: str, **kwargs) -> str:
     def replace(match: re.Match) -> str:
-        kind, path, if_present = match.group(1), match.group(2), match.group(3)
+        kind, path, groups, if_present = match.groups()
+        only = None if groups is None else [g.strip() for g in groups.split(",")]
         if if_present and not (ROOT / path).exists():
             return f"*No figures yet: `{path}` has not been written.*"
         try:
             data = json.loads((ROOT / path).read_text())
         except (OSError, ValueError) as e:
             raise PluginError(f"{path}: {e}") from e
-        return bench_tables(data, path) if kind == "bench" else accuracy_tables(data)
+        return bench_tables(data, path, only) if kind == "bench" else accuracy_tables(data)
 
     return MARKER.sub(replace, markdown)

@@ -173,15 +173,16 @@ def softcap(z: jax.Array, cap: float, keep_neg_inf: bool = True) -> jax.Array:
     """`cap * tanh(z / cap)` (Gemma 2's logit soft-capping); `-inf` stays `-inf` (or,
     with `keep_neg_inf=False`, becomes `-cap`, where the derivative is 0 all the same).
 
-    The `-inf` is kept by adding `z - max(z, lowest)`, which is 0 for a finite `z` and
-    `-inf` for `z = -inf`: arithmetic rather than a select, so that XLA's CPU backend
+    The `-inf` is kept by adding `min(z, lowest) - lowest`, which is 0 for a finite `z`
+    and for `z = +inf` (so `+inf` becomes `cap`), `-inf` for `z = -inf` and NaN for a NaN:
+    arithmetic rather than a select, so that XLA's CPU backend
     fuses the soft-cap into the reductions that read it instead of writing it out.
     """
     u = cap * jnp.tanh(z / cap)
     if not keep_neg_inf:
         return u
     lowest = jnp.asarray(jnp.finfo(z.dtype).min, z.dtype)
-    return u + (z - jnp.maximum(z, lowest))
+    return u + (jnp.minimum(z, lowest) - lowest)
 
 
 def softcap_derivative(u: jax.Array, cap: float) -> jax.Array:

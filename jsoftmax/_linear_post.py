@@ -313,14 +313,20 @@ def _kl_rows(x, w, bias, tx, tw, tb, row_ok, beta, t, rows, va, grads=True):
 
 def _kl_total_fwd(x, w, bias, tx, tw, tb, row_ok, beta, t, rows, va):
     total, dx, dw, db = _kl_rows(x, w, bias, tx, tw, tb, row_ok, beta, t, rows, va)
-    return total, (dx, dw, db)
+    # Scalars of the primal dtypes: the gradients are scaled in the dtype they were
+    # accumulated in, then cast to their primals' (16-bit x, w, bias).
+    like = tuple(None if a is None else jnp.zeros((), a.dtype) for a in (x, w, bias))
+    return total, ((dx, dw, db), like)
 
 
 def _kl_total_bwd(beta, t, rows, va, residuals, g):
-    dx, dw, db = residuals
-    g = g.astype(dx.dtype)
-    scale = lambda a: None if a is None else (a * g.astype(a.dtype)).astype(a.dtype)  # noqa: E731
-    return scale(dx), scale(dw), scale(db), None, None, None, None
+    grads, like = residuals
+
+    def scale(a, primal):
+        return None if a is None else (a * g.astype(a.dtype)).astype(primal.dtype)
+
+    dx, dw, db = (scale(a, p) for a, p in zip(grads, like, strict=True))
+    return dx, dw, db, None, None, None, None
 
 
 _kl_total.defvjp(_kl_total_fwd, _kl_total_bwd)

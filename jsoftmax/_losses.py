@@ -272,8 +272,8 @@ def cross_entropy(
       * Out-of-range integer labels other than `ignore_index` raise `IndexError` when
         `labels` (and a per-example `where`) are concrete, in the rows that count;
         under `jax.jit` such a row's loss and gradient are NaN.
-      * $+\infty$/NaN logits in a counted row give NaN, as in
-        [`log_softmax`][jsoftmax.log_softmax].
+      * NaN logits in a counted row give NaN, and so do $+\infty$ logits without
+        `logit_softcap`, as in [`log_softmax`][jsoftmax.log_softmax].
       * Traced `label_smoothing` and `z_loss` are not range-checked.
 
     Examples:

@@ -200,7 +200,8 @@ def token_log_probs(
       * A label on an excluded class (masked, or a $-\infty$ logit) gives $-\infty$,
         with zero gradients. Out-of-range labels in counted rows raise `IndexError` when
         concrete, and give NaN under `jax.jit`.
-      * $+\infty$ or NaN logits in a counted row give NaN.
+      * NaN logits in a counted row give NaN, and so do $+\infty$ logits without
+        `logit_softcap` (which maps them to $\kappa$).
 
     Examples:
       >>> import jax, jax.numpy as jnp

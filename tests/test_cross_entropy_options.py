@@ -347,6 +347,23 @@ def test_out_of_range_labels_other_than_ignore_index():
     assert np.isnan(out[0]) and out[3] == 0 and np.all(np.isfinite(out[1:]))
 
 
+@pytest.mark.parametrize("rule", ["vjp", "jvp"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softcap_maps_pos_inf_to_the_cap(rule, smoothing):
+    # Regression: +inf became cap + (inf - inf) = NaN inside the soft-cap.
+    z = make_logits((B, N), REF_DTYPE).at[:, 2].set(jnp.inf).at[0, 4].set(jnp.inf)
+    lab = jnp.array([0, 1, 2, 3, 1, 0])
+    f = lambda z: jsoftmax.cross_entropy(  # noqa: E731
+        z, lab, logit_softcap=2.0, label_smoothing=smoothing, rule=rule
+    )
+    g_ref = lambda z: reference(z, lab, cap=2.0, alpha=smoothing)  # noqa: E731
+    assert np.all(np.isfinite(np.asarray(g_ref(z))))
+    _assert_close(f(z), g_ref(z), *VALUE_TOL)
+    _assert_close(
+        jax.grad(lambda z: f(z).sum())(z), jax.grad(lambda z: g_ref(z).sum())(z), *GRAD_TOL
+    )
+
+
 @pytest.mark.parametrize("temperature", [None, 0.5])
 def test_softcap_keeps_neg_inf_excluded(temperature):
     z = make_logits((B, N), REF_DTYPE).at[:, 4].set(-jnp.inf)

@@ -178,3 +178,19 @@ def test_a_group_of_bandwidth_fractions_is_labelled_as_such():
     rows = [_row("bandwidth", "softmax (8,)", 0.6, unit="fraction")]
     assert "fraction of the bound" in hooks.ratio_chart("bandwidth", rows)
     assert "baseline / jsoftmax" in hooks.ratio_chart("g", [_row("g", "softmax (8,)", 1.2)])
+
+
+def test_a_marker_can_keep_some_groups_and_names_one_the_file_lacks(tmp_path, monkeypatch):
+    rows = [_row("a", "x (8,)", 1.5), _row("b c", "y (8,)", 2.0), _row("d", "z (8,)", 0.5)]
+    (tmp_path / "b.json").write_text(json.dumps(_data(rows)))
+    monkeypatch.setattr(hooks, "ROOT", tmp_path)
+    out = hooks.on_page_markdown('<!-- jsoftmax:bench-tables b.json groups="a,b c" -->')
+    assert list(_sections(out)) == ["a", "b c"]
+    assert "z (8,)" not in out and "x (8,)" in out and "y (8,)" in out
+    assert list(_sections(hooks.on_page_markdown("<!-- jsoftmax:bench-tables b.json -->"))) == [
+        "a",
+        "b c",
+        "d",
+    ]
+    with pytest.raises(PluginError, match="no benchmark group named \\['e'\\]"):
+        hooks.on_page_markdown('<!-- jsoftmax:bench-tables b.json groups="a,e" -->')

@@ -215,6 +215,29 @@ def test_16bit_inputs_give_float32_and_log_probs_never_above_zero():
         assert kl.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_fused_gradients_keep_the_16bit_dtypes(reduction, dtype):
+    # Regression: with a reduction, linear_kl_divergence's dx came back float32.
+    rng = np.random.default_rng(1)
+    x, tx = (jnp.asarray(rng.standard_normal((6, 8)), dtype) for _ in range(2))
+    w, tw = (jnp.asarray(rng.standard_normal((8, 21)), dtype) for _ in range(2))
+    b = jnp.zeros((21,), dtype)
+
+    def loss(x, w, b):
+        out = jsoftmax.linear_kl_divergence(
+            x, w, tx, tw, bias=b, beta=0.5, reduction=reduction, chunk_size=8
+        )
+        return jnp.sum(out)
+
+    grads = jax.grad(loss, (0, 1, 2))(x, w, b)
+    assert [g.dtype for g in grads] == [dtype] * 3
+    want = jax.grad(loss, (0, 1, 2))(*(a.astype(jnp.float32) for a in (x, w, b)))
+    for g, r in zip(grads, want, strict=True):  # the same inputs, rounded once at the end
+        eps = float(jnp.finfo(dtype).eps)
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=2 * eps, atol=2 * eps)
+
+
 def test_excluded_label_is_minus_inf_with_zero_gradient():
     z = jnp.array([[0.0, -jnp.inf, 1.0]], REF_DTYPE)
     lp, h = jsoftmax.token_log_probs(z, jnp.array([1]), return_entropy=True)

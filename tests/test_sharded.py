@@ -544,6 +544,20 @@ def test_out_of_range_labels_give_nan_not_a_wrong_loss():
     assert np.all(np.isfinite(g[2:]))
 
 
+@pytest.mark.skipif(not jax.config.jax_enable_x64, reason="int64 labels need x64")
+def test_int64_labels_beyond_int32_are_out_of_range_not_wrapped():
+    # Regression: the labels were cast to int32, so 2**32 + 3 read class 3's loss and
+    # 2**32 - 100 matched ignore_index=-100.
+    mesh, spec = _mesh8()
+    xh = _logits(21, shape=(3, N))
+    y = np.array([2**32 + 3, 2**32 - 100, 1], np.int64)
+    ce = _ce_sm(mesh, spec, "c", ignore_index=-100)
+    with jax.set_mesh(mesh):
+        loss = host(jax.jit(ce)(put(xh, mesh, spec), put(y, mesh, P())))
+    assert np.all(np.isnan(loss[:2]))
+    np.testing.assert_allclose(loss[2:], _ref_ce(xh[2:], y[2:]), **F64)
+
+
 def test_nan_cotangent_of_a_row_that_does_not_count_stays_out():
     # As in jsoftmax.cross_entropy (and autodiff of a select): an ignored row passes no
     # cotangent to the logits, even a NaN one.

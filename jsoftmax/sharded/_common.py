@@ -91,7 +91,7 @@ class FusedInputs(NamedTuple):
     x: jax.Array  # (rows, H), varying over axis_name
     w: jax.Array  # (H, local)
     bias: jax.Array | None  # (local,)
-    labels: jax.Array  # (rows,) int32
+    labels: jax.Array  # (rows,) int32, or int64 under x64
     label_dtype: np.dtype  # the labels' own dtype
     batch: tuple[int, ...]  # x.shape[:-1]
     axis_name: AxisName
@@ -121,7 +121,7 @@ def fused_inputs(
     x2 = x.reshape(rows, x.shape[-1])
     x2, w, bias = varying((x2, w, bias), axis_tuple(axis_name))
     n_classes = local * shards if num_classes is None else num_classes
-    lab = labels.reshape(rows).astype(jnp.int32)
+    lab = labels.reshape(rows).astype(jnp.result_type(int))  # int64 under x64: no wrap
     return FusedInputs(x2, w, bias, lab, labels.dtype, batch, axis_name, n_classes, size)
 
 

@@ -179,7 +179,8 @@ def cross_entropy(
         row has weight 1. Excluded classes get no target mass, whatever the labels hold
         there. `ignore_index` is for integer labels only (a `ValueError` otherwise);
         mask examples with a per-example `where`.
-      * $+\infty$ or NaN among the valid logits of a counted row gives NaN.
+      * NaN among the valid logits of a counted row gives NaN, and so does $+\infty$
+        without `logit_softcap` (which maps it to $\kappa$).
       * float16/bfloat16 logits: computed in float32 and the loss is returned in
         float32 (a 16-bit loss would be quantised); gradients come back in the logits'
         dtype.
@@ -247,7 +248,7 @@ def cross_entropy(
     n_classes = x.shape[axis] * shards if num_classes is None else num_classes
     ex_ok = example_mask
     if _kernel.is_integer(labels):
-        labels = labels.astype(jnp.int32)
+        labels = labels.astype(jnp.result_type(int))  # int64 under x64: no wrap
         if opts.ignore_index is not None:
             ex_ok = _kernel.both(ex_ok, labels != opts.ignore_index)
     else:
