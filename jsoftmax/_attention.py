@@ -96,11 +96,14 @@ def _check_int_array(a, name: str):
     return a
 
 
-def _check_per_position(a, name: str, b: int, length: int, axis_name: str):
-    """Positions or segment ids: `(L,)` or `(B, L)`, returned as `(1 or B, L)`."""
+def _check_per_position(a, name: str, b: int, length: int, axis_name: str, wide=False):
+    """Positions or segment ids: `(L,)` or `(B, L)`, returned as `(1 or B, L)`; with
+    `wide`, in JAX's default integer type (for positions: signed, so that a position
+    minus a window's left size does not wrap, and int64 under x64, not truncated)."""
     if a is None:
         return None
     a = _check_int_array(a, name)
+    a = a.astype(jnp.result_type(int)) if wide else a
     if a.shape == (length,):
         return a[None]
     if a.ndim == 2 and a.shape[1] == length and a.shape[0] in (1, b):
@@ -376,8 +379,8 @@ def attention(
     mask_4 = _check_mask(mask, target)
     q_len = _check_lengths(query_seq_lengths, "query_seq_lengths", b)
     kv_len = _check_lengths(key_value_seq_lengths, "key_value_seq_lengths", b)
-    q_pos = _check_per_position(q_positions, "q_positions", b, t, "T")
-    kv_pos = _check_per_position(kv_positions, "kv_positions", b, s, "S")
+    q_pos = _check_per_position(q_positions, "q_positions", b, t, "T", wide=True)
+    kv_pos = _check_per_position(kv_positions, "kv_positions", b, s, "S", wide=True)
     sinks_n, batched = c.sinks, c.batched
     cdt = compute_dtype(jnp.result_type(q, k, v))
     if min(b, t, s, n) == 0:

@@ -186,14 +186,15 @@ def block_table(c: _Chunked, cfg: Config) -> jax.Array:
         a = jnp.where(valid, a, fill)
         return reduce(a.reshape(a.shape[0], n, size), axis=-1)
 
-    big, small = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+    wide = jnp.result_type(int)  # positions and segment ids compared untruncated
+    big, small = np.iinfo(wide).max, np.iinfo(wide).min
     row_any = jnp.any(rows.reshape(rows.shape[0], c.nq, c.tq), axis=-1)[:, :, None]
     col_any = jnp.any(cols.reshape(cols.shape[0], c.nk, c.tk), axis=-1)[:, None, :]
     ok = row_any & col_any
 
     def ranges(qa, ka):
         """`(q_min, q_max, k_min, k_max)` of each query block and key block."""
-        qa, ka = qa.astype(jnp.int32), ka.astype(jnp.int32)
+        qa, ka = qa.astype(wide), ka.astype(wide)
         return (
             per_chunk(qa, rows, c.nq, c.tq, big, jnp.min)[:, :, None],
             per_chunk(qa, rows, c.nq, c.tq, small, jnp.max)[:, :, None],

@@ -588,6 +588,21 @@ def test_traced_positions_and_no_retracing():
         assert_rel(out, ref, name=f"offset {offset}")
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint32", "int8", "int16", "int64"])
+def test_positions_of_any_integer_dtype(dtype):
+    # Regression: the window's bounds were computed in the positions' dtype (unsigned
+    # and 8-bit positions wrapped, hiding keys), and the chunk table cast int64 to int32.
+    if dtype == "int64" and not X64:
+        pytest.skip("int64 needs x64")
+    q, k, v = inputs(t=12, s=12)
+    base = 2**31 if dtype == "int64" else (100 if dtype == "int8" else 0)
+    pos = (np.arange(12) + base).astype(dtype)
+    for kw in (dict(local_window_size=(1, 2)), dict(is_causal=True, local_window_size=(3, 0))):
+        out = jsoftmax.attention(q, k, v, q_positions=pos, kv_positions=pos, chunk_size=4, **kw)
+        ref = run_reference(lambda *a, kw=kw: reference(*a, **kw)[0], q, k, v)
+        assert_rel(out, ref, name=f"{dtype} {kw}")
+
+
 def test_residuals_are_the_inputs_the_output_and_the_lse():
     q, k, v = inputs(t=64, s=48)
     bias = jnp.zeros((1, N, 1, 48), q.dtype)

@@ -113,6 +113,9 @@ MESHES = {
     "sp8": ((8,), ("sp",), None, "sp"),
     "dp2xsp4": ((2, 4), ("dp", "sp"), "dp", "sp"),
     "tuple2x4": ((2, 4), ("x", "y"), None, ("x", "y")),
+    # The sequence split over the mesh axes in the other order (ppermute numbers the
+    # devices in the mesh's order; a regression: the ring passed blocks out of order).
+    "tuple2x4_reversed": ((2, 4), ("x", "y"), None, ("y", "x")),
 }
 
 

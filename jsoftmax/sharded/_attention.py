@@ -40,9 +40,9 @@ class _Ring(NamedTuple):
 def _shift(tree, ring: _Ring, name: str):
     """Each device's arrays sent to the next device of the ring (the last to the first),
     under the name scope `name` (it shows in profiles and in the compiled program)."""
-    p = ring.shards
+    pairs = _common.ring_permutation(ring.axis_name, ring.shards)
     with jax.named_scope(name):
-        return lax.ppermute(tree, ring.axis_name, [(i, (i + 1) % p) for i in range(p)])
+        return lax.ppermute(tree, ring.axis_name, pairs)
 
 
 def _positions(block, t: int) -> jax.Array:

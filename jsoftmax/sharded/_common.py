@@ -33,8 +33,8 @@ def check_axis_name(axis_name, name: str = "axis_name") -> AxisName:
             raise ValueError(f"{name}={axis_name!r} names the same mesh axis twice.")
         return axis_name[0] if len(axis_name) == 1 else axis_name
     raise TypeError(
-        f"{name} must be the name of the mesh axis the softmax axis is split over "
-        f"(a non-empty str) or a non-empty tuple of such names, got {axis_name!r}."
+        f"{name} must be the name of a mesh axis (a non-empty str) or a non-empty tuple "
+        f"of such names, got {axis_name!r}."
     )
 
 
@@ -166,6 +166,30 @@ def reduce(per_row, weight, reduction: str, data_axis_name):
     # One all-reduce of two scalars: this block's sum and its total row weight.
     sums = lax.psum((jnp.sum(per_row)[None], jnp.sum(weight)[None]), data_axis_name)
     return _kernel.reduce_rows(sums[0], sums[1], reduction)
+
+
+def ring_permutation(axis_name: AxisName, shards: int) -> list[tuple[int, int]]:
+    """`lax.ppermute`'s pairs sending block `i` of a dimension split over `axis_name`
+    (major first, as in the PartitionSpec and `lax.axis_index`) to block `i + 1`, the
+    last to the first. `ppermute` numbers the devices of several mesh axes in the
+    mesh's order, which need not be `axis_name`'s."""
+    names = axis_tuple(axis_name)
+    mesh_names = tuple(jax.sharding.get_abstract_mesh().axis_names)
+    order = [n for n in mesh_names if n in names] if set(names) <= set(mesh_names) else []
+    if len(names) == 1 or len(order) != len(names) or tuple(order) == names:
+        return [(i, (i + 1) % shards) for i in range(shards)]
+    sizes = {n: int(lax.axis_size(n)) for n in names}
+
+    def device(block: int) -> int:
+        coords = {}
+        for n in reversed(names):
+            block, coords[n] = divmod(block, sizes[n])
+        index = 0
+        for n in order:
+            index = index * sizes[n] + coords[n]
+        return index
+
+    return [(device(i), device((i + 1) % shards)) for i in range(shards)]
 
 
 def axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
