@@ -231,8 +231,13 @@ def prepare_temperature(temperature, shape: tuple[int, ...], axes: tuple[int, ..
             return None
         temperature = t  # shaped below like an array temperature
     t = per_row_array(temperature, shape, axes, "temperature")
-    if is_concrete(t) and t.size and not bool(np.all(np.asarray(t) > 0)):
-        raise ValueError("temperature must be positive everywhere; got a non-positive entry.")
+    if is_concrete(t) and t.size:
+        a = np.asarray(t)
+        if not bool(np.all((a > 0) & np.isfinite(a))):
+            raise ValueError(
+                "temperature must be positive and finite everywhere; got an entry that "
+                f"is not ({a[~((a > 0) & np.isfinite(a))].flat[0]!r})."
+            )
     return t
 
 

@@ -385,6 +385,11 @@ def test_errors():
         jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), temperature=0.0)
     with pytest.raises(ValueError, match="temperature must be positive"):
         jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), temperature=jnp.array([1.0, -1, 1]))
+    for bad in (jnp.inf, jnp.nan):  # regression: an infinite entry of an array was accepted
+        with pytest.raises(ValueError, match="temperature must be positive and finite"):
+            jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), temperature=jnp.array([1, bad, 1]))
+        with pytest.raises(ValueError, match="temperature must be positive and finite"):
+            jsoftmax.token_log_probs(x, jnp.zeros(3, jnp.int32), temperature=jnp.array([bad]))
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\]"):
             jsoftmax.cross_entropy(x, jnp.zeros(3, jnp.int32), label_smoothing=bad)

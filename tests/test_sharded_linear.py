@@ -223,6 +223,27 @@ def test_out_of_range_labels_give_nan_rows_and_low_precision_is_float32():
     np.testing.assert_allclose(np.asarray(lb), np.asarray(one), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_an_empty_batch_gives_what_the_dense_loss_gives(reduction):
+    # Regression: with no rows the chunk loop's carry lost its mesh axes and raised.
+    mesh = _mesh8()
+    _, w, _, _, _ = _data({}, seed=4)
+    x, y = np.zeros((2, 0, w.shape[0]), w.dtype), np.zeros((2, 0), np.int32)
+    got = _call(mesh, x, w, y, reduction=reduction)
+    want = jsoftmax.linear_cross_entropy(x, w, y, reduction=reduction)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    lp = jax.shard_map(
+        lambda x, w, y: sharded.linear_token_log_probs(x, w, y, "v", return_entropy=True),
+        mesh=mesh,
+        in_specs=(P(), P(None, "v"), P()),
+        out_specs=P(),
+    )
+    with jax.set_mesh(mesh):
+        out = jax.jit(lp)(x, jax.device_put(w, NamedSharding(mesh, P(None, "v"))), y)
+    assert [a.shape for a in out] == [(2, 0), (2, 0)]
+
+
 def test_argument_errors():
     mesh = _mesh8()
     x, w, y, _, _ = _data({})

@@ -187,6 +187,9 @@ def linear_cross_entropy(
     ex_ok = None if opts.ignore_index is None else f.labels != opts.ignore_index
     flags, coefs = _kernel.flags_and_coefs(opts, 1)
     args = (f.x, f.w, f.bias, f.labels, weights, ex_ok, coefs, flags)
-    per_row, weight = _lce_kernel(*args, f.axis_name, f.size, f.n_classes)
+    if f.x.shape[0] == 0:  # no rows: the chunk loop would have nothing to carry
+        per_row = weight = jnp.zeros((0,), _chunks.compute_dtype(f.x, f.w))
+    else:
+        per_row, weight = _lce_kernel(*args, f.axis_name, f.size, f.n_classes)
     out = _common.reduce(per_row, weight, opts.reduction, data_axis_name)
     return out.reshape(f.batch) if opts.reduction == "none" else out

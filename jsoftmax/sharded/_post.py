@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jsoftmax import _checks, _chunks, _custom, _kernel, _linear_post
@@ -114,7 +115,10 @@ def linear_token_log_probs(
     cap = _checks.loss_options(logit_softcap=logit_softcap).logit_softcap
     t = _linear_post.row_temperature(temperature, f.batch)
     args = (f.x, f.w, f.bias, f.labels, t, cap, return_entropy)
-    lp, h = _lp(*args, f.axis_name, f.size, f.n_classes)
+    if f.x.shape[0] == 0:  # no rows: the chunk loop would have nothing to carry
+        lp = h = jnp.zeros((0,), _chunks.compute_dtype(f.x, f.w))
+    else:
+        lp, h = _lp(*args, f.axis_name, f.size, f.n_classes)
     if not return_entropy:
         return lp.reshape(f.batch)
     assert h is not None
