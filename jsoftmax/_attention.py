@@ -142,13 +142,27 @@ def _check_window(window):
     return left, right
 
 
+def _concrete_scalar(value, kinds: str):
+    """A concrete 0-d JAX or NumPy array of one of `kinds` (NumPy kind letters) as the
+    NumPy scalar it holds (what `jax.nn` callers pass, e.g. `1 / jnp.sqrt(h)`); else
+    `value` unchanged. A traced value stays traced (and is refused by the caller)."""
+    if isinstance(value, (jax.Array, np.ndarray)) and _checks.is_concrete(value):
+        if value.shape == () and np.dtype(value.dtype).kind in kinds:
+            return np.asarray(value)[()]
+    return value
+
+
 def _check_scale(scale, h: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(h) if h else 1.0
+    scale = _concrete_scalar(scale, "fiu")
     if isinstance(scale, (bool, np.bool_)) or not isinstance(
         scale, (int, float, np.integer, np.floating)
     ):
-        raise TypeError(f"scale must be None or a real number, got {scale!r}.")
+        raise TypeError(
+            f"scale must be None or a real number known at trace time (it is static), "
+            f"got {scale!r}."
+        )
     if not np.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}.")
     return float(scale)
@@ -180,6 +194,7 @@ def _check_sinks(sinks, n: int):
 
 
 def _check_flag(value, name: str) -> bool:
+    value = _concrete_scalar(value, "b")
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}.")
     return bool(value)

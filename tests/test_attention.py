@@ -504,6 +504,21 @@ def test_matches_jax_nn_in_float32(name):
 
 
 @pytest.mark.x64
+def test_concrete_jax_scalars_as_jax_nn_callers_pass_them():
+    # Regression: `scale=1 / jnp.sqrt(h)` and a NumPy or JAX bool were refused.
+    q, k, v = inputs(dtype=jnp.float32)
+    for kw in (
+        dict(scale=1 / jnp.sqrt(jnp.float32(H))),
+        dict(scale=np.float32(0.3)),
+        dict(is_causal=jnp.bool_(True)),
+        dict(is_causal=np.bool_(True), scale=jnp.asarray(0.7)),
+    ):
+        got = jsoftmax.attention(q, k, v, **kw)
+        assert_rel(got, jax.nn.dot_product_attention(q, k, v, **kw), F32_TOL, str(kw))
+    with pytest.raises(TypeError, match="scale must be None or a real number known at trace"):
+        jax.jit(lambda s: jsoftmax.attention(q, k, v, scale=s))(0.5)
+
+
 def test_bfloat16_is_as_accurate_as_jax_nn():
     t = s = 96
     q, k, v = inputs(b=1, t=t, s=s, n=4, kh=2, h=32, dtype=jnp.bfloat16, seed=5)

@@ -263,8 +263,8 @@ def attention(
         work and the first one block; for balanced work permute the sequence before
         splitting (with `q_segment_ids` or the window this needs positions, which
         [`jsoftmax.attention`][jsoftmax.attention] takes and this function does not).
-      * Needs `jax.shard_map`'s default `check_vma=True`: the sum of the sinks'
-        gradient over the devices is derived from it.
+      * The sinks' gradient is summed over the devices, as `jax.shard_map` sums the
+        cotangent of a replicated input.
       * Gradients flow to `query`, `key`, `value` and `sinks`; reverse mode only.
       * Raises `ValueError` when `axis_name` is not bound, i.e. outside
         `jax.shard_map`.

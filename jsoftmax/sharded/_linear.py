@@ -144,8 +144,9 @@ def linear_cross_entropy(
 
     Note:
       * Labels are traced inside `jax.shard_map`: an out-of-range label other than
-        `ignore_index` gives a NaN row (loss and gradients), never an error.
-      * A label on an excluded class (padding, $-\infty$ bias) makes the row not count
+        `ignore_index` gives a NaN row (loss and gradients), never an error; a label
+        on a padded column (`>= num_classes`) is out of range.
+      * A label on an excluded class (a $-\infty$ bias) makes the row not count
         (loss 0, zero gradients, not in the `"mean"` denominator).
       * The loss is never negative (the label's logit comes from its chunk's logits).
       * Needs `jax.shard_map`'s default `check_vma=True`: the sums of `dx` over

@@ -169,9 +169,10 @@ def cross_entropy(
       * A label outside `[0, C)` (`C` = `num_classes`, or the global size of the split
         axis) other than `ignore_index` gives a NaN loss and NaN gradient for that row,
         never a silently wrong loss (labels are traced inside `jax.shard_map`, so they
-        cannot be checked eagerly).
+        cannot be checked eagerly); a label on a padded class (`>= num_classes`) is
+        out of range.
       * As in [`jsoftmax.cross_entropy`][jsoftmax.cross_entropy]: a label on an
-        excluded class (masked, padded, or a $-\infty$ logit) makes the row not count:
+        excluded class (masked by `where`, or a $-\infty$ logit) makes the row not count:
         loss 0, zero gradient, left out of the `"mean"` denominator; a fully masked row
         therefore gives 0.
       * Probability labels: a row without any valid class (on any shard) gives 0, with
