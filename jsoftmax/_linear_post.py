@@ -213,7 +213,9 @@ def _kl_stats(x, w, bias, teacher, beta, t, size, va, cdt):
         if not single:
             return stats
         a, b = (fp_t, fp_s) if beta == 0.0 else (fp_s, fp_t)
-        cross = jnp.where(a.e > 0, a.e * (a.u - b.u), jnp.zeros((), cdt))
+        # The select inside the product: where a.e is 0, a.u - b.u may be -inf - -inf,
+        # and a NaN there would reach the second derivative through the product's rule.
+        cross = a.e * jnp.where(a.e > 0, a.u - b.u, jnp.zeros((), cdt))
         return stats + (jnp.sum(cross, 1, keepdims=True),)
 
     def merge(p, q):

@@ -238,6 +238,24 @@ def test_fused_gradients_keep_the_16bit_dtypes(reduction, dtype):
         np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=2 * eps, atol=2 * eps)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_fused_divergence_second_derivative_matches_dense(beta):
+    # Regression: with beta = 1 the columns that the last, clamped chunk reads again gave
+    # NaN (the select of the cross sum stood outside its product).
+    rng = np.random.default_rng(14)
+    x, w = (jnp.asarray(rng.standard_normal(s), REF_DTYPE) for s in ((5, 4), (4, 11)))
+    tx, tw = (jnp.asarray(rng.standard_normal(s), REF_DTYPE) for s in ((5, 3), (3, 11)))
+
+    def second(loss):
+        return jax.grad(lambda w: jnp.sum(jax.grad(loss)(w) ** 2))(w)
+
+    fused = second(
+        lambda w: jnp.sum(jsoftmax.linear_kl_divergence(x, w, tx, tw, beta=beta, chunk_size=4))
+    )
+    dense = second(lambda w: jnp.sum(jsoftmax.kl_divergence(x @ w, tx @ tw, beta=beta)))
+    close(fused, dense, REF_DTYPE)
+
+
 def test_excluded_label_is_minus_inf_with_zero_gradient():
     z = jnp.array([[0.0, -jnp.inf, 1.0]], REF_DTYPE)
     lp, h = jsoftmax.token_log_probs(z, jnp.array([1]), return_entropy=True)
