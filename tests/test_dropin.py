@@ -172,6 +172,17 @@ def test_difference_label_on_a_masked_class_does_not_count():
     close(mean, ours[1], REF_DTYPE, 4)  # row 0 is not in the denominator
 
 
+def test_difference_probability_label_gradient_is_zero_on_masked_classes():
+    z = make_logits((2, 4), REF_DTYPE)
+    y = jax.nn.softmax(make_logits((2, 4), REF_DTYPE, seed=3))
+    where = jnp.array([[True, False, True, True], [True, True, True, False]])
+    ours = jax.grad(lambda y: jnp.sum(jsoftmax.cross_entropy(z, y, -1, where)))(y)
+    theirs = jax.grad(lambda y: jnp.sum(optax.softmax_cross_entropy(z, y, -1, where)))(y)
+    assert np.all(np.asarray(ours)[~np.asarray(where)] == 0.0)
+    assert np.all(np.isnan(np.asarray(theirs)[~np.asarray(where)]))
+    close(jnp.where(where, ours, 0), jnp.where(where, theirs, 0), REF_DTYPE, 4)
+
+
 def test_difference_minus_inf_logits_give_finite_losses():
     z = jnp.array([[-jnp.inf, 0.0, 1.0]], REF_DTYPE)
     y = jnp.array([[0.0, 0.5, 0.5]], REF_DTYPE)
