@@ -142,20 +142,10 @@ def _check_window(window):
     return left, right
 
 
-def _concrete_scalar(value, kinds: str):
-    """A concrete 0-d JAX or NumPy array of one of `kinds` (NumPy kind letters) as the
-    NumPy scalar it holds (what `jax.nn` callers pass, e.g. `1 / jnp.sqrt(h)`); else
-    `value` unchanged. A traced value stays traced (and is refused by the caller)."""
-    if isinstance(value, (jax.Array, np.ndarray)) and _checks.is_concrete(value):
-        if value.shape == () and np.dtype(value.dtype).kind in kinds:
-            return np.asarray(value)[()]
-    return value
-
-
 def _check_scale(scale, h: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(h) if h else 1.0
-    scale = _concrete_scalar(scale, "fiu")
+    scale = _checks.concrete_scalar(scale, "fiu")
     if isinstance(scale, (bool, np.bool_)) or not isinstance(
         scale, (int, float, np.integer, np.floating)
     ):
@@ -194,7 +184,7 @@ def _check_sinks(sinks, n: int):
 
 
 def _check_flag(value, name: str) -> bool:
-    value = _concrete_scalar(value, "b")
+    value = _checks.concrete_scalar(value, "b")
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}.")
     return bool(value)

@@ -233,10 +233,11 @@ def prepare_temperature(temperature, shape: tuple[int, ...], axes: tuple[int, ..
     t = per_row_array(temperature, shape, axes, "temperature")
     if is_concrete(t) and t.size:
         a = np.asarray(t)
-        if not bool(np.all((a > 0) & np.isfinite(a))):
+        bad = ~((a > 0) & np.isfinite(a))
+        if bad.any():
             raise ValueError(
                 "temperature must be positive and finite everywhere; got an entry that "
-                f"is not ({a[~((a > 0) & np.isfinite(a))].flat[0]!r})."
+                f"is not ({a[bad].flat[0]!r})."
             )
     return t
 
@@ -265,6 +266,17 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
         value, (bool, np.bool_)
     )
+
+
+def concrete_scalar(value, kinds: str):
+    """A concrete 0-d JAX or NumPy array whose dtype is of one of `kinds` (NumPy kind
+    letters) as the NumPy scalar it holds, for a static option that `jax.nn` callers
+    pass as an array (e.g. `scale=1 / jnp.sqrt(h)`); anything else unchanged, a traced
+    value included (for the caller to refuse)."""
+    if isinstance(value, (jax.Array, np.ndarray)) and is_concrete(value):
+        if value.shape == () and np.dtype(value.dtype).kind in kinds:
+            return np.asarray(value)[()]
+    return value
 
 
 def coefficient(value, name: str, what: str, ok) -> float | jax.Array | None:

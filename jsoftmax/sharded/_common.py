@@ -174,9 +174,8 @@ def ring_permutation(axis_name: AxisName, shards: int) -> list[tuple[int, int]]:
     last to the first. `ppermute` numbers the devices of several mesh axes in the
     mesh's order, which need not be `axis_name`'s."""
     names = axis_tuple(axis_name)
-    mesh_names = tuple(jax.sharding.get_abstract_mesh().axis_names)
-    order = [n for n in mesh_names if n in names] if set(names) <= set(mesh_names) else []
-    if len(names) == 1 or len(order) != len(names) or tuple(order) == names:
+    order = tuple(n for n in jax.sharding.get_abstract_mesh().axis_names if n in names)
+    if len(order) != len(names) or order == names:  # one name, or already the mesh's order
         return [(i, (i + 1) % shards) for i in range(shards)]
     sizes = {n: int(lax.axis_size(n)) for n in names}
 
